@@ -1,0 +1,3 @@
+from tracejail.cli import main
+
+main()

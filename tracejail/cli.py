@@ -1,0 +1,168 @@
+"""The command line: a thin click layer over the library modules.
+
+Exit codes: the recorded command's own status for `record` (128+N for a signal); otherwise 0 on
+success, 1 for a failure of the job (a check failed, an exercise failed), 2 for usage errors,
+3 when ptrace is not permitted, 65 for a corrupt or foreign trace, 127 for an unknown command,
+130 when interrupted.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from tracejail import __version__
+from tracejail.errors import TracejailError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"tracejail: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one line on stderr and a meaningful exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TracejailError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except BrokenPipeError:
+            sys.stderr.close()
+            sys.exit(1)
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            _fail(f"{exc.strerror or exc}{where}", 1)
+
+    return wrapper
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def _note(message: str) -> None:
+    if _interactive():
+        click.echo(f"tracejail: {message}", err=True)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="tracejail")
+def main() -> None:
+    """Trace what a program really touches and ship it as a tiny FROM-scratch image.
+
+    \b
+      tracejail record -o trace.json -- python3 app.py
+      tracejail record --exercise 'curl -s localhost:8000/' -- python3 server.py
+      tracejail build trace.json -t app
+      docker run --rm app
+    """
+
+
+@main.command(context_settings={**CONTEXT, "ignore_unknown_options": True,
+                                "allow_interspersed_args": False})
+@click.option("-o", "--output", default="trace.json", show_default=True, metavar="FILE",
+              help="Where to write the trace (written atomically).")
+@click.option("--exercise", "exercises", multiple=True, metavar="CMD",
+              help="Shell command run on the host once COMMAND is ready (repeatable, in order).")
+@click.option("--ready-port", type=click.IntRange(1, 65535), metavar="N",
+              help="Ready when the traced tree listens on this TCP port.")
+@click.option("--ready-delay", type=click.FloatRange(0), metavar="S",
+              help="Ready after this many seconds instead of waiting for a port.")
+@click.option("--ready-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+              metavar="S", help="Give up waiting for readiness after this long.")
+@click.option("--stop-timeout", type=click.FloatRange(0), default=10.0, show_default=True,
+              metavar="S", help="After exercises: SIGTERM, then SIGKILL after this long.")
+@click.option("--timeout", type=click.FloatRange(0), metavar="S",
+              help="Bound the whole run; the tree is stopped when it runs out.")
+@click.option("--append", is_flag=True,
+              help="Merge this run into an existing trace; its first run stays the default command.")
+@click.option("--exact", is_flag=True,
+              help="Also stop at syscall exit and keep the kernel's result of every call (slower).")
+@click.option("--no-seccomp", is_flag=True, help="Trace every syscall (debugging; much slower).")
+@click.option("--keep-env", multiple=True, metavar="NAME",
+              help="Keep this secret-looking environment value unredacted (repeatable).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARG...]")
+@handle_errors
+def record(output: str, exercises: tuple[str, ...], ready_port: int | None, ready_delay: float | None,
+           ready_timeout: float, stop_timeout: float, timeout: float | None, append: bool,
+           exact: bool, no_seccomp: bool, keep_env: tuple[str, ...], command: tuple[str, ...]) -> None:
+    """Run COMMAND under the tracer and record every file its process tree touches.
+
+    Without --exercise, waits for COMMAND (and everything it started) to exit, and exits with
+    its status. With --exercise, waits until COMMAND listens on a TCP port, runs the exercises,
+    stops COMMAND, and exits 0 only if every exercise exited 0.
+    """
+    from tracejail import trace as tr
+    from tracejail.errors import UsageError
+    from tracejail.record import RecordOptions
+    from tracejail.record import record as do_record
+
+    if not command:
+        raise UsageError("no command given: put it after `--`, e.g. tracejail record -- python3 app.py")
+    if (ready_port or ready_delay is not None) and not exercises:
+        raise UsageError("--ready-port and --ready-delay only apply with --exercise")
+    tr.check_writable(output)
+    previous = tr.load(output) if append and os.path.exists(output) else None
+    opts = RecordOptions(exercises=list(exercises), ready_port=ready_port, ready_delay=ready_delay,
+                         ready_timeout=ready_timeout, stop_timeout=stop_timeout, timeout=timeout,
+                         use_seccomp=not no_seccomp, exact=exact, keep_env=keep_env)
+    rec = do_record(list(command), opts, progress=_note)
+    for w in rec.warnings:
+        click.echo(f"tracejail: warning: {w}", err=True)
+    result = rec.trace
+    if previous is not None:
+        previous.merge(rec.trace)
+        result = previous
+    tr.save(result, output)
+    run = rec.run
+    n_ok = sum(1 for r in rec.trace.files.values() if r.ok)
+    _note(f"recorded {n_ok} paths ({len(rec.trace.files) - n_ok} failed lookups), "
+          f"{len(run.processes)} processes, {run.duration:.2f}s -> {output}")
+    if exercises:
+        failed = [e for e in run.exercises if e.exit_code != 0]
+        if len(run.exercises) < len(exercises):
+            _fail(f"only {len(run.exercises)} of {len(exercises)} exercises ran "
+                  f"({run.stop_reason}); trace written to {output}", 1)
+        if failed:
+            _fail(f"{len(failed)} exercise(s) failed, first: {failed[0].command!r} exited "
+                  f"{failed[0].exit_code}; trace written to {output}", 1)
+        sys.exit(0)
+    sys.exit(run.status)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the closure as JSON.")
+@click.option("--ld-library-path", metavar="PATH", default=None,
+              help="LD_LIBRARY_PATH to search (default: none, as in a clean environment).")
+@handle_errors
+def deps(files: tuple[str, ...], as_json: bool, ld_library_path: str | None) -> None:
+    """Print the shared-library closure of FILES like lddtree, without running them."""
+    from tracejail import closure
+
+    for f in files:
+        if not os.path.exists(f):
+            raise TracejailError(f"no such file: {f}", 1)
+    env = closure.LoaderEnv(ld_library_path=ld_library_path, path=os.environ.get("PATH"))
+    result = closure.resolve([os.path.abspath(f) for f in files], env)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(closure.format_tree(result), nl=False)
+    if result.unresolved:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

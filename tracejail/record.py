@@ -1,0 +1,494 @@
+"""`tracejail record`: run a command under the tracer, drive it with exercises, make a Trace.
+
+Process layout::
+
+    tracejail (recorder)  -- tees output, waits for readiness, runs exercises, handles Ctrl-C
+      └── tracer process  -- the ptrace loop (tracer.py); waitpid(-1) sees only the traced tree
+            └── COMMAND and everything it starts (own process group; the terminal's
+                foreground group when stdin is a terminal, so Ctrl-C reaches it directly)
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from tracejail import trace as tr
+from tracejail.errors import CommandNotFound, TracejailError, UsageError
+
+EXERCISE_OUTPUT_LIMIT = 256 * 1024
+
+
+@dataclass
+class RecordOptions:
+    exercises: list[str] = field(default_factory=list)
+    ready_port: int | None = None
+    ready_delay: float | None = None
+    ready_timeout: float = 30.0
+    stop_timeout: float = 10.0
+    timeout: float | None = None
+    exercise_timeout: float = 60.0
+    use_seccomp: bool = True
+    exact: bool = False               # stop at syscall exit too and keep the kernel's results
+    keep_env: Sequence[str] = ()      # environment names to keep unredacted (asked by name)
+    passthrough: bool = True          # copy the target's output to our stdout/stderr
+    env: dict[str, str] | None = None # environment for the command (default: ours)
+    cwd: str | None = None
+
+
+@dataclass
+class Recording:
+    trace: Trace_t
+    run: tr.Run
+    exercises_ok: bool
+    warnings: list[str]
+
+
+Trace_t = tr.Trace
+
+
+def resolve_command(name: str, path: str | None) -> str:
+    """Find COMMAND like a shell: names with a slash as they are, others on PATH."""
+    if "/" in name:
+        if not os.path.exists(name):
+            raise CommandNotFound(f"command not found: {name}")
+        if os.path.isdir(name) or not os.access(name, os.X_OK):
+            raise TracejailError(f"permission denied: {name} is not an executable file", 126)
+        return os.path.abspath(name)
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise CommandNotFound(f"command not found: {name}")
+    return os.path.abspath(found)
+
+
+class _Tee(threading.Thread):
+    """Copies the target's output to our own stream unchanged, keeping a bounded copy."""
+
+    def __init__(self, fd: int, out_fd: int | None, limit: int) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.out_fd, self.limit = fd, out_fd, limit
+        self.kept = bytearray()
+        self.truncated = False
+
+    def run(self) -> None:
+        out_fd = self.out_fd
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            if out_fd is not None:
+                try:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out_fd, view):]
+                except OSError:
+                    out_fd = None    # our reader went away (EPIPE): keep recording anyway
+            room = self.limit - len(self.kept)
+            if room > 0:
+                self.kept += chunk[:room]
+            if len(chunk) > room:
+                self.truncated = True
+        os.close(self.fd)
+
+    def text(self) -> str:
+        return self.kept.decode("utf-8", "replace")
+
+
+def _listening_ports(root_pid: int) -> set[int]:
+    import psutil   # imported here: plain runs never pay for it
+
+    ports: set[int] = set()
+    try:
+        procs = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return ports
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        for c in conns:
+            if c.status == psutil.CONN_LISTEN and c.laddr:
+                ports.add(c.laddr.port)
+    return ports
+
+
+class _PortWatcher(threading.Thread):
+    """Polls which TCP ports the traced tree listens on, for readiness and for ExposedPorts."""
+
+    def __init__(self, tracer_pid: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.tracer_pid, self.interval = tracer_pid, interval
+        self.seen: set[int] = set()
+        self.current: set[int] = set()
+        self.changed = threading.Event()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            ports = _listening_ports(self.tracer_pid)
+            self.current = ports
+            if ports - self.seen:
+                self.seen |= ports
+                self.changed.set()
+            self.done.wait(self.interval)
+
+    def poll_now(self) -> set[int]:
+        ports = _listening_ports(self.tracer_pid)
+        self.seen |= ports
+        self.current = ports
+        return ports
+
+
+def _tracer_process(argv: list[str], executable: str, env: dict[str, str], opts: RecordOptions,
+                    stdout_w: int | None, stderr_w: int | None, status_w: int, result_path: str,
+                    foreground_tty: int | None) -> None:
+    """Body of the forked tracer process. Never returns."""
+    code = 0
+    try:
+        from tracejail.tracer import PtraceNotPermitted, Tracer, become_tracer_process
+
+        become_tracer_process()
+        tracer = Tracer(argv, executable, env, use_seccomp=opts.use_seccomp, exact=opts.exact,
+                        stdout_fd=stdout_w, stderr_fd=stderr_w, foreground_tty=foreground_tty)
+        try:
+            pid = tracer.start()
+        except PtraceNotPermitted as exc:
+            os.write(status_w, f"eperm {exc}\n".encode())
+            os._exit(3)
+        for fd in (stdout_w, stderr_w):
+            if fd is not None:
+                os.close(fd)
+        signal.signal(signal.SIGUSR1, lambda *_: tracer.request_stop(signal.SIGTERM))
+        signal.signal(signal.SIGUSR2, lambda *_: tracer.request_stop(signal.SIGKILL))
+        signal.signal(signal.SIGTERM, lambda *_: tracer.request_stop(signal.SIGKILL))
+        os.write(status_w, f"ok {pid} {tracer.result.mode}\n".encode())
+        os.close(status_w)
+        result = tracer.run()
+        with open(result_path, "wb") as f:
+            pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException as exc:   # report, never fall back into the recorder's code
+        try:
+            os.write(status_w, f"error {type(exc).__name__}: {exc}\n".encode())
+        except OSError:
+            pass
+        code = 4
+    finally:
+        os._exit(code)
+
+
+def record(argv: Sequence[str], options: RecordOptions | None = None, *,
+           progress: Callable[[str], None] | None = None) -> Recording:
+    """Run `argv` under the tracer and return the recorded trace (one run)."""
+    opts = options or RecordOptions()
+    if not argv:
+        raise UsageError("no command given: put it after `--`, e.g. tracejail record -- python3 app.py")
+    env = dict(os.environ if opts.env is None else opts.env)
+    executable = resolve_command(argv[0], env.get("PATH"))
+    cwd = os.path.abspath(opts.cwd or os.getcwd())
+    warnings: list[str] = []
+    say = progress or (lambda _msg: None)
+
+    capture_out = [os.pipe(), os.pipe()]
+    status_r, status_w = os.pipe()
+    fd_tmp, result_path = tempfile.mkstemp(prefix="tracejail-result-")
+    os.close(fd_tmp)
+    foreground_tty = None
+    try:
+        if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+            foreground_tty = 0
+    except OSError:
+        foreground_tty = None
+
+    started = time.monotonic()
+    started_at = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    old_cwd = os.getcwd()
+    if opts.cwd:
+        os.chdir(cwd)
+    try:
+        tracer_pid = os.fork()
+        if tracer_pid == 0:
+            os.close(status_r)
+            for r, _w in capture_out:
+                os.close(r)
+            _tracer_process(list(argv), executable, env, opts, capture_out[0][1], capture_out[1][1],
+                            status_w, result_path, foreground_tty)
+    finally:
+        if opts.cwd:
+            os.chdir(old_cwd)
+    os.close(status_w)
+    for _r, w in capture_out:
+        os.close(w)
+    tees = [_Tee(capture_out[0][0], 1 if opts.passthrough else None, tr.OUTPUT_LIMIT),
+            _Tee(capture_out[1][0], 2 if opts.passthrough else None, tr.OUTPUT_LIMIT)]
+    for t in tees:
+        t.start()
+
+    state = _RunState(tracer_pid)
+    with _signals_forwarded(state):
+        status_line = _read_line(status_r)
+        os.close(status_r)
+        if not status_line.startswith("ok "):
+            _reap(tracer_pid)
+            _cleanup(result_path)
+            if status_line.startswith("eperm"):
+                raise TracejailError(
+                    "ptrace is not permitted here: run as root, or give the container SYS_PTRACE "
+                    "(docker run --cap-add SYS_PTRACE), or lower kernel.yama.ptrace_scope", 3)
+            raise TracejailError(f"the tracer failed to start: {status_line.strip() or 'no answer'}", 4)
+        _, pid_s, mode = status_line.split()
+        state.root_pid = int(pid_s)
+        if mode != "seccomp":
+            warnings.append("seccomp is unavailable: tracing every syscall (slower)")
+        watcher = _PortWatcher(tracer_pid, 0.1 if opts.exercises else 0.5)
+        watcher.start()
+        exercise_results: list[tr.ExerciseResult] = []
+        ready_error: str | None = None
+        deadline = started + opts.timeout if opts.timeout else None
+        if opts.exercises:
+            say("waiting for the command to be ready")
+            ready_error = _wait_ready(state, watcher, opts, deadline)
+            if ready_error is None:
+                for cmd in opts.exercises:
+                    if state.finished.is_set() or state.stop_reason:
+                        break
+                    say(f"exercise: {cmd}")
+                    exercise_results.append(_run_exercise(cmd, opts.exercise_timeout, deadline))
+                if not state.finished.is_set() and not state.stop_reason:
+                    state.stop_reason = "stopped"
+            _stop_tree(state, opts.stop_timeout)
+        else:
+            _wait_finished(state, deadline, opts.stop_timeout)
+        watcher.done.set()
+        watcher.join(timeout=2)
+        for t in tees:
+            t.join(timeout=5)
+
+    try:
+        with open(result_path, "rb") as f:
+            result = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        result = None
+    finally:
+        _cleanup(result_path)
+    if result is None:
+        raise TracejailError("the tracer ended without a result (was it killed?); nothing was written", 4)
+    if ready_error:
+        raise TracejailError(ready_error, 1)
+
+    duration = time.monotonic() - started
+    run = tr.Run(
+        argv=list(argv), executable=executable, cwd=cwd, uid=os.getuid(), gid=os.getgid(),
+        environment=tr.redact_environment(env, opts.keep_env), started=started_at,
+        duration=round(duration, 3), exit_code=result.exit_code, exit_signal=result.exit_signal,
+        stop_reason=state.stop_reason or ("interrupted" if result.interrupted_by else "exited"),
+        stdout=tees[0].text(), stderr=tees[1].text(),
+        stdout_truncated=tees[0].truncated, stderr_truncated=tees[1].truncated,
+        exercises=exercise_results, listening_ports=sorted(watcher.seen),
+        processes=[tr.ProcessInfo(p.pid, p.ppid if p.pid != result.root_pid else None, p.argv, p.exe, 0,
+                                  p.exit_code, p.exit_signal)
+                   for p in sorted(result.processes.values(), key=lambda p: p.pid)],
+        tracing={"mode": result.mode, "exact": opts.exact, "stops": result.stops,
+                 "warnings": warnings},
+    )
+    trace = tr.Trace(runs=[run], host=tr.host_info())
+    _fill_files(trace, result, run_index=0)
+    ok = all(e.exit_code == 0 for e in exercise_results)
+    return Recording(trace=trace, run=run, exercises_ok=ok, warnings=warnings)
+
+
+def _fill_files(trace: tr.Trace, result, run_index: int) -> None:
+    for (path, kind, syscall, res, tgid), count in result.events.items():
+        rec = trace.record(path)
+        rec.add(kind, syscall, res, tgid, count)
+        if run_index not in rec.runs:
+            rec.runs.append(run_index)
+    for path in result.created:
+        if path in trace.files:
+            trace.files[path].created_by_run = True
+    for path in result.removed:
+        if path in trace.files:
+            trace.files[path].removed_by_run = True
+    for rec in trace.files.values():
+        rec.accesses.sort(key=lambda a: (a.kind, a.syscall, a.result))
+        for a in rec.accesses:
+            a.pids.sort()
+
+
+class _RunState:
+    def __init__(self, tracer_pid: int) -> None:
+        self.tracer_pid = tracer_pid
+        self.root_pid: int | None = None
+        self.stop_reason: str | None = None
+        self.finished = threading.Event()
+        self.interrupts = 0
+        self._waiter = threading.Thread(target=self._wait, daemon=True)
+        self._waiter.start()
+
+    def _wait(self) -> None:
+        _reap(self.tracer_pid)
+        self.finished.set()
+
+    def graceful_stop(self) -> None:
+        _signal(self.tracer_pid, signal.SIGUSR1)
+
+    def kill(self) -> None:
+        _signal(self.tracer_pid, signal.SIGUSR2)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def _reap(pid: int) -> None:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+
+
+class _signals_forwarded:
+    """Ctrl-C / SIGTERM on the recorder go to the target; the trace so far is still written."""
+
+    def __init__(self, state: _RunState) -> None:
+        self.state = state
+        self.saved: dict[int, object] = {}
+
+    def _handler(self, signum: int, _frame) -> None:
+        st = self.state
+        st.interrupts += 1
+        if st.stop_reason is None:
+            st.stop_reason = "interrupted"
+        if st.interrupts > 1 or st.root_pid is None:
+            st.kill()
+            return
+        try:
+            os.killpg(st.root_pid, signum)
+        except OSError:
+            _signal(st.root_pid, signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                self.saved[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        if exc[0] is not None and not self.state.finished.is_set():
+            # Our own failure: never leave the tree behind
+            self.state.kill()
+            self.state.finished.wait(5)
+
+
+def _read_line(fd: int) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        try:
+            chunk = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("utf-8", "replace")
+
+
+def _cleanup(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _wait_finished(state: _RunState, deadline: float | None, stop_timeout: float) -> None:
+    while not state.finished.is_set():
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            state.stop_reason = "timeout"
+            _stop_tree(state, stop_timeout)
+            return
+        state.finished.wait(0.5 if remaining is None else min(0.5, remaining))
+
+
+def _stop_tree(state: _RunState, stop_timeout: float) -> None:
+    if state.finished.is_set():
+        return
+    state.graceful_stop()
+    if not state.finished.wait(stop_timeout):
+        state.kill()
+        if not state.finished.wait(10):
+            _signal(state.tracer_pid, signal.SIGKILL)   # EXITKILL takes the tree with it
+            state.finished.wait(5)
+
+
+def _wait_ready(state: _RunState, watcher: _PortWatcher, opts: RecordOptions,
+                deadline: float | None) -> str | None:
+    """Block until the command is ready for exercises; return an error message if it never is."""
+    start = time.monotonic()
+    if opts.ready_delay is not None:
+        end = start + opts.ready_delay
+        while time.monotonic() < end:
+            if state.finished.wait(min(0.1, max(0.0, end - time.monotonic()))):
+                return _died_message(state)
+        return None
+    limit = start + opts.ready_timeout
+    if deadline is not None:
+        limit = min(limit, deadline)
+    while True:
+        ports = watcher.poll_now()
+        if (opts.ready_port in ports) if opts.ready_port else bool(ports):
+            return None
+        if state.finished.is_set():
+            return _died_message(state)
+        if state.stop_reason:
+            return None   # interrupted while waiting: write what ran
+        if time.monotonic() >= limit:
+            what = f"port {opts.ready_port}" if opts.ready_port else "any TCP port"
+            return (f"the command did not listen on {what} within {opts.ready_timeout:g}s; "
+                    "raise --ready-timeout, or use --ready-port / --ready-delay")
+        state.finished.wait(0.05)
+
+
+def _died_message(state: _RunState) -> str:
+    return "the command exited before it was ready for the exercises (see its output above)"
+
+
+def _run_exercise(cmd: str, timeout: float, deadline: float | None) -> tr.ExerciseResult:
+    if deadline is not None:
+        timeout = max(0.1, min(timeout, deadline - time.monotonic()))
+    t0 = time.monotonic()
+    timed_out = False
+    try:
+        proc = subprocess.run(["/bin/sh", "-c", cmd], stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout)
+        code, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, out, err, timed_out = None, exc.stdout or b"", exc.stderr or b"", True
+    return tr.ExerciseResult(
+        command=cmd, exit_code=code,
+        stdout=out[:EXERCISE_OUTPUT_LIMIT].decode("utf-8", "replace"),
+        stderr=err[:EXERCISE_OUTPUT_LIMIT].decode("utf-8", "replace"),
+        stdout_truncated=len(out) > EXERCISE_OUTPUT_LIMIT,
+        stderr_truncated=len(err) > EXERCISE_OUTPUT_LIMIT,
+        duration=round(time.monotonic() - t0, 3), timed_out=timed_out)

@@ -1,0 +1,658 @@
+"""The ptrace loop: start a command and record the file syscalls of its whole process tree.
+
+Built on python-ptrace's low-level binding (`ptrace.binding`), not its debugger objects: the
+debugger polls every pid, swallows SIGTRAP and costs ~4x more per stop. The loop here is what a
+correct tracer needs (see ../shared/notes/tracing.md):
+
+* the child stops itself, is PTRACE_SEIZE'd (so group-stops can be PTRACE_LISTEN'ed), installs the
+  seccomp filter only after the tracer set PTRACE_O_TRACESECCOMP, then execs;
+* one `waitpid(-1, __WALL)` for every thread; stops of unknown tids (a new child's first stop can
+  arrive before its parent's fork event) are adopted on the spot;
+* every signal that is not a trace trap is re-injected, the program's own SIGTRAP included;
+* `/proc/PID/mem` is reopened after exec; an exec from a non-leader thread makes that thread's id
+  vanish into the leader's;
+* PTRACE_O_EXITKILL: the tree never outlives the tracer.
+
+Results come in two precisions. By default the tracee stops once per traced call (at entry) and
+the tracer checks the path on the host right then: the state the call is about to see, so files
+the run creates, renames or deletes later are judged right. With `exact=True` the tracer also
+stops at syscall exit and records the kernel's return value (used when the tracee sees another
+filesystem than the tracer, e.g. chrooted by `verify`).
+
+The tracer runs in its own process (forked by `record`), so that `waitpid(-1)` only ever sees the
+traced tree, never the exercise commands the recorder runs at the same time.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import stat as stat_mod
+import struct
+import time
+from dataclasses import dataclass, field
+
+from ptrace.binding import func as pb
+
+from tracejail import seccomp
+
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+
+O_TRACESYSGOOD = 0x1
+O_TRACEFORK = 0x2
+O_TRACEVFORK = 0x4
+O_TRACECLONE = 0x8
+O_TRACEEXEC = 0x10
+O_TRACESECCOMP = 0x80
+O_EXITKILL = 0x100000
+
+EV_FORK, EV_VFORK, EV_CLONE, EV_EXEC, EV_VFORK_DONE, EV_EXIT, EV_SECCOMP = 1, 2, 3, 4, 5, 6, 7
+EV_STOP = 128
+SYSCALL_TRAP = signal.SIGTRAP | 0x80
+WALL = 0x40000000
+GROUP_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+O_WRONLY, O_RDWR, O_CREAT, O_EXCL, O_TRUNC = 0o1, 0o2, 0o100, 0o200, 0o1000
+O_DIRECTORY, O_NOFOLLOW, O_PATH = 0o200000, 0o400000, 0o10000000
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+# An event key: (path, kind, syscall, result, tgid) -> count
+EventKey = tuple
+
+
+@dataclass
+class TracedProcess:
+    pid: int
+    ppid: int | None
+    argv: list[str]
+    exe: str | None
+    exit_code: int | None = None
+    exit_signal: int | None = None
+
+
+@dataclass
+class TraceResult:
+    """What the tracer process hands back to the recorder."""
+
+    root_pid: int
+    exit_code: int | None = None
+    exit_signal: int | None = None
+    events: dict = field(default_factory=dict)         # EventKey -> count
+    created: set = field(default_factory=set)          # paths the run created
+    removed: set = field(default_factory=set)          # paths the run removed/renamed away
+    processes: dict = field(default_factory=dict)      # pid -> TracedProcess
+    mode: str = "seccomp"
+    stops: int = 0
+    interrupted_by: int | None = None                  # signal that ended the root, if any
+    warnings: list = field(default_factory=list)
+
+
+class PtraceNotPermitted(Exception):
+    pass
+
+
+# -- small helpers on /proc and tracee memory -------------------------------------------------
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def _read_cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return []
+    return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]]
+
+
+def elf_interpreter(path: str) -> str | None:
+    """PT_INTERP of an ELF file, read with struct (this runs in the hot loop at every exec)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+                return None
+            phoff, = struct.unpack_from("<Q", head, 32)
+            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for i in range(phnum):
+                p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+                if p_type == 3:   # PT_INTERP
+                    f.seek(p_offset)
+                    return f.read(p_filesz).split(b"\0")[0].decode("utf-8", "surrogateescape")
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def shebang_interpreter(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    line = head[2:].split(b"\n")[0].strip()
+    if not line:
+        return None
+    return line.split()[0].decode("utf-8", "surrogateescape")
+
+
+class _Memory:
+    """Reads NUL-terminated strings from tracees through /proc/PID/mem (one pread per page)."""
+
+    def __init__(self) -> None:
+        self.fds: dict[int, int] = {}
+
+    def fd(self, tgid: int) -> int:
+        fd = self.fds.get(tgid)
+        if fd is None:
+            fd = self.fds[tgid] = os.open(f"/proc/{tgid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        return fd
+
+    def forget(self, tgid: int) -> None:
+        fd = self.fds.pop(tgid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def string(self, tgid: int, addr: int, limit: int = 4096) -> str | None:
+        if not addr:
+            return None
+        out = b""
+        try:
+            fd = self.fd(tgid)
+            while len(out) < limit:
+                chunk = os.pread(fd, 4096 - (addr & 4095), addr)
+                if not chunk:
+                    return None
+                nul = chunk.find(b"\0")
+                if nul >= 0:
+                    return (out + chunk[:nul]).decode("utf-8", "surrogateescape")
+                out += chunk
+                addr += len(chunk)
+        except OSError:
+            return None
+        return None
+
+    def u64(self, tgid: int, addr: int) -> int | None:
+        try:
+            data = os.pread(self.fd(tgid), 8, addr)
+        except OSError:
+            return None
+        return struct.unpack("<Q", data)[0] if len(data) == 8 else None
+
+
+# -- classifying a call --------------------------------------------------------------------
+
+def _open_kind(flags: int) -> str:
+    if flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC):
+        return "write"
+    if flags & O_PATH:
+        return "stat"
+    if flags & O_DIRECTORY:
+        return "list"
+    return "read"
+
+
+def _host_result(kind: str, path: str, flags: int, nofollow: bool, access_mode: int) -> str:
+    """What the call will find, judged on the host at syscall entry."""
+    try:
+        if kind == "readlink":
+            st = os.lstat(path)
+            return "ok" if stat_mod.S_ISLNK(st.st_mode) else "EINVAL"
+        st = os.lstat(path) if nofollow else os.stat(path)
+        if kind == "list" and not stat_mod.S_ISDIR(st.st_mode):
+            return "ENOTDIR"
+        if kind == "exec":
+            if not stat_mod.S_ISREG(st.st_mode):
+                return "EACCES"
+            if not st.st_mode & 0o111:
+                return "EACCES"
+        if kind == "read" and nofollow and stat_mod.S_ISLNK(st.st_mode) and not flags & O_PATH:
+            return "ELOOP"
+        if access_mode and not os.access(path, access_mode, follow_symlinks=not nofollow):
+            return "EACCES"
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, "EIO")
+
+
+def _exists(path: str) -> bool:
+    return os.path.lexists(path)
+
+
+# -- the tracer ----------------------------------------------------------------------------
+
+class Tracer:
+    def __init__(self, argv: list[str], executable: str, env: dict[str, str], *,
+                 use_seccomp: bool = True, exact: bool = False,
+                 stdout_fd: int | None = None, stderr_fd: int | None = None,
+                 foreground_tty: int | None = None) -> None:
+        self.argv = argv
+        self.executable = executable
+        self.env = env
+        self.use_seccomp = use_seccomp
+        self.exact = exact
+        self.stdout_fd = stdout_fd
+        self.stderr_fd = stderr_fd
+        self.foreground_tty = foreground_tty
+        self.mem = _Memory()
+        self.tasks: dict[int, int] = {}          # tid -> tgid
+        self.in_syscall: dict[int, bool] = {}    # plain-ptrace mode: entry/exit toggle
+        self.pending: dict[int, tuple] = {}      # exact mode: tid -> [(path, kind, name, created?)]
+        self.pre_exec: set[int] = set()
+        self.exited: set[int] = set()            # tids whose exit came before their fork event
+        self.result: TraceResult | None = None
+        self._stop_requested = 0
+
+    # The child: stop, wait to be seized, install the filter, exec.
+    def _child(self, program: bytes | None) -> None:
+        try:
+            os.setpgid(0, 0)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ,
+                        signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTOU, signal.SIGQUIT):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            if self.stdout_fd is not None:
+                os.dup2(self.stdout_fd, 1)
+            if self.stderr_fd is not None:
+                os.dup2(self.stderr_fd, 2)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            if program is not None:
+                seccomp.install(program)
+            os.execve(self.executable, self.argv, self.env)
+        except OSError as exc:
+            os.write(2, f"tracejail: cannot execute {self.executable}: {exc.strerror}\n".encode())
+            os._exit(126)
+        except BaseException:
+            os._exit(126)
+
+    def start(self) -> int:
+        """Fork the command, attach to it, and leave it about to install the filter and exec."""
+        program = seccomp.build_filter() if self.use_seccomp else None
+        if program is not None and not _seccomp_available():
+            program = None
+            self.use_seccomp = False
+        pid = os.fork()
+        if pid == 0:
+            self._child(program)
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        if not os.WIFSTOPPED(status):
+            raise RuntimeError("the command's process ended before it could be traced")
+        options = (O_TRACESYSGOOD | O_TRACEFORK | O_TRACEVFORK | O_TRACECLONE | O_TRACEEXEC
+                   | O_EXITKILL | (O_TRACESECCOMP if program is not None else 0))
+        try:
+            pb.ptrace(PTRACE_SEIZE, pid, 0, options)
+        except pb.PtraceError as exc:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                raise PtraceNotPermitted(str(exc)) from None
+            raise
+        if self.foreground_tty is not None:
+            try:
+                os.tcsetpgrp(self.foreground_tty, pid)
+            except OSError:
+                pass
+        self.tasks[pid] = pid
+        self.pre_exec.add(pid)
+        self.result = TraceResult(root_pid=pid, mode="seccomp" if program is not None else "ptrace")
+        self.result.processes[pid] = TracedProcess(pid, os.getpid(), list(self.argv), self.executable)
+        os.kill(pid, signal.SIGCONT)
+        return pid
+
+    def request_stop(self, sig: int) -> None:
+        """Signal every traced process (called from a signal handler in the tracer process)."""
+        for tgid in set(self.tasks.values()):
+            try:
+                os.kill(tgid, sig)
+            except OSError:
+                pass
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> TraceResult:
+        res = self.result
+        assert res is not None
+        events = res.events
+        tasks = self.tasks
+        waitpid = os.waitpid
+        cont = self._resume
+        getregs = pb.ptrace_getregs
+        seccomp_mode = self.use_seccomp
+        stops = 0
+        while tasks:
+            try:
+                tid, status = waitpid(-1, WALL)
+            except ChildProcessError:
+                break
+            stops += 1
+            if status & 0x7F == 0x7F:        # stopped
+                sig = (status >> 8) & 0xFF
+                event = status >> 16
+                if tid not in tasks:
+                    self._adopt(tid)
+                if event == EV_SECCOMP:
+                    self._on_syscall_entry(tid, getregs(tid), events)
+                    if self.exact and tid in self.pending:
+                        self._ptrace(pb.PTRACE_SYSCALL, tid, 0)
+                    else:
+                        cont(tid, 0)
+                elif sig == SYSCALL_TRAP:
+                    if seccomp_mode:   # exact mode: the exit of a call we saw at entry
+                        self._on_syscall_exit(tid, getregs(tid).rax)
+                    elif self.in_syscall.get(tid):
+                        self.in_syscall[tid] = False
+                        if tid in self.pending:
+                            self._on_syscall_exit(tid, getregs(tid).rax)
+                    else:
+                        self.in_syscall[tid] = True
+                        self._on_syscall_entry(tid, getregs(tid), events)
+                    cont(tid, 0)
+                elif event in (EV_FORK, EV_VFORK, EV_CLONE):
+                    self._on_new_task(tid, event)
+                    cont(tid, 0)
+                elif event == EV_EXEC:
+                    self._on_exec(tid)
+                    cont(tid, 0)
+                elif event == EV_STOP:
+                    if sig in GROUP_STOP_SIGNALS:
+                        self._ptrace(PTRACE_LISTEN, tid, 0)
+                    else:
+                        cont(tid, 0)
+                elif event:
+                    cont(tid, 0)
+                else:
+                    # signal-delivery-stop: deliver it as if untraced
+                    if sig == signal.SIGINT and tasks.get(tid) == res.root_pid:
+                        res.interrupted_by = sig
+                    cont(tid, sig)
+            else:
+                self._on_exit(tid, status)
+        res.stops = stops
+        for tgid in list(self.mem.fds):
+            self.mem.forget(tgid)
+        self._restore_foreground()
+        return res
+
+    def _restore_foreground(self) -> None:
+        if self.foreground_tty is None:
+            return
+        old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(self.foreground_tty, os.getpgrp())
+        except OSError:
+            pass
+        finally:
+            signal.signal(signal.SIGTTOU, old)
+
+    def _ptrace(self, request: int, tid: int, data: int) -> None:
+        try:
+            pb.ptrace(request, tid, 0, data)
+        except pb.PtraceError:
+            pass   # the task died under us (SIGKILL, exec of a sibling thread): its exit follows
+
+    def _resume(self, tid: int, sig: int) -> None:
+        req = pb.PTRACE_CONT if self.use_seccomp and tid not in self.pending else pb.PTRACE_SYSCALL
+        self._ptrace(req, tid, sig)
+
+    def _adopt(self, tid: int) -> None:
+        tgid = tid
+        try:
+            with open(f"/proc/{tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Tgid:"):
+                        tgid = int(line.split()[1])
+                        break
+        except OSError:
+            pass
+        self.tasks[tid] = tgid
+
+    def _on_new_task(self, parent_tid: int, event: int) -> None:
+        res = self.result
+        try:
+            child = pb.ptrace_geteventmsg(parent_tid)
+        except pb.PtraceError:
+            return
+        parent_tgid = self.tasks.get(parent_tid, parent_tid)
+        if child in self.exited:
+            self.exited.discard(child)
+            if event == EV_CLONE and child not in self.result.processes:
+                return
+        elif event == EV_CLONE and os.path.exists(f"/proc/{parent_tgid}/task/{child}"):
+            self.tasks[child] = parent_tgid       # a thread
+            return
+        else:
+            self.tasks[child] = child
+        parent = res.processes.get(parent_tgid)
+        proc = res.processes.get(child)
+        if proc is None:
+            res.processes[child] = TracedProcess(
+                child, parent_tgid, list(parent.argv) if parent else [], parent.exe if parent else None)
+        else:
+            proc.ppid = parent_tgid
+
+    def _on_exec(self, tid: int) -> None:
+        res = self.result
+        try:
+            former = pb.ptrace_geteventmsg(tid)
+        except pb.PtraceError:
+            former = tid
+        if former != tid:
+            # exec from a non-leader thread: that thread now is the leader; its old id is gone
+            self.tasks.pop(former, None)
+            self.pending.pop(former, None)
+            self.in_syscall.pop(former, None)
+        self.tasks[tid] = tid
+        self.mem.forget(tid)
+        self.pre_exec.discard(tid)
+        exe = _readlink(f"/proc/{tid}/exe")
+        proc = res.processes.get(tid)
+        argv = _read_cmdline(tid)
+        if proc is None:
+            res.processes[tid] = TracedProcess(tid, None, argv, exe)
+        else:
+            proc.argv, proc.exe = argv, exe
+        if exe:
+            interp = elf_interpreter(exe)
+            if interp:   # the kernel opened it: no syscall names it
+                key = (interp, "exec", "kernel:interp", "ok" if _exists(interp) else "ENOENT", tid)
+                res.events[key] = res.events.get(key, 0) + 1
+
+    def _on_exit(self, tid: int, status: int) -> None:
+        res = self.result
+        if tid not in self.tasks:
+            self.exited.add(tid)
+        tgid = self.tasks.pop(tid, tid)
+        self.pending.pop(tid, None)
+        self.in_syscall.pop(tid, None)
+        if tid != tgid:
+            return
+        self.mem.forget(tgid)
+        proc = res.processes.get(tgid)
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        if proc is not None:
+            proc.exit_code, proc.exit_signal = code, sig
+        if tgid == res.root_pid:
+            res.exit_code, res.exit_signal = code, sig
+
+    # -- decoding file syscalls ----------------------------------------------------------
+    def _path_at(self, tid: int, tgid: int, dirfd: int, addr: int, flags: int = 0) -> str | None:
+        path = self.mem.string(tgid, addr)
+        if path is None:
+            return None
+        if path.startswith("/"):
+            return path
+        dirfd = ctypes.c_int(dirfd & 0xFFFFFFFF).value
+        if dirfd == AT_FDCWD:
+            base = _readlink(f"/proc/{tid}/cwd")
+        else:
+            base = _readlink(f"/proc/{tid}/fd/{dirfd}")
+        if not base or not base.startswith("/") or base.endswith(" (deleted)"):
+            return None
+        if path == "":
+            # AT_EMPTY_PATH: the call is about the fd itself; without it the kernel says ENOENT
+            return base if flags & AT_EMPTY_PATH else None
+        if base == "/":
+            return "/" + path
+        return base + "/" + path
+
+    def _on_syscall_entry(self, tid: int, regs, events: dict) -> None:
+        nr = regs.orig_rax
+        name = seccomp.SYSCALL_NAMES.get(nr)
+        if name is None:
+            return
+        tgid = self.tasks.get(tid, tid)
+        if tgid in self.pre_exec and name != "execve":
+            return   # our own child's Python between fork and exec: not the program
+        a0, a1, a2, a3, a4 = regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8
+        calls: list[tuple[str, str, int, bool, int]] = []   # (path, kind, flags, nofollow, amode)
+        created: list[str] = []
+        removed: list[str] = []
+        p = self._path_at
+        if name in ("open", "creat", "openat", "openat2"):
+            if name == "open":
+                path, flags = p(tid, tgid, AT_FDCWD, a0), a1
+            elif name == "creat":
+                path, flags = p(tid, tgid, AT_FDCWD, a0), O_CREAT | O_WRONLY | O_TRUNC
+            elif name == "openat":
+                path, flags = p(tid, tgid, a0, a1), a2
+            else:
+                flags = self.mem.u64(tgid, a2) or 0
+                path = p(tid, tgid, a0, a1)
+            if path is None:
+                return
+            kind = _open_kind(flags)
+            if flags & O_CREAT and not _exists(path):
+                created.append(path)
+            calls.append((path, kind, flags, bool(flags & O_NOFOLLOW), 0))
+        elif name in ("stat", "lstat", "newfstatat", "statx"):
+            if name in ("stat", "lstat"):
+                path, nofollow = p(tid, tgid, AT_FDCWD, a0), name == "lstat"
+            else:
+                flags = a3 if name == "newfstatat" else a2
+                path, nofollow = p(tid, tgid, a0, a1, flags), bool(flags & AT_SYMLINK_NOFOLLOW)
+            if path is None:
+                return
+            calls.append((path, "stat", 0, nofollow, 0))
+        elif name in ("access", "faccessat", "faccessat2"):
+            if name == "access":
+                path, mode, nofollow = p(tid, tgid, AT_FDCWD, a0), a1, False
+            else:
+                flags = a3 if name == "faccessat2" else 0
+                path, mode, nofollow = p(tid, tgid, a0, a1, flags), a2, bool(flags & AT_SYMLINK_NOFOLLOW)
+            if path is None:
+                return
+            calls.append((path, "stat", 0, nofollow, mode & 7))
+        elif name in ("readlink", "readlinkat"):
+            path = p(tid, tgid, AT_FDCWD, a0) if name == "readlink" else p(tid, tgid, a0, a1, AT_EMPTY_PATH)
+            if path is None:
+                return
+            calls.append((path, "readlink", 0, True, 0))
+        elif name in ("execve", "execveat"):
+            path = p(tid, tgid, AT_FDCWD, a0) if name == "execve" else p(tid, tgid, a0, a1, a4)
+            if path is None:
+                return
+            calls.append((path, "exec", 0, False, 0))
+            self._record_shebangs(path, tgid, events)
+        else:
+            # mutations: only for telling which files the run itself created or removed
+            if name in ("rename", "renameat", "renameat2"):
+                src = p(tid, tgid, AT_FDCWD, a0) if name == "rename" else p(tid, tgid, a0, a1)
+                dst = p(tid, tgid, AT_FDCWD, a1) if name == "rename" else p(tid, tgid, a2, a3)
+                if src:
+                    removed.append(src)
+                    calls.append((src, "write", 0, True, 0))
+                if dst:
+                    if not _exists(dst):
+                        created.append(dst)
+                    calls.append((dst, "write", O_CREAT, True, 0))
+            elif name in ("unlink", "unlinkat", "rmdir"):
+                path = p(tid, tgid, AT_FDCWD, a0) if name != "unlinkat" else p(tid, tgid, a0, a1)
+                if path:
+                    removed.append(path)
+                    calls.append((path, "write", 0, True, 0))
+            elif name in ("mkdir", "mkdirat", "symlink", "symlinkat", "link", "linkat"):
+                if name == "mkdir":
+                    path = p(tid, tgid, AT_FDCWD, a0)
+                elif name == "mkdirat":
+                    path = p(tid, tgid, a0, a1)
+                elif name == "symlink":
+                    path = p(tid, tgid, AT_FDCWD, a1)
+                elif name == "symlinkat":
+                    path = p(tid, tgid, a1, a2)
+                elif name == "link":
+                    path = p(tid, tgid, AT_FDCWD, a1)
+                else:
+                    path = p(tid, tgid, a2, a3)
+                if path:
+                    if not _exists(path):
+                        created.append(path)
+                    calls.append((path, "write", O_CREAT, True, 0))
+        res = self.result
+        res.created.update(created)
+        res.removed.update(removed)
+        if self.exact:
+            self.pending[tid] = tuple((c[0], c[1], name) for c in calls)
+            return
+        for path, kind, flags, nofollow, amode in calls:
+            if kind == "write":
+                if flags & O_CREAT:
+                    result = "EEXIST" if flags & O_EXCL and _exists(path) and path not in created else "ok"
+                else:
+                    result = "ok" if _exists(path) else "ENOENT"
+            else:
+                result = _host_result(kind, path, flags, nofollow, amode)
+            key = (path, kind, name, result, tgid)
+            events[key] = events.get(key, 0) + 1
+
+    def _on_syscall_exit(self, tid: int, rax: int) -> None:
+        calls = self.pending.pop(tid, None)
+        if not calls:
+            return
+        ret = ctypes.c_long(rax).value
+        result = "ok" if ret >= 0 else errno.errorcode.get(-ret, f"E{-ret}")
+        tgid = self.tasks.get(tid, tid)
+        events = self.result.events
+        for path, kind, name in calls:
+            key = (path, kind, name, result, tgid)
+            events[key] = events.get(key, 0) + 1
+
+    def _record_shebangs(self, path: str, tgid: int, events: dict) -> None:
+        # The kernel opens `#!` interpreters itself; follow the chain like binfmt_script does.
+        for _ in range(4):
+            interp = shebang_interpreter(path)
+            if not interp:
+                return
+            key = (interp, "exec", "kernel:shebang", "ok" if os.path.exists(interp) else "ENOENT", tgid)
+            events[key] = events.get(key, 0) + 1
+            path = interp
+
+
+def _seccomp_available() -> bool:
+    """Seccomp filters exist on this kernel (prctl(PR_GET_SECCOMP) answers)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(21, 0, 0, 0, 0) >= 0   # PR_GET_SECCOMP
+
+
+def become_tracer_process() -> None:
+    """Settings for the forked tracer process: die with the recorder, adopt orphans."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # Daemonizing double forks reparent to us, so psutil sees the whole tree under one pid.
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
