@@ -35,9 +35,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 WORKLOADS_ROOT = Path(__file__).resolve().parent.parent / "sample_workloads"
 
@@ -300,7 +300,7 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Wait until 127.0.0.1:port accepts; raise if *proc* exits first or on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -312,7 +312,7 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise RuntimeError(f"nothing listened on port {port} within {timeout:.0f} s")
 
 
-def stop_server(proc: subprocess.Popen) -> int:
+def stop_server(proc: subprocess.Popen[bytes]) -> int:
     """SIGTERM *proc*, wait for it (SIGKILL its group after STOP_TIMEOUT); return its exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -323,7 +323,7 @@ def stop_server(proc: subprocess.Popen) -> int:
     return proc.wait()
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # its own session: started with start_new_session

@@ -42,7 +42,8 @@ def main() -> None:
     print("|diag(R)| from QR:", fmt(np.abs(np.diag(r))))
     s = np.linalg.svd(a, compute_uv=False)
     print("singular values:", fmt(s))
-    print("lstsq on overdetermined system:", fmt(np.linalg.lstsq(np.vstack([a, a]), np.concatenate([b, b]), rcond=None)[0]))
+    tall_a, tall_b = np.vstack([a, a]), np.concatenate([b, b])
+    print("lstsq on overdetermined system:", fmt(np.linalg.lstsq(tall_a, tall_b, rcond=None)[0]))
 
     rng = np.random.default_rng(seed=1234)
     sample = rng.integers(0, 100, size=1000)

@@ -1,0 +1,728 @@
+"""Write a single-layer FROM-scratch image, with no daemon.
+
+The archive is an uncompressed tar holding an OCI image layout (`oci-layout`, `index.json`,
+`blobs/sha256/...`) *and* a docker `manifest.json` that points into the same blobs, so one file
+is accepted by `docker load` (20.10 needs manifest.json; 25+ with the containerd store reads
+either), `podman load`, `skopeo` (`oci-archive:` and `docker-archive:`) and containerd.
+
+The layer is streamed straight from a Plan (no staging copy) or from a staged rootfs directory;
+the diff_id (sha256 of the tar) and the blob digest are computed while writing. Everything is
+deterministic: sorted entries, integer mtimes, numeric owners, empty user/group names, canonical
+JSON, a fixed gzip header, and a block-parallel gzip whose bytes depend only on the input, the
+level and zlib (not on the thread count or timing).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import stat
+import tarfile
+import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import BinaryIO, Callable, Iterator, Union
+
+from tracejail import rootfs
+from tracejail.errors import TracejailError
+
+LAYER_MEDIA_TYPE_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_MEDIA_TYPE_TAR = "application/vnd.oci.image.layer.v1.tar"
+CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+DEFAULT_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+
+Source = Union["rootfs.Plan", str]  # a Plan, or the path of a staged rootfs directory
+
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tar pads the archive to whole records, as GNU tar and tarfile do
+_READ_CHUNK = 1 << 20
+# Parallel gzip block size: a fixed constant, because the compressed bytes depend on it.
+_GZIP_BLOCK = 1 << 20
+_GZIP_WINDOW = 32 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Time and platform
+
+
+def source_date_epoch(environ: dict[str, str] | None = None) -> int | None:
+    """SOURCE_DATE_EPOCH as an int, None when unset; TracejailError when it is not a number."""
+    raw = (os.environ if environ is None else environ).get("SOURCE_DATE_EPOCH", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise TracejailError(f"SOURCE_DATE_EPOCH={raw!r} is not a non-negative integer; unset it or fix it")
+    return int(raw)
+
+
+def rfc3339(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def default_created() -> str:
+    return rfc3339(source_date_epoch() or 0)
+
+
+def host_architecture() -> str:
+    """The OCI architecture name of this machine: the binaries in the image come from it."""
+    machine = platform.machine().lower()
+    return {
+        "x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+        "i386": "386", "i686": "386", "armv7l": "arm", "armv6l": "arm",
+        "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64", "mips64": "mips64",
+    }.get(machine, machine)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and names
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    entrypoint: list[str]
+    cmd: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=lambda: list(DEFAULT_ENV))
+    working_dir: str = "/"
+    user: str = "65532:65532"
+    exposed_ports: list[str] = field(default_factory=list)  # "8000/tcp"; "8000" means tcp
+    labels: dict[str, str] = field(default_factory=dict)  # also written as OCI annotations
+    created: str = field(default_factory=default_created)  # SOURCE_DATE_EPOCH or epoch 0
+    architecture: str = field(default_factory=host_architecture)
+    os: str = "linux"
+
+
+@dataclass(frozen=True)
+class Reference:
+    domain: str
+    path: str
+    tag: str
+
+    @property
+    def full(self) -> str:
+        """Fully qualified, as containerd and podman want it: docker.io/library/app:latest."""
+        return f"{self.domain}/{self.path}:{self.tag}"
+
+    @property
+    def familiar(self) -> str:
+        """What docker shows and writes in RepoTags: app:latest, user/app:1, ghcr.io/x/y:2."""
+        if self.domain == "docker.io":
+            path = self.path[len("library/"):] if self.path.startswith("library/") else self.path
+            return f"{path}:{self.tag}"
+        return self.full
+
+
+_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+_DOMAIN = re.compile(
+    r"(?:localhost|(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
+    r"(?:\.(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9]))*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?\Z"
+)
+
+
+def parse_reference(name: str) -> Reference:
+    """Normalise an image name the way docker does (app -> docker.io/library/app:latest)."""
+    bad = f"invalid image name {name!r}; use [registry/]name[:tag] in lower case, e.g. myapp:1.0"
+    if not name or "@" in name or name != name.strip():
+        raise TracejailError(bad)
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        repo, tag = name[:colon], name[colon + 1:]
+    else:
+        repo, tag = name, "latest"
+    parts = repo.split("/")
+    first = parts[0]
+    if len(parts) > 1 and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
+        domain, path_parts = first, parts[1:]
+        if not _DOMAIN.match(domain):
+            raise TracejailError(bad)
+    else:
+        domain, path_parts = "docker.io", parts
+        if len(path_parts) == 1:
+            path_parts = ["library", *path_parts]
+    if not _TAG.match(tag) or not all(_PATH_COMPONENT.match(p) for p in path_parts):
+        raise TracejailError(bad)
+    return Reference(domain, "/".join(path_parts), tag)
+
+
+_PORT = re.compile(r"[0-9]{1,5}(?:-[0-9]{1,5})?(?:/(?:tcp|udp|sctp))?\Z")
+
+
+def normalise_port(port: str) -> str:
+    if not _PORT.match(port):
+        raise TracejailError(f"invalid exposed port {port!r}; use PORT[/tcp|udp|sctp], e.g. 8000/tcp")
+    return port if "/" in port else port + "/tcp"
+
+
+def canonical_json(obj: object) -> bytes:
+    """One byte sequence per value: the digests (and so the image ID) depend on it."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def image_config_json(config: ImageConfig, diff_id: str) -> bytes:
+    """The image configuration blob; its sha256 is the image ID docker reports."""
+    run: dict[str, object] = {"WorkingDir": config.working_dir or "/"}
+    if config.entrypoint:
+        run["Entrypoint"] = list(config.entrypoint)
+    if config.cmd:
+        run["Cmd"] = list(config.cmd)
+    if config.env:
+        run["Env"] = list(config.env)
+    if config.user:
+        run["User"] = config.user
+    if config.exposed_ports:
+        run["ExposedPorts"] = {normalise_port(p): {} for p in config.exposed_ports}
+    if config.labels:
+        run["Labels"] = dict(config.labels)
+    return canonical_json({
+        "architecture": config.architecture,
+        "os": config.os,
+        "created": config.created,
+        "config": run,
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": config.created, "created_by": "tracejail build"}],
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    digest: str  # sha256 of the blob as stored (compressed)
+    diff_id: str  # sha256 of the uncompressed tar
+    size: int  # blob size
+    uncompressed_size: int
+    media_type: str
+
+
+@dataclass
+class ImageResult:
+    archive: str  # the archive file, or the OCI layout directory
+    image_id: str  # "sha256:..." = config digest
+    manifest_digest: str
+    layer_digest: str
+    diff_id: str
+    compressed_size: int
+    uncompressed_size: int
+    reference: str | None = None  # full name written into the annotations, if any
+
+
+# --------------------------------------------------------------------------------------------
+# The layer tar
+
+
+def _tar_header(info: tarfile.TarInfo) -> bytes:
+    # GNU format: long names go into ././@LongLink records, which carry no timestamps; PAX
+    # headers would add fractional mtimes and vary between Python versions.
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+def _pad(n: int) -> bytes:
+    return b"\0" * (-n % _BLOCK)
+
+
+def _entry_info(e: rootfs.Entry, mtime: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(e.path[1:])  # no leading "/" or "./"
+    info.mode = e.mode & 0o7777
+    info.uid, info.gid = e.uid, e.gid
+    info.mtime = mtime
+    if e.kind == "dir":
+        info.type = tarfile.DIRTYPE
+    elif e.kind == "symlink":
+        info.type, info.linkname, info.mode = tarfile.SYMTYPE, e.link_target or "", 0o777
+    elif e.kind == "hardlink":
+        info.type, info.linkname = tarfile.LNKTYPE, (e.link_target or "")[1:]
+    else:
+        info.type = tarfile.REGTYPE
+    return info
+
+
+def iter_layer_tar(
+    entries: list[rootfs.Entry],
+    *,
+    mtime_of: Callable[[rootfs.Entry], int],
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[bytes]:
+    """Yield the layer tar for parents-first `entries` (see rootfs.ordered_entries)."""
+    for e in entries:
+        if e.path == "/":
+            continue  # the root is the container's, not the layer's
+        info = _entry_info(e, mtime_of(e))
+        if e.kind != "file":
+            yield _tar_header(info)
+            continue
+        fd = rootfs._open_source(e.source or "")
+        try:
+            # The size in the header must be known first: take it from the open file, then
+            # insist on getting exactly that many bytes.
+            info.size = os.fstat(fd).st_size
+            yield _tar_header(info)
+            left = info.size
+            while left:
+                chunk = os.read(fd, min(left, _READ_CHUNK))
+                if not chunk:
+                    raise TracejailError(f"{e.source} shrank while the image was written; run the build again")
+                left -= len(chunk)
+                yield chunk
+                if progress:
+                    progress(len(chunk))
+        finally:
+            os.close(fd)
+        yield _pad(info.size)
+    yield b"\0" * (2 * _BLOCK)
+
+
+def _deflate_block(data: bytes, zdict: bytes, level: int, last: bool) -> bytes:
+    """Raw deflate of one block, primed with the previous 32 KiB (as pigz does).
+
+    Non-final blocks end with a sync flush (byte-aligned, not BFINAL) so the blocks concatenate
+    into one valid deflate stream.
+    """
+    kwargs = {"zdict": zdict} if zdict else {}
+    comp = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, 0, **kwargs)
+    return comp.compress(data) + comp.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+class _GzipWriter:
+    """A gzip member compressed in fixed-size blocks on a thread pool (zlib drops the GIL).
+
+    Bytes depend only on the data, the level and zlib; output is emitted in order with a
+    bounded number of blocks in flight. The header matches gzip.GzipFile(filename='', mtime=0):
+    no name, mtime 0, XFL from the level, OS byte 255.
+    """
+
+    def __init__(self, write: Callable[[bytes], None], level: int, workers: int) -> None:
+        self.write_out = write
+        self.level = level
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tj-gzip") if workers > 1 else None
+        self.max_pending = 2 * workers
+        self.pending: deque[Future[bytes]] = deque()
+        self.buf = bytearray()
+        self.tail = b""
+        self.crc = 0
+        self.isize = 0
+        xfl = b"\x02" if level == 9 else b"\x04" if level == 1 else b"\x00"
+        write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + xfl + b"\xff")
+
+    def write(self, data: bytes) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+        self.isize += len(data)
+        self.buf += data
+        while len(self.buf) >= _GZIP_BLOCK:
+            block = bytes(self.buf[:_GZIP_BLOCK])
+            del self.buf[:_GZIP_BLOCK]
+            self._submit(block, last=False)
+
+    def _submit(self, block: bytes, last: bool) -> None:
+        zdict, self.tail = self.tail, block[-_GZIP_WINDOW:]
+        if self.pool is None:
+            self.write_out(_deflate_block(block, zdict, self.level, last))
+            return
+        self.pending.append(self.pool.submit(_deflate_block, block, zdict, self.level, last))
+        while len(self.pending) > self.max_pending:
+            self.write_out(self.pending.popleft().result())
+
+    def close(self) -> None:
+        self._submit(bytes(self.buf), last=True)
+        self.buf = bytearray()
+        while self.pending:
+            self.write_out(self.pending.popleft().result())
+        self.write_out(self.crc.to_bytes(4, "little") + (self.isize & 0xFFFFFFFF).to_bytes(4, "little"))
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            for fut in self.pending:
+                fut.cancel()
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+
+def _entries_of(source: Source) -> list[rootfs.Entry]:
+    plan = rootfs.plan_from_rootfs(source) if isinstance(source, str) else source
+    return rootfs.ordered_entries(plan)
+
+
+def _mtime_policy(mtime_clamp: int | None, preserve_mtimes: bool) -> tuple[int, Callable[[rootfs.Entry], int]]:
+    """Return (the archive's own timestamp, per-entry mtime function).
+
+    Default: clamp every mtime to SOURCE_DATE_EPOCH, or to 0 when it is unset (so all are 0).
+    Clamping (not setting) is the reproducible-builds convention: files older than the epoch
+    keep their time, which keeps Python's timestamp-checked .pyc files valid.
+    """
+    clamp = mtime_clamp if mtime_clamp is not None else (source_date_epoch() or 0)
+    if preserve_mtimes:
+        return clamp, lambda e: max(0, e.mtime)
+    return clamp, lambda e: max(0, min(e.mtime, clamp))
+
+
+def write_layer(
+    source: Source,
+    write: Callable[[bytes], object],
+    *,
+    compress_level: int | None = 6,
+    mtime_clamp: int | None = None,
+    preserve_mtimes: bool = False,
+    progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
+) -> LayerInfo:
+    """Stream the layer blob for `source` (a Plan or a staged rootfs dir) into `write`.
+
+    compress_level None writes a plain tar. `progress` gets the number of file-content bytes
+    just written (they add up to the plan's files_size()). `workers` is the gzip thread count
+    (default: CPUs); it never changes the output.
+    """
+    if compress_level is not None and not 0 <= compress_level <= 9:
+        raise TracejailError(f"compression level {compress_level} is out of range; use 0-9")
+    entries = _entries_of(source)
+    _, mtime_of = _mtime_policy(mtime_clamp, preserve_mtimes)
+    diff_hash, blob_hash = hashlib.sha256(), hashlib.sha256()
+    sizes = {"tar": 0, "blob": 0}
+
+    def emit(data: bytes) -> None:
+        blob_hash.update(data)
+        sizes["blob"] += len(data)
+        write(data)
+
+    gz = None
+    if compress_level is not None:
+        gz = _GzipWriter(emit, compress_level, workers or os.cpu_count() or 1)
+    sink = gz.write if gz else emit
+    try:
+        for chunk in iter_layer_tar(entries, mtime_of=mtime_of, progress=progress):
+            if not chunk:
+                continue
+            diff_hash.update(chunk)
+            sizes["tar"] += len(chunk)
+            sink(chunk)
+        # Pad the tar to whole records like tar(1); some old readers insist.
+        tail = b"\0" * (-sizes["tar"] % _RECORD)
+        if tail:
+            diff_hash.update(tail)
+            sizes["tar"] += len(tail)
+            sink(tail)
+        if gz:
+            gz.close()
+    finally:
+        if gz:
+            gz.shutdown()
+    diff_id = "sha256:" + diff_hash.hexdigest()
+    return LayerInfo(
+        digest="sha256:" + blob_hash.hexdigest() if gz else diff_id,
+        diff_id=diff_id,
+        size=sizes["blob"],
+        uncompressed_size=sizes["tar"],
+        media_type=LAYER_MEDIA_TYPE_GZIP if gz else LAYER_MEDIA_TYPE_TAR,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Manifests
+
+
+def _descriptor(media_type: str, data_or_digest: bytes | str, size: int | None = None) -> dict[str, object]:
+    if isinstance(data_or_digest, bytes):
+        return {"mediaType": media_type, "digest": _digest(data_or_digest), "size": len(data_or_digest)}
+    return {"mediaType": media_type, "digest": data_or_digest, "size": size}
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _blob_path(digest: str) -> str:
+    return "blobs/sha256/" + digest.split(":", 1)[1]
+
+
+@dataclass(frozen=True)
+class _Metadata:
+    config: bytes
+    manifest: bytes
+    index: bytes
+    docker_manifest: bytes
+    oci_layout: bytes
+
+
+def _metadata(config: ImageConfig, layer: LayerInfo, ref: Reference | None) -> _Metadata:
+    config_blob = image_config_json(config, layer.diff_id)
+    manifest: dict[str, object] = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": _descriptor(CONFIG_MEDIA_TYPE, config_blob),
+        "layers": [_descriptor(layer.media_type, layer.digest, layer.size)],
+    }
+    if config.labels:
+        manifest["annotations"] = dict(config.labels)
+    manifest_blob = canonical_json(manifest)
+    desc = _descriptor(MANIFEST_MEDIA_TYPE, manifest_blob)
+    desc["platform"] = {"architecture": config.architecture, "os": config.os}
+    if ref is not None:
+        # podman and containerd name the image from io.containerd.image.name (full reference);
+        # skopeo's oci-archive:FILE:TAG and umoci look at ref.name (the tag).
+        desc["annotations"] = {"io.containerd.image.name": ref.full, "org.opencontainers.image.ref.name": ref.tag}
+    index = canonical_json({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": [desc]})
+    docker = canonical_json([{
+        "Config": _blob_path(_digest(config_blob)),
+        "RepoTags": [ref.familiar] if ref else [],
+        "Layers": [_blob_path(layer.digest)],
+    }])
+    return _Metadata(config_blob, manifest_blob, index, docker, canonical_json({"imageLayoutVersion": "1.0.0"}))
+
+
+def _result(where: str, layer: LayerInfo, meta: _Metadata, ref: Reference | None) -> ImageResult:
+    return ImageResult(
+        archive=where,
+        image_id=_digest(meta.config),
+        manifest_digest=_digest(meta.manifest),
+        layer_digest=layer.digest,
+        diff_id=layer.diff_id,
+        compressed_size=layer.size,
+        uncompressed_size=layer.uncompressed_size,
+        reference=ref.full if ref else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic output
+
+
+def _os_error(what: str, err: OSError) -> TracejailError:
+    return TracejailError(rootfs._os_error_message(what, err))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _atomic_file(out: str) -> Iterator[BinaryIO]:
+    """A temp file beside `out`, renamed over it only after everything was written and fsync'ed.
+
+    On any failure the temp file is removed and `out` is left as it was.
+    """
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    if os.path.isdir(out):
+        raise TracejailError(f"{out} is a directory; give a file name for the archive")
+    if not os.path.isdir(parent):
+        raise TracejailError(f"cannot write {out}: directory {parent} does not exist; create it first")
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.{secrets.token_hex(4)}.tmp")
+    try:
+        # O_EXCL: never reuse someone else's file; 0o666 lets the umask decide, as for any output.
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        raise _os_error(f"cannot write {out}", err) from None
+    try:
+        with os.fdopen(fd, "w+b", buffering=_READ_CHUNK) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, out)
+        _fsync_dir(parent)
+    except OSError as err:
+        _unlink_quietly(tmp)
+        raise _os_error(f"cannot write {out}", err) from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _outer_header(name: str, size: int, mtime: int, is_dir: bool = False) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = 0 if is_dir else size
+    info.mtime = mtime
+    info.mode = 0o755 if is_dir else 0o644
+    info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+    return _tar_header(info)
+
+
+def write_archive(
+    source: Source,
+    out: str,
+    config: ImageConfig,
+    *,
+    name: str | None = None,
+    compress_level: int | None = 6,
+    progress: Callable[[int], None] | None = None,
+    mtime_clamp: int | None = None,
+    preserve_mtimes: bool = False,
+    workers: int | None = None,
+) -> ImageResult:
+    """Write the image archive `out` atomically from a Plan or a staged rootfs directory.
+
+    The layer is streamed straight into the archive behind a placeholder header that is
+    patched once the layer's size and digest are known: no temp layer file, no second pass.
+    """
+    ref = parse_reference(name) if name else None
+    archive_mtime, _ = _mtime_policy(mtime_clamp, preserve_mtimes)
+    with _atomic_file(out) as f:
+        f.write(_outer_header("blobs/", 0, archive_mtime, is_dir=True))
+        f.write(_outer_header("blobs/sha256/", 0, archive_mtime, is_dir=True))
+        header_at = f.tell()
+        f.write(b"\0" * _BLOCK)  # layer header placeholder: its name (digest) and size come last
+        layer = write_layer(source, f.write, compress_level=compress_level, mtime_clamp=mtime_clamp,
+                            preserve_mtimes=preserve_mtimes, progress=progress, workers=workers)
+        f.write(_pad(layer.size))
+        end = f.tell()
+        f.seek(header_at)
+        header = _outer_header(_blob_path(layer.digest), layer.size, archive_mtime)
+        assert len(header) == _BLOCK  # blob names are 77 characters: never a long-name record
+        f.write(header)
+        f.seek(end)
+        meta = _metadata(config, layer, ref)
+        members = [
+            (_blob_path(_digest(meta.config)), meta.config),
+            (_blob_path(_digest(meta.manifest)), meta.manifest),
+            ("index.json", meta.index),
+            ("manifest.json", meta.docker_manifest),
+            ("oci-layout", meta.oci_layout),
+        ]
+        for member, data in members:
+            f.write(_outer_header(member, len(data), archive_mtime) + data + _pad(len(data)))
+        f.write(b"\0" * (2 * _BLOCK))
+        f.write(b"\0" * (-f.tell() % _RECORD))
+    return _result(os.path.abspath(out), layer, meta, ref)
+
+
+def write_oci_dir(
+    source: Source,
+    out_dir: str,
+    config: ImageConfig,
+    *,
+    name: str | None = None,
+    compress_level: int | None = 6,
+    progress: Callable[[int], None] | None = None,
+    mtime_clamp: int | None = None,
+    preserve_mtimes: bool = False,
+    workers: int | None = None,
+) -> ImageResult:
+    """Write an OCI image layout directory (plus manifest.json) atomically.
+
+    `out_dir` must not exist or be empty; the layout is built in a temp directory beside it and
+    renamed into place.
+    """
+    ref = parse_reference(name) if name else None
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    if os.path.lexists(out_dir) and (not os.path.isdir(out_dir) or os.path.islink(out_dir) or os.listdir(out_dir)):
+        raise TracejailError(f"{out_dir} exists and is not an empty directory; remove it or choose another")
+    if not os.path.isdir(parent):
+        raise TracejailError(f"cannot write {out_dir}: directory {parent} does not exist; create it first")
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.mkdir(tmp, 0o777)
+        blobs = os.path.join(tmp, "blobs", "sha256")
+        os.makedirs(blobs)
+        layer_tmp = os.path.join(blobs, ".layer.tmp")
+        with open(layer_tmp, "wb", buffering=_READ_CHUNK) as f:
+            layer = write_layer(source, f.write, compress_level=compress_level, mtime_clamp=mtime_clamp,
+                                preserve_mtimes=preserve_mtimes, progress=progress, workers=workers)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(layer_tmp, os.path.join(tmp, _blob_path(layer.digest)))
+        meta = _metadata(config, layer, ref)
+        for member, data in [
+            (_blob_path(_digest(meta.config)), meta.config),
+            (_blob_path(_digest(meta.manifest)), meta.manifest),
+            ("index.json", meta.index),
+            ("manifest.json", meta.docker_manifest),
+            ("oci-layout", meta.oci_layout),
+        ]:
+            with open(os.path.join(tmp, member), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for d in (blobs, os.path.join(tmp, "blobs"), tmp):
+            _fsync_dir(d)
+        os.rename(tmp, out_dir)  # replaces an empty directory atomically
+        _fsync_dir(parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(f"cannot write {out_dir}", err) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _result(out_dir, layer, meta, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# Dockerfile for --rootfs
+
+
+def _quote(value: str, what: str) -> str:
+    """A double-quoted Dockerfile word: escape \\, " and $ (ENV/LABEL/WORKDIR expand variables)."""
+    if "\n" in value or "\r" in value:
+        raise TracejailError(f"{what} {value!r} contains a line break, which a Dockerfile cannot hold")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$") + '"'
+
+
+_USER = re.compile(r"[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)?\Z")
+
+
+def dockerfile_text(rootfs_name: str, config: ImageConfig) -> str:
+    # JSON form of COPY: the directory name may hold spaces.
+    lines = ["# Written by tracejail. Build with: docker build -t NAME .", "FROM scratch",
+             "COPY " + json.dumps([rootfs_name, "/"])]
+    for item in config.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TracejailError(f"environment entry {item!r} is not KEY=VALUE")
+        lines.append(f"ENV {key}={_quote(value, 'environment value')}")
+    for key, value in sorted(config.labels.items()):
+        lines.append(f"LABEL {_quote(key, 'label key')}={_quote(value, 'label value')}")
+    for port in config.exposed_ports:
+        lines.append(f"EXPOSE {normalise_port(port)}")
+    if config.working_dir:
+        lines.append(f"WORKDIR {_quote(config.working_dir, 'working directory')}")
+    if config.user:
+        if not _USER.match(config.user):
+            raise TracejailError(f"image user {config.user!r} is not USER[:GROUP] (names or numbers)")
+        lines.append(f"USER {config.user}")
+    # JSON (exec) form: no shell in a FROM-scratch image to run the string form. JSON escapes
+    # quotes and backslashes; Docker does not expand variables in exec form.
+    if config.entrypoint:
+        lines.append("ENTRYPOINT " + json.dumps(list(config.entrypoint)))
+    if config.cmd:
+        lines.append("CMD " + json.dumps(list(config.cmd)))
+    return "\n".join(lines) + "\n"
+
+
+def write_dockerfile(rootfs_dir: str, config: ImageConfig) -> str:
+    """Write `Dockerfile` beside `rootfs_dir` (FROM scratch, COPY <rootfs> /, ...); return its path.
+
+    Note: `docker build` COPY keeps modes, setuid bits and symlinks but turns hard links into
+    copies, and sets every mtime as in the tree.
+    """
+    rootfs_dir = os.path.abspath(rootfs_dir)
+    if not os.path.isdir(rootfs_dir):
+        raise TracejailError(f"rootfs {rootfs_dir} is not a directory; stage it first")
+    parent = os.path.dirname(rootfs_dir)
+    path = os.path.join(parent, "Dockerfile")
+    text = dockerfile_text(os.path.basename(rootfs_dir), config)
+    with _atomic_file(path) as f:
+        f.write(text.encode())
+    return path
