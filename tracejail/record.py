@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import pickle
+import marshal
 import shutil
 import signal
 import subprocess
@@ -137,13 +137,13 @@ class _PortWatcher(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.is_set():
+        # Short runs never pay for importing psutil: the first look waits one interval.
+        while not self.done.wait(self.interval):
             ports = _listening_ports(self.tracer_pid)
             self.current = ports
             if ports - self.seen:
                 self.seen |= ports
                 self.changed.set()
-            self.done.wait(self.interval)
 
     def poll_now(self) -> set[int]:
         ports = _listening_ports(self.tracer_pid)
@@ -158,7 +158,7 @@ def _tracer_process(argv: list[str], executable: str, env: dict[str, str], opts:
     """Body of the forked tracer process. Never returns."""
     code = 0
     try:
-        from tracejail.tracer import PtraceNotPermitted, Tracer, become_tracer_process
+        from tracejail.tracer import PtraceNotPermitted, Tracer, become_tracer_process, result_to_plain
 
         become_tracer_process()
         tracer = Tracer(argv, executable, env, use_seccomp=opts.use_seccomp, exact=opts.exact,
@@ -178,7 +178,7 @@ def _tracer_process(argv: list[str], executable: str, env: dict[str, str], opts:
         os.close(status_w)
         result = tracer.run()
         with open(result_path, "wb") as f:
-            pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+            marshal.dump(result_to_plain(result), f)
     except BaseException as exc:   # report, never fall back into the recorder's code
         try:
             os.write(status_w, f"error {type(exc).__name__}: {exc}\n".encode())
@@ -278,8 +278,8 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
 
     try:
         with open(result_path, "rb") as f:
-            result = pickle.load(f)
-    except (OSError, EOFError, pickle.UnpicklingError):
+            result = marshal.load(f)
+    except (OSError, EOFError, ValueError, TypeError):
         result = None
     finally:
         _cleanup(result_path)
@@ -292,15 +292,14 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
     run = tr.Run(
         argv=list(argv), executable=executable, cwd=cwd, uid=os.getuid(), gid=os.getgid(),
         environment=tr.redact_environment(env, opts.keep_env), started=started_at,
-        duration=round(duration, 3), exit_code=result.exit_code, exit_signal=result.exit_signal,
-        stop_reason=state.stop_reason or ("interrupted" if result.interrupted_by else "exited"),
+        duration=round(duration, 3), exit_code=result["exit_code"], exit_signal=result["exit_signal"],
+        stop_reason=state.stop_reason or ("interrupted" if result["interrupted_by"] else "exited"),
         stdout=tees[0].text(), stderr=tees[1].text(),
         stdout_truncated=tees[0].truncated, stderr_truncated=tees[1].truncated,
         exercises=exercise_results, listening_ports=sorted(watcher.seen),
-        processes=[tr.ProcessInfo(p.pid, p.ppid if p.pid != result.root_pid else None, p.argv, p.exe, 0,
-                                  p.exit_code, p.exit_signal)
-                   for p in sorted(result.processes.values(), key=lambda p: p.pid)],
-        tracing={"mode": result.mode, "exact": opts.exact, "stops": result.stops,
+        processes=[tr.ProcessInfo(pid, ppid if pid != result["root_pid"] else None, argv, exe, 0, code, sig)
+                   for pid, ppid, argv, exe, code, sig in sorted(result["processes"])],
+        tracing={"mode": result["mode"], "exact": opts.exact, "stops": result["stops"],
                  "warnings": warnings},
     )
     trace = tr.Trace(runs=[run], host=tr.host_info())
@@ -309,16 +308,16 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
     return Recording(trace=trace, run=run, exercises_ok=ok, warnings=warnings)
 
 
-def _fill_files(trace: tr.Trace, result, run_index: int) -> None:
-    for (path, kind, syscall, res, tgid), count in result.events.items():
+def _fill_files(trace: tr.Trace, result: dict, run_index: int) -> None:
+    for (path, kind, syscall, res, tgid), count in result["events"].items():
         rec = trace.record(path)
         rec.add(kind, syscall, res, tgid, count)
         if run_index not in rec.runs:
             rec.runs.append(run_index)
-    for path in result.created:
+    for path in result["created"]:
         if path in trace.files:
             trace.files[path].created_by_run = True
-    for path in result.removed:
+    for path in result["removed"]:
         if path in trace.files:
             trace.files[path].removed_by_run = True
     for rec in trace.files.values():

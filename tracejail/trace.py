@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno as errno_mod
 import json
 import os
-import platform
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -333,11 +332,15 @@ def save(trace: Trace, path: str) -> None:
 # --- host facts ----------------------------------------------------------------------------
 
 def host_info() -> dict[str, Any]:
-    libc_name, libc_version = platform.libc_ver()
+    try:   # instant, unlike platform.libc_ver() which scans the interpreter binary
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        libc = ""
+    uname = os.uname()
     return {
-        "arch": platform.machine(),
-        "kernel": platform.release(),
-        "libc": f"{libc_name} {libc_version}".strip(),
+        "arch": uname.machine,
+        "kernel": uname.release,
+        "libc": libc or "unknown",
         "os_release": read_os_release(),
     }
 

@@ -256,6 +256,7 @@ class Tracer:
         self.pending: dict[int, tuple] = {}      # exact mode: tid -> [(path, kind, name, created?)]
         self.pre_exec: set[int] = set()
         self.exited: set[int] = set()            # tids whose exit came before their fork event
+        self.stashed: set[int] = set()           # new tids stopped before their parent's event
         self.result: TraceResult | None = None
         self._stop_requested = 0
 
@@ -334,7 +335,12 @@ class Tracer:
         getregs = pb.ptrace_getregs
         seccomp_mode = self.use_seccomp
         stops = 0
-        while tasks:
+        while tasks or self.stashed:
+            if not tasks:
+                # parents died before their fork events were seen: adopt the orphans
+                for child in list(self.stashed):
+                    self._adopt(child)
+                    self._release(child)
             try:
                 tid, status = waitpid(-1, WALL)
             except ChildProcessError:
@@ -344,6 +350,11 @@ class Tracer:
                 sig = (status >> 8) & 0xFF
                 event = status >> 16
                 if tid not in tasks:
+                    if event == EV_STOP and tid not in self.exited:
+                        # a new child's first stop, before its parent's fork event: keep it
+                        # stopped until that event says whether it is a thread or a process
+                        self.stashed.add(tid)
+                        continue
                     self._adopt(tid)
                 if event == EV_SECCOMP:
                     self._on_syscall_entry(tid, getregs(tid), events)
@@ -434,9 +445,11 @@ class Tracer:
                 return
         elif event == EV_CLONE and os.path.exists(f"/proc/{parent_tgid}/task/{child}"):
             self.tasks[child] = parent_tgid       # a thread
+            self._release(child)
             return
         else:
             self.tasks[child] = child
+        self._release(child)
         parent = res.processes.get(parent_tgid)
         proc = res.processes.get(child)
         if proc is None:
@@ -444,6 +457,11 @@ class Tracer:
                 child, parent_tgid, list(parent.argv) if parent else [], parent.exe if parent else None)
         else:
             proc.ppid = parent_tgid
+
+    def _release(self, child: int) -> None:
+        if child in self.stashed:
+            self.stashed.discard(child)
+            self._resume(child, 0)
 
     def _on_exec(self, tid: int) -> None:
         res = self.result
@@ -641,6 +659,18 @@ class Tracer:
             key = (interp, "exec", "kernel:shebang", "ok" if os.path.exists(interp) else "ENOENT", tgid)
             events[key] = events.get(key, 0) + 1
             path = interp
+
+
+def result_to_plain(res: TraceResult) -> dict:
+    """Builtins only, so the recorder can `marshal` it without importing this module."""
+    return {
+        "root_pid": res.root_pid, "exit_code": res.exit_code, "exit_signal": res.exit_signal,
+        "events": res.events, "created": set(res.created), "removed": set(res.removed),
+        "processes": [(p.pid, p.ppid, p.argv, p.exe, p.exit_code, p.exit_signal)
+                      for p in res.processes.values()],
+        "mode": res.mode, "stops": res.stops, "interrupted_by": res.interrupted_by,
+        "warnings": list(res.warnings),
+    }
 
 
 def _seccomp_available() -> bool:
