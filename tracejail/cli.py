@@ -141,6 +141,108 @@ def record(output: str, exercises: tuple[str, ...], ready_port: int | None, read
     sys.exit(run.status)
 
 
+class _Progress:
+    """A progress bar on stderr for a terminal; nothing when piped."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.label = ""
+        self.done = 0
+
+    def __call__(self, label: str, n: int, total: int) -> None:
+        if not _interactive() or total <= 0:
+            return
+        if self.bar is None or label != self.label:
+            self.close()
+            self.label, self.done = label, 0
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("trace_file", metavar="TRACE.json", type=click.Path(dir_okay=False))
+@click.option("-t", "--tag", metavar="NAME[:TAG]", help="Image name; loaded into Docker when reachable.")
+@click.option("-o", "--output", metavar="FILE", help="Image archive to write (default NAME.tar).")
+@click.option("--rootfs", "rootfs_dir", metavar="DIR",
+              help="Also stage the tree in DIR and write a Dockerfile beside it.")
+@click.option("--oci-dir", metavar="DIR", help="Also write a plain OCI image layout directory.")
+@click.option("--user", default="65532:65532", show_default=True, metavar="UID:GID|root",
+              help="User the image runs as.")
+@click.option("--entrypoint", metavar="CMD", help="Entrypoint (shell words) instead of the recorded command.")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment (repeatable).")
+@click.option("--include", multiple=True, metavar="PATH", help="Host file or tree to add (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Drop matching paths (repeatable).")
+@click.option("--no-load", is_flag=True, help="Do not load the image into Docker.")
+@click.option("--strict", is_flag=True, help="Fail when a traced file vanished or a library is missing.")
+@click.option("--fast", is_flag=True, help="gzip level 1 instead of 6.")
+@click.option("--no-compress", is_flag=True, help="Uncompressed layer.")
+@click.option("--keep-setuid", is_flag=True, help="Keep setuid/setgid bits.")
+@click.option("--keep-modes", is_flag=True,
+              help="Keep host modes exactly (do not open kept paths up to the image user).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str | None,
+          oci_dir: str | None, user: str, entrypoint: str | None, env: tuple[str, ...],
+          include: tuple[str, ...], exclude: tuple[str, ...], no_load: bool, strict: bool,
+          fast: bool, no_compress: bool, keep_setuid: bool, keep_modes: bool, as_json: bool) -> None:
+    """Stage what TRACE.json touched (plus its ELF closure) into a FROM-scratch image."""
+    import shlex
+
+    from tracejail.build import BuildOptions
+    from tracejail.build import build as do_build
+
+    opts = BuildOptions(
+        tag=tag, output=output, rootfs_dir=rootfs_dir, oci_dir=oci_dir, user=user,
+        entrypoint=shlex.split(entrypoint) if entrypoint else None, env=list(env),
+        include=list(include), exclude=list(exclude), load=not no_load, strict=strict,
+        compress_level=None if no_compress else (1 if fast else 6),
+        keep_setuid=keep_setuid, keep_modes=keep_modes)
+    bar = _Progress()
+    try:
+        result = do_build(trace_file, opts, progress=bar)
+    finally:
+        bar.close()
+    summary = result.summary()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    for w in result.warnings:
+        click.echo(f"tracejail: note: {w}", err=True)
+    lines = [f"{summary['files']} files, {_human(summary['bytes'])} on disk"]
+    if summary["image_size"] is not None:
+        lines.append(f"image {_human(summary['image_size'])} compressed -> {summary['archive'] or oci_dir}")
+    if result.loaded_id:
+        lines.append(f"loaded into Docker as {tag} ({result.loaded_id[:19]})")
+    if result.rootfs_dir:
+        lines.append(f"rootfs staged in {result.rootfs_dir}, Dockerfile {result.dockerfile}")
+    lines.append("biggest directories:")
+    lines += [f"  {_human(d['bytes']):>9}  {d['path']}" for d in summary["biggest_directories"]]
+    if summary["left_out"]:
+        lines.append("left out:")
+        lines += [f"  {v['count']:>5}  {rule}" for rule, v in summary["left_out"].items()]
+    if summary["mode_changes"]:
+        lines.append(f"opened up for uid {user}: {len(summary['mode_changes'])} path(s), e.g. "
+                     + ", ".join(f"{m['path']} {m['old']}->{m['new']}" for m in summary["mode_changes"][:3]))
+    click.echo("\n".join(lines))
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the closure as JSON.")

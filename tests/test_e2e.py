@@ -1,0 +1,84 @@
+"""End to end: record each sample workload, build its image, run it in a real Docker engine as the
+default non-root user, and compare with the host run. Sizes go to the test log."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import workloads as wl
+from tracejail import build as tjbuild
+from tracejail import trace as tr
+
+TJ = [sys.executable, "-m", "tracejail"]
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def venv_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("venv-cache")
+
+
+def record_workload(w: wl.Workload, out: Path) -> subprocess.CompletedProcess:
+    args = [*TJ, "record", "-o", str(out)]
+    for ex in w.exercises:
+        args += ["--exercise", ex]
+    if w.port:
+        args += ["--ready-port", str(w.port)]
+    return subprocess.run([*args, "--", *w.command], cwd=w.dir, capture_output=True, text=True,
+                          timeout=300)
+
+
+def run_image(engine, w: wl.Workload, tag: str) -> str:
+    """Run the image like a user would; for servers, run the exercises against the container."""
+    if not w.port:
+        proc = engine.run("run", "--rm", tag, check=False, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+    name = f"tj-e2e-{w.name}-{int(time.time() * 1000)}"
+    # The test engine has no bridge network: publish by sharing the host's network namespace.
+    engine.run("run", "-d", "--rm", "--name", name, "--network", "host", tag, timeout=120)
+    try:
+        wl.wait_for_port(w.port, timeout=30)
+        out = []
+        for ex in w.exercises:
+            res = subprocess.run(["/bin/sh", "-c", ex], capture_output=True, text=True, timeout=60)
+            assert res.returncode == 0, (ex, res.stderr)
+            out.append(res.stdout + "\n")
+        return "".join(out)
+    finally:
+        engine.run("rm", "-f", name, check=False)
+        deadline = time.time() + 20
+        while wl.port_open(w.port) and time.time() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("name", [w.name for w in wl.all_workloads()])
+def test_workload_record_build_run(name: str, docker_engine, tmp_path: Path, venv_cache: Path) -> None:
+    w = wl.get_workload(name)
+    wl.prepare(w, cache_dir=venv_cache)
+    expected = wl.run_on_host(w)
+    assert expected == w.expected_output
+    trace_path = tmp_path / "trace.json"
+    rec = record_workload(w, trace_path)
+    assert rec.returncode == 0, rec.stderr
+    if not w.port:
+        assert rec.stdout == expected
+    else:
+        run = tr.load(str(trace_path)).runs[0]
+        assert "".join(e.stdout + "\n" for e in run.exercises) == expected
+
+    tag = f"tj-e2e-{name}:latest"
+    result = tjbuild.build(str(trace_path), tjbuild.BuildOptions(
+        tag=tag, output=str(tmp_path / "image.tar"), docker_env=docker_engine.env))
+    assert result.loaded_id, result.warnings
+    assert result.config.user == "65532:65532"
+    got = run_image(docker_engine, w, tag)
+    assert got == expected
+    size = result.image.compressed_size
+    print(f"\n[size] {name}: {size / 1e6:.1f} MB compressed, {result.plan.files_size() / 1e6:.1f} MB "
+          f"on disk, {len(result.plan.entries)} entries")
+    docker_engine.run("rmi", "-f", tag, check=False)

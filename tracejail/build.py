@@ -1,0 +1,269 @@
+"""`tracejail build`: trace -> file set -> staging plan -> FROM-scratch image (and rootfs).
+
+    select (fileset.py) -> plan (rootfs.py) -> generated entries (/tmp, passwd, group)
+      -> write_archive / write_oci_dir / stage + Dockerfile (image.py, rootfs.py) -> docker load
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tracejail import __version__
+from tracejail import fileset as fsel
+from tracejail import image, rootfs
+from tracejail import trace as tr
+from tracejail.errors import TracejailError, UsageError
+
+DEFAULT_USER = "65532:65532"
+IMAGE_USER_NAME = "nonroot"
+
+# Environment names carried from the recording into the image config.
+ENV_ALLOW = re.compile(r"^(PATH|LANG|LANGUAGE|LC_[A-Z_]+|TZ|PYTHON[A-Z0-9_]*|VIRTUAL_ENV|CONDA_PREFIX|"
+                       r"LD_LIBRARY_PATH|JAVA_HOME|JAVA_OPTS|NODE_[A-Z0-9_]+|GEM_HOME|GEM_PATH|"
+                       r"PERL5LIB|RUBYLIB|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|TERMINFO|"
+                       r"MPLBACKEND|OPENBLAS_[A-Z_]+|OMP_NUM_THREADS)$")
+
+LABEL_VERSION = "io.tracejail.version"
+LABEL_TRACE_DIGEST = "io.tracejail.trace.digest"
+LABEL_CREATED = "org.opencontainers.image.created"
+
+
+@dataclass
+class BuildOptions:
+    tag: str | None = None
+    output: str | None = None             # archive path; default NAME.tar (or image.tar)
+    rootfs_dir: str | None = None
+    oci_dir: str | None = None
+    user: str = DEFAULT_USER
+    entrypoint: list[str] | None = None
+    env: list[str] = field(default_factory=list)
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    load: bool = True
+    strict: bool = False
+    compress_level: int | None = 6
+    keep_setuid: bool = False
+    keep_modes: bool = False
+    docker_env: dict[str, str] | None = None   # environment for the docker CLI (DOCKER_HOST)
+
+
+@dataclass
+class BuildResult:
+    files: fsel.FileSet
+    plan: rootfs.Plan
+    config: image.ImageConfig
+    archive: str | None = None
+    image: image.ImageResult | None = None
+    loaded_id: str | None = None
+    load_note: str | None = None
+    rootfs_dir: str | None = None
+    dockerfile: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        entries = self.plan.entries.values()
+        files = [e for e in entries if e.kind in ("file", "hardlink")]
+        by_dir: dict[str, int] = {}
+        for e in entries:
+            if e.kind == "file":
+                d = os.path.dirname(e.path)
+                by_dir[d] = by_dir.get(d, 0) + e.size
+        biggest = sorted(by_dir.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+        left_out: dict[str, list[str]] = {}
+        for path, rule in self.files.excluded:
+            left_out.setdefault(rule, []).append(path)
+        for path, why in self.plan.skipped:
+            left_out.setdefault(why, []).append(path)
+        return {
+            "archive": self.archive,
+            "image_id": self.image.image_id if self.image else None,
+            "loaded_id": self.loaded_id,
+            "tag": self.load_note,
+            "rootfs": self.rootfs_dir,
+            "files": len(files),
+            "entries": len(self.plan.entries),
+            "bytes": self.plan.files_size(),
+            "image_size": self.image.compressed_size if self.image else None,
+            "biggest_directories": [{"path": p, "bytes": b} for p, b in biggest],
+            "left_out": {rule: {"count": len(paths), "examples": sorted(paths)[:5]}
+                         for rule, paths in sorted(left_out.items())},
+            "mode_changes": [{"path": p, "old": oct(o), "new": oct(n), "why": w}
+                             for p, o, n, w in self.plan.mode_changes],
+            "dropped_setuid": self.plan.dropped_setuid,
+            "vanished": self.files.vanished,
+            "unresolved_libraries": [{"name": n, "needed_by": b} for n, b in self.files.unresolved],
+            "entrypoint": self.config.entrypoint,
+            "user": self.config.user,
+            "exposed_ports": self.config.exposed_ports,
+            "warnings": self.warnings,
+        }
+
+
+def parse_user(user: str) -> tuple[int, int]:
+    if user == "root":
+        return 0, 0
+    m = re.fullmatch(r"(\d+)(?::(\d+))?", user)
+    if not m:
+        raise UsageError(f"--user {user!r}: give UID:GID (numbers) or root")
+    uid = int(m.group(1))
+    return uid, int(m.group(2)) if m.group(2) is not None else uid
+
+
+def image_env(run: tr.Run, extra: list[str]) -> list[str]:
+    env: dict[str, str] = {}
+    for name, value in run.environment.items():
+        if ENV_ALLOW.match(name) and value != tr.REDACTED and not tr.is_secret_name(name):
+            env[name] = value
+    for item in extra:
+        if "=" not in item:
+            raise UsageError(f"--env {item!r}: give NAME=VALUE")
+        k, v = item.split("=", 1)
+        env[k] = v
+    return [f"{k}={v}" for k, v in sorted(env.items())]
+
+
+def trace_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.sha256(f.read()).hexdigest()
+
+
+def _default_archive(tag: str | None) -> str:
+    if not tag:
+        return "image.tar"
+    name = tag.rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name.split("@")[0].replace(":", "_")) + ".tar"
+
+
+def _generated_entries(p: rootfs.Plan, fs: fsel.FileSet, uid: int, gid: int, workdir: str) -> list[str]:
+    """/tmp, and passwd/group that know root and the image user, so getpwuid works."""
+    notes = []
+    p.entries["/tmp"] = rootfs.Entry("/tmp", "dir", 0o1777, None, None, 0, 0, 0)
+
+    def add_file(path: str, content: str) -> None:
+        src = os.path.join(workdir, path.strip("/").replace("/", "_"))
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(content)
+        if "/etc" not in p.entries:
+            p.entries["/etc"] = rootfs.Entry("/etc", "dir", 0o755, None, None, 0, 0, 0)
+        p.entries[path] = rootfs.Entry(path, "file", 0o644, src, None, len(content.encode()), 0, 0)
+
+    home = "/home/nonroot" if uid not in (0,) else "/root"
+    for path, name_line, user_line in (
+        ("/etc/passwd", "root:x:0:0:root:/root:/sbin/nologin\n",
+         f"{IMAGE_USER_NAME}:x:{uid}:{gid}:{IMAGE_USER_NAME}:{home}:/sbin/nologin\n"),
+        ("/etc/group", "root:x:0:\n", f"{IMAGE_USER_NAME}:x:{gid}:\n"),
+    ):
+        entry = p.entries.get(path)
+        host_text = ""
+        if entry is not None and entry.kind == "file" and entry.source:
+            with open(entry.source, encoding="utf-8", errors="replace") as f:
+                host_text = f.read()
+        ident = uid if path == "/etc/passwd" else gid
+        known = {line.split(":")[2] for line in host_text.splitlines() if line.count(":") >= 2}
+        if entry is not None and entry.kind != "file":
+            continue   # a symlink to somewhere: leave the host's arrangement alone
+        text = host_text or name_line
+        if str(ident) not in known and ident != 0:
+            text = (text if text.endswith("\n") or not text else text + "\n") + user_line
+        if text != host_text:
+            add_file(path, text)
+            notes.append(f"{path}: {'host file plus' if host_text else 'generated with'} root and uid/gid {ident}")
+    if uid != 0 and home not in p.entries:
+        for d in ("/home", home):
+            if d not in p.entries:
+                p.entries[d] = rootfs.Entry(d, "dir", 0o755, None, None, 0, 0 if d == "/home" else uid,
+                                            0 if d == "/home" else gid)
+    return notes
+
+
+def build(trace_path: str, options: BuildOptions,
+          progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
+    """Build the image described by `options` from the trace at `trace_path`."""
+    trace = tr.load(trace_path)
+    if not trace.runs:
+        raise TracejailError(f"{trace_path} holds no runs; record one with `tracejail record`")
+    run = trace.runs[0]
+    uid, gid = parse_user(options.user)
+    if options.tag:
+        image.parse_reference(options.tag)   # a bad name fails before any work
+    archive = options.output
+    if archive is None and (options.tag or not (options.rootfs_dir or options.oci_dir)):
+        archive = _default_archive(options.tag)
+    for out in (archive,):
+        if out:
+            tr.check_writable(out)
+
+    files = fsel.select(trace, fsel.SelectOptions(
+        include=tuple(options.include), exclude=tuple(options.exclude),
+        extra_excluded_paths=(os.path.abspath(trace_path),) + ((os.path.abspath(archive),) if archive else ())))
+    result_warnings = []
+    if files.vanished:
+        msg = (f"{len(files.vanished)} traced file(s) no longer exist on the host, "
+               f"first: {files.vanished[0]}")
+        if options.strict:
+            raise TracejailError(msg + " (--strict)")
+        result_warnings.append(msg)
+    if files.unresolved:
+        msg = (f"{len(files.unresolved)} library name(s) could not be resolved, first: "
+               f"{files.unresolved[0][0]} needed by {files.unresolved[0][1]}")
+        if options.strict:
+            raise TracejailError(msg + " (--strict)")
+        result_warnings.append(msg)
+    for err in files.closure_errors:
+        result_warnings.append(err)
+
+    stage_opts = rootfs.StageOptions(keep_setuid=options.keep_setuid, keep_modes=options.keep_modes,
+                                     image_uid=uid, image_gid=gid)
+    plan = rootfs.plan(sorted(files.wanted), options=stage_opts, dirs_only=sorted(files.dirs_only))
+    if plan.missing:
+        msg = f"{len(plan.missing)} file(s) vanished while planning, first: {plan.missing[0]}"
+        if options.strict:
+            raise TracejailError(msg + " (--strict)")
+        result_warnings.append(msg)
+
+    entrypoint = options.entrypoint or [run.executable, *run.argv[1:]]
+    ports = sorted({p for r in trace.runs for p in r.listening_ports})
+    labels = {LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)}
+    cfg = image.ImageConfig(
+        entrypoint=entrypoint, env=image_env(run, options.env), working_dir=run.cwd,
+        user=f"{uid}:{gid}", exposed_ports=[f"{p}/tcp" for p in ports], labels=labels)
+    labels[LABEL_CREATED] = cfg.created
+
+    with tempfile.TemporaryDirectory(prefix="tracejail-build-") as workdir:
+        notes = _generated_entries(plan, files, uid, gid, workdir)
+        result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings)
+        total = plan.files_size()
+
+        def step(name: str) -> Callable[[int], None] | None:
+            if progress is None:
+                return None
+            return lambda n: progress(name, n, total)
+
+        if options.rootfs_dir:
+            rootfs.stage(plan, options.rootfs_dir, progress=step("staging"))
+            result.rootfs_dir = options.rootfs_dir
+            result.dockerfile = image.write_dockerfile(options.rootfs_dir, cfg)
+        if options.oci_dir:
+            result.image = image.write_oci_dir(plan, options.oci_dir, cfg, name=options.tag,
+                                               compress_level=options.compress_level,
+                                               progress=step("compressing"))
+        if archive:
+            result.image = image.write_archive(plan, archive, cfg, name=options.tag,
+                                               compress_level=options.compress_level,
+                                               progress=step("compressing"))
+    result.warnings.extend(notes)
+    if archive and options.tag and options.load:
+        from tracejail import docker_engine
+
+        if docker_engine.engine_available(options.docker_env):
+            result.loaded_id = docker_engine.load(archive, options.tag, options.docker_env)
+            result.load_note = options.tag
+        else:
+            result.warnings.append(f"no Docker engine reachable: the image is in {archive} "
+                                   f"(docker load -i {archive})")
+    return result
