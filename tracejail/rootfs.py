@@ -533,7 +533,7 @@ def _copy_content(src_fd: int, dst_fd: int, progress: Callable[[int], None] | No
                 progress(len(chunk))
 
 
-def _open_source(path: str) -> int:
+def open_source(path: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -617,7 +617,7 @@ def stage(plan: Plan, dest: str, *, progress: Callable[[int], None] | None = Non
     except OSError as err:
         _clear(dest, dest_fd, created)
         os.close(dest_fd)
-        raise TracejailError(_os_error_message(f"cannot stage into {dest}", err)) from None
+        raise TracejailError(os_error_message(f"cannot stage into {dest}", err)) from None
     except BaseException:
         _clear(dest, dest_fd, created)
         os.close(dest_fd)
@@ -625,7 +625,7 @@ def stage(plan: Plan, dest: str, *, progress: Callable[[int], None] | None = Non
     os.close(dest_fd)
 
 
-def _os_error_message(what: str, err: OSError) -> str:
+def os_error_message(what: str, err: OSError) -> str:
     if err.errno == errno.ENOSPC:
         return f"{what}: disk full; free some space or choose another destination"
     if err.errno == errno.EROFS:
@@ -665,7 +665,7 @@ def _write_entry(
         finally:
             os.close(tfd)
     else:
-        src = _open_source(e.source or "")
+        src = open_source(e.source or "")
         try:
             dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                           0o600, dir_fd=pfd)

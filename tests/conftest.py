@@ -1,0 +1,196 @@
+"""Shared fixtures: a private Docker engine for tests that load and run images.
+
+`docker_engine` starts its own dockerd (own socket, data root, exec root, pidfile) so tests never
+touch a user's images and never see layers loaded by someone else (docker skips a layer whose
+chain ID is present, which can hide a broken archive). Set TRACEJAIL_DOCKER_HOST to use an
+existing engine instead (e.g. unix:///var/run/docker.sock); it is then left running as found.
+
+Networking, checked with dockerd 20.10 started with `--bridge none --iptables=false` (the default
+here, so the host's iptables and interfaces are never touched):
+  * `docker run --network host` works: a server in the container listening on 127.0.0.1:PORT
+    answered from the host, also as user 65532.
+  * `docker run -p HOST:CTR` is accepted silently but publishes nothing (no bridge network: the
+    container gets `none`, PORTS stays empty, connections are refused). Tests that need port
+    publishing must use `--network host`, or a future fixture variant that starts dockerd with
+    the default bridge and iptables=true (not done: it creates docker0 and iptables rules on the
+    host, shared with anything else running there).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import pytest
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+
+
+@dataclass
+class DockerEngine:
+    """A reachable engine: `env` for subprocess calls, `run()` for docker CLI commands."""
+
+    host: str
+    env: dict[str, str] = field(default_factory=dict)
+    private: bool = False
+
+    def run(self, *args: str, check: bool = True, timeout: float = 300.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `docker ARGS` against this engine; raise with docker's stderr when check fails."""
+        proc = subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, input=input)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+
+def _engine_env(host: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DOCKER_HOST"] = host
+    env.pop("DOCKER_CONTEXT", None)  # a context would override DOCKER_HOST
+    return env
+
+
+def _answers(env: dict[str, str], timeout: float = 5.0) -> bool:
+    try:
+        proc = subprocess.run(["docker", "info", "--format", "{{json .ServerVersion}}"], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and proc.stdout.strip() not in ("", '""', "null")
+
+
+def _tail(path: str, lines: int = 3) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()[-4000:]
+    except OSError:
+        return "(no log)"
+    return " | ".join(ln.strip() for ln in text.strip().splitlines()[-lines:])
+
+
+# Only the engine's own programs are candidates: a user's `tail -f` on our log is not ours to end.
+_ENGINE_PROGRAMS = ("dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2", "runc", "docker-proxy")
+
+
+def _pids_mentioning(marker: str) -> list[int]:
+    """Engine processes whose command line names our unique temp dir: dockerd, its containerd, shims."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]).decode(errors="replace") in _ENGINE_PROGRAMS and \
+                any(marker.encode() in a for a in argv):
+            found.append(int(name))
+    return found
+
+
+def _mounts_under(root: str) -> list[str]:
+    """Mount points below `root`, deepest first (dockerd leaves exec-root/netns/default mounted)."""
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point == root or point.startswith(root + "/"):
+                points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def _stop_private(proc: subprocess.Popen[bytes], env: dict[str, str], workdir: str) -> list[str]:
+    """Stop the private engine and everything it started; return problems found (for the report)."""
+    problems: list[str] = []
+    if proc.poll() is None and _answers(env):
+        ids = subprocess.run(["docker", "ps", "-aq"], env=env, capture_output=True, text=True).stdout.split()
+        if ids:
+            problems.append(f"{len(ids)} container(s) left by tests; removed")
+            subprocess.run(["docker", "rm", "-f", *ids], env=env, capture_output=True, timeout=60)
+    pid = proc.pid
+    try:
+        with open(os.path.join(workdir, "dockerd.pid")) as f:
+            pid = int(f.read().strip() or proc.pid)
+    except (OSError, ValueError):
+        pass
+    if proc.poll() is None:
+        os.kill(pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            problems.append("dockerd ignored SIGTERM; killed")
+            proc.kill()
+            proc.wait(timeout=10)
+    # dockerd normally takes its containerd and shims down with it; anything still running with
+    # our private directory in its command line was started by this fixture: end it by pid.
+    deadline = time.monotonic() + 10
+    while _pids_mentioning(workdir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for leftover in _pids_mentioning(workdir):
+        problems.append(f"process {leftover} outlived dockerd; killed")
+        try:
+            os.kill(leftover, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for point in _mounts_under(workdir):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return problems
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """A Docker engine for the session: private dockerd, or TRACEJAIL_DOCKER_HOST's engine.
+
+    Skips (with the reason) when docker/dockerd are not installed, when not root, or when dockerd
+    cannot start (e.g. inside an unprivileged container).
+    """
+    if shutil.which("docker") is None:
+        pytest.skip("docker CLI not installed")
+    external = os.environ.get("TRACEJAIL_DOCKER_HOST")
+    if external:
+        env = _engine_env(external)
+        if not _answers(env, timeout=15):
+            pytest.skip(f"TRACEJAIL_DOCKER_HOST={external} does not answer `docker info`")
+        yield DockerEngine(external, env, private=False)
+        return
+    dockerd = shutil.which("dockerd")
+    if dockerd is None:
+        pytest.skip("dockerd not installed (set TRACEJAIL_DOCKER_HOST to use a running engine)")
+    if os.geteuid() != 0:
+        pytest.skip("a private dockerd needs root (set TRACEJAIL_DOCKER_HOST to use a running engine)")
+    # Unix socket paths are limited to ~108 bytes: keep the directory short, under /tmp.
+    workdir = tempfile.mkdtemp(prefix="tj-dockerd-", dir="/tmp")
+    sock = os.path.join(workdir, "docker.sock")
+    host = "unix://" + sock
+    env = _engine_env(host)
+    log_path = os.path.join(workdir, "dockerd.log")
+    cmd = [dockerd, "-H", host, "--data-root", os.path.join(workdir, "data"),
+           "--exec-root", os.path.join(workdir, "exec"), "--pidfile", os.path.join(workdir, "dockerd.pid"),
+           "--bridge", "none", "--iptables=false", "--ip6tables=false"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not _answers(env, timeout=2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            why = "exited" if proc.poll() is not None else f"did not answer within {START_TIMEOUT:.0f} s"
+            reason = f"private dockerd {why}: {_tail(log_path)}"
+            _stop_private(proc, env, workdir)
+            pytest.skip(reason)
+        time.sleep(0.2)
+    try:
+        yield DockerEngine(host, env, private=True)
+    finally:
+        problems = _stop_private(proc, env, workdir)
+        if problems:
+            # Visible with -rA / in the terminal summary; a leak is a test bug worth seeing.
+            print("docker_engine teardown: " + "; ".join(problems))
