@@ -1,0 +1,213 @@
+"""`tracejail build`: file selection, safety, reproducibility and bad input, on real traces."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tracejail import build as tjbuild
+from tracejail import fileset
+from tracejail import trace as tr
+from tracejail.record import RecordOptions, record
+
+TJ = [sys.executable, "-m", "tracejail"]
+
+
+def run_tj(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*TJ, *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def awk_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`awk` is a symlink chain on Debian: /usr/bin/awk -> /etc/alternatives/awk -> mawk."""
+    out = tmp_path_factory.mktemp("awk") / "trace.json"
+    rec = record(["awk", "BEGIN { printf \"%d\\n\", 6 * 7 }"], RecordOptions(passthrough=False))
+    assert rec.run.stdout == "42\n"
+    tr.save(rec.trace, str(out))
+    return out
+
+
+def test_selection_keeps_symlink_chain_loader_and_companions(awk_trace: Path) -> None:
+    trace = tr.load(str(awk_trace))
+    fs = fileset.select(trace)
+    assert "/usr/bin/awk" in fs.wanted
+    assert "/lib64/ld-linux-x86-64.so.2" in fs.wanted
+    result = tjbuild.build(str(awk_trace), tjbuild.BuildOptions(output=str(awk_trace.parent / "a.tar")))
+    entries = result.plan.entries
+    assert entries["/usr/bin/awk"].kind == "symlink"
+    assert entries["/usr/bin/awk"].link_target == "/etc/alternatives/awk"
+    assert entries["/etc/alternatives/awk"].kind == "symlink"
+    real = os.path.realpath("/usr/bin/awk")
+    assert entries[real].kind == "file"
+    assert entries["/tmp"].mode == 0o1777
+    assert entries["/etc/passwd"].kind == "file" and entries["/etc/group"].kind == "file"
+    assert result.config.user == "65532:65532"
+    assert result.config.entrypoint[0] == "/usr/bin/awk"
+
+
+def test_two_builds_are_byte_identical_and_skopeo_reads_both_transports(awk_trace: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    assert run_tj("build", str(awk_trace), "-o", str(a)).returncode == 0
+    assert run_tj("build", str(awk_trace), "-o", str(b)).returncode == 0
+    assert sha256(a) == sha256(b)
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed (tests/run installs it)")
+    for transport in ("oci-archive", "docker-archive"):
+        proc = subprocess.run(["skopeo", "inspect", "--config", f"{transport}:{a}"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        cfg = json.loads(proc.stdout)
+        assert cfg["config"]["User"] == "65532:65532"
+        assert cfg["config"]["Labels"][tjbuild.LABEL_TRACE_DIGEST] == \
+            "sha256:" + sha256(awk_trace)
+
+
+@pytest.mark.docker
+def test_symlink_chain_program_runs_in_docker(awk_trace: Path, tmp_path: Path, docker_engine) -> None:
+    result = tjbuild.build(str(awk_trace), tjbuild.BuildOptions(
+        tag="tj-test-awk:1", output=str(tmp_path / "awk.tar"), docker_env=docker_engine.env))
+    assert result.loaded_id
+    proc = docker_engine.run("run", "--rm", "tj-test-awk:1")
+    assert proc.stdout == "42\n"
+    docker_engine.run("rmi", "-f", "tj-test-awk:1", check=False)
+
+
+def _hostile_trace(tmp_path: Path, evil_link: Path) -> Path:
+    rec = record(["true"], RecordOptions(passthrough=False))
+    trace = rec.trace
+    for p in (f"{evil_link}/etc/hostname", "/etc/../../../../tmp/escape-target",
+              f"{tmp_path}/../{tmp_path.name}/x/../../../etc/hostname"):
+        trace.record(p).add("read", "openat", "ok", 1)
+    out = tmp_path / "hostile.json"
+    tr.save(trace, str(out))
+    return out
+
+
+def test_hostile_trace_cannot_write_outside_the_output(tmp_path: Path) -> None:
+    evil = tmp_path / "evil"
+    evil.symlink_to("/")
+    trace_path = _hostile_trace(tmp_path, evil)
+    rootfs = tmp_path / "out" / "rootfs"
+    rootfs.parent.mkdir()
+    outside_before = sorted(os.listdir(tmp_path))
+    etc_before = {n: os.lstat(f"/etc/{n}").st_mtime for n in os.listdir("/etc")}
+    proc = run_tj("build", str(trace_path), "--rootfs", str(rootfs), "-o", str(tmp_path / "out" / "i.tar"))
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    # the symlink to / is kept as a symlink inside the tree, never followed while writing
+    staged_evil = rootfs / str(evil).lstrip("/")
+    assert staged_evil.is_symlink() and os.readlink(staged_evil) == "/"
+    assert sorted(os.listdir(tmp_path)) == outside_before
+    assert {n: os.lstat(f"/etc/{n}").st_mtime for n in os.listdir("/etc")} == etc_before
+    assert not os.path.exists("/tmp/escape-target")
+    for dirpath, dirnames, filenames in os.walk(rootfs):
+        for name in dirnames + filenames:
+            real = os.path.realpath(os.path.join(dirpath, name)) if not os.path.islink(
+                os.path.join(dirpath, name)) else os.path.join(dirpath, name)
+            assert real.startswith(str(rootfs))
+
+
+def test_sensitive_files_left_out_unless_included(tmp_path: Path) -> None:
+    rec = record(["sh", "-c", "cat /etc/shadow /etc/hostname > /dev/null"], RecordOptions(passthrough=False))
+    trace_path = tmp_path / "t.json"
+    tr.save(rec.trace, str(trace_path))
+    fs = fileset.select(rec.trace)
+    assert "/etc/shadow" not in fs.wanted
+    assert any(p == "/etc/shadow" and "sensitive" in rule for p, rule in fs.excluded)
+    fs = fileset.select(rec.trace, fileset.SelectOptions(include=("/etc/shadow",)))
+    assert "/etc/shadow" in fs.wanted
+
+
+def test_excludes_created_files_and_virtual_filesystems(tmp_path: Path) -> None:
+    made = tmp_path / "made-by-run.txt"
+    rec = record(["sh", "-c", f"echo x > {made}; cat {made} /proc/self/status > /dev/null"],
+                 RecordOptions(passthrough=False))
+    fs = fileset.select(rec.trace)
+    assert str(made) not in fs.wanted
+    assert (str(made), "created by the recorded run") in fs.excluded
+    assert not any(p.startswith("/proc/") for p in fs.wanted)
+
+
+def test_bad_inputs(tmp_path: Path, awk_trace: Path) -> None:
+    proc = run_tj("build", str(tmp_path / "nope.json"), "-o", str(tmp_path / "x.tar"))
+    assert proc.returncode == 65 and "trace not found" in proc.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("garbage")
+    proc = run_tj("build", str(bad), "-o", str(tmp_path / "x.tar"))
+    assert proc.returncode == 65 and "not valid JSON" in proc.stderr
+    data = json.loads(awk_trace.read_text())
+    data["format"] = "tracejail-trace/99"
+    bad.write_text(json.dumps(data))
+    proc = run_tj("build", str(bad), "-o", str(tmp_path / "x.tar"))
+    assert proc.returncode == 65 and "tracejail-trace/99" in proc.stderr
+    proc = run_tj("build", str(awk_trace), "-o", "/nonexistent-dir/x.tar")
+    assert proc.returncode != 0 and "cannot write" in proc.stderr
+    for p in (proc,):
+        assert "Traceback" not in p.stderr
+    assert not list(tmp_path.glob("*.tar*"))
+
+
+def test_vanished_file_warns_and_strict_fails(tmp_path: Path) -> None:
+    victim = tmp_path / "data.txt"
+    victim.write_text("soon gone")
+    rec = record(["cat", str(victim)], RecordOptions(passthrough=False))
+    trace_path = tmp_path / "t.json"
+    tr.save(rec.trace, str(trace_path))
+    victim.unlink()
+    proc = run_tj("build", str(trace_path), "-o", str(tmp_path / "ok.tar"))
+    assert proc.returncode == 0 and "no longer exist" in proc.stderr
+    proc = run_tj("build", str(trace_path), "--strict", "-o", str(tmp_path / "strict.tar"))
+    assert proc.returncode == 1 and "--strict" in proc.stderr
+    assert not (tmp_path / "strict.tar").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".strict")]
+
+
+def test_disk_full_leaves_no_partial_archive(tmp_path: Path, awk_trace: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        proc = run_tj("build", str(awk_trace), "-o", str(mnt / "img.tar"))
+        assert proc.returncode != 0
+        assert "disk full" in proc.stderr and "Traceback" not in proc.stderr
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.skipif(shutil.which("rg") is None, reason="ripgrep is not installed (tests/run installs it)")
+def test_ripgrep_image_no_larger_than_the_ldd_recipe(tmp_path: Path) -> None:
+    """The seed's recipe: ldd closure of rg + the searched files, copied by hand."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for i in range(20):
+        (data / f"f{i}.txt").write_text(f"line {i}\nneedle {i}\n" * 50)
+    rec = record(["rg", "-c", "needle", str(data)], RecordOptions(passthrough=False))
+    assert rec.run.exit_code == 0
+    trace_path = tmp_path / "rg.json"
+    tr.save(rec.trace, str(trace_path))
+    result = tjbuild.build(str(trace_path), tjbuild.BuildOptions(output=str(tmp_path / "rg.tar")))
+    # by hand: ldd's files (dereferenced, as `cp -L` would) plus the searched files, tar+gzip -6
+    ldd = subprocess.run(["ldd", shutil.which("rg")], capture_output=True, text=True, check=True).stdout
+    libs = [p for line in ldd.splitlines() for p in line.split() if p.startswith("/")]
+    by_hand = tmp_path / "by-hand"
+    for src in [shutil.which("rg"), *libs, *map(str, data.iterdir())]:
+        dst = by_hand / src.lstrip("/")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.realpath(src), dst)
+    hand_tar = tmp_path / "by-hand.tar.gz"
+    subprocess.run(["tar", "-C", str(by_hand), "-czf", str(hand_tar), "."], check=True)
+    print(f"\n[size] rg: tracejail {result.image.compressed_size} B, ldd recipe {hand_tar.stat().st_size} B")
+    assert result.image.compressed_size <= hand_tar.stat().st_size * 1.05 + 4096
