@@ -450,3 +450,24 @@ def test_exact_mode_and_plain_ptrace_fallback_agree(tmp_path: Path) -> None:
         assert t.files["/nonexistent/x"].failed
     assert traces[2].runs[0].tracing["mode"] == "ptrace"
     assert ok_paths(traces[0]) == ok_paths(traces[1])
+
+
+def test_timeout_bounds_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    t0 = time.monotonic()
+    proc = run_tj("record", "-o", str(out), "--timeout", "1", "--stop-timeout", "1", "--",
+                  "sh", "-c", "cat /etc/hostname >/dev/null; sleep 33")
+    assert time.monotonic() - t0 < 20
+    run = load(out).runs[0]
+    assert run.stop_reason == "timeout"
+    assert proc.returncode == 128 + signal.SIGTERM and run.exit_signal == signal.SIGTERM
+    assert "/etc/hostname" in ok_paths(load(out))
+    assert no_leftovers("sleep 33") == []
+
+
+def test_seccomp_filter_stops_only_on_file_syscalls() -> None:
+    argv = ["python3", "-c", "import os\nfor i in range(300): os.getpid(); os.path.exists('/nonexistent')"]
+    filtered = record(argv, RecordOptions(passthrough=False)).run.tracing["stops"]
+    plain = record(argv, RecordOptions(use_seccomp=False, passthrough=False)).run.tracing["stops"]
+    # every syscall stops twice without the filter; with it, only the traced ones, once
+    assert filtered * 3 < plain
