@@ -201,19 +201,20 @@ def build(trace_path: str, options: BuildOptions,
     files = fsel.select(trace, fsel.SelectOptions(
         include=tuple(options.include), exclude=tuple(options.exclude),
         extra_excluded_paths=(os.path.abspath(trace_path),) + ((os.path.abspath(archive),) if archive else ())))
-    result_warnings = []
+    result_warnings: list[str] = []
+
+    def warn_or_fail(msg: str) -> None:
+        if options.strict:
+            raise TracejailError(msg + " (--strict)")
+        result_warnings.append(msg)
+
     if files.vanished:
-        msg = (f"{len(files.vanished)} traced file(s) no longer exist on the host, "
-               f"first: {files.vanished[0]}")
-        if options.strict:
-            raise TracejailError(msg + " (--strict)")
-        result_warnings.append(msg)
+        warn_or_fail(f"{len(files.vanished)} traced file(s) no longer exist on the host, "
+                     f"first: {files.vanished[0]}")
     if files.unresolved:
-        msg = (f"{len(files.unresolved)} library name(s) could not be resolved, first: "
-               f"{files.unresolved[0][0]} needed by {files.unresolved[0][1]}")
-        if options.strict:
-            raise TracejailError(msg + " (--strict)")
-        result_warnings.append(msg)
+        name, needer = files.unresolved[0]
+        warn_or_fail(f"{len(files.unresolved)} library name(s) could not be resolved, first: "
+                     f"{name} needed by {needer}")
     for err in files.closure_errors:
         result_warnings.append(err)
 
@@ -221,10 +222,7 @@ def build(trace_path: str, options: BuildOptions,
                                      image_uid=uid, image_gid=gid)
     plan = rootfs.plan(sorted(files.wanted), options=stage_opts, dirs_only=sorted(files.dirs_only))
     if plan.missing:
-        msg = f"{len(plan.missing)} file(s) vanished while planning, first: {plan.missing[0]}"
-        if options.strict:
-            raise TracejailError(msg + " (--strict)")
-        result_warnings.append(msg)
+        warn_or_fail(f"{len(plan.missing)} file(s) vanished while planning, first: {plan.missing[0]}")
 
     entrypoint = options.entrypoint or [run.executable, *run.argv[1:]]
     ports = sorted({p for r in trace.runs for p in r.listening_ports})
