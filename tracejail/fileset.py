@@ -188,7 +188,9 @@ def _add_closure(trace: tr.Trace, fs: FileSet) -> None:
     from tracejail import closure
 
     env = _run_env(trace)
-    loader_env = closure.LoaderEnv(ld_library_path=env.get("LD_LIBRARY_PATH"), path=env.get("PATH"))
+    loader_env = closure.LoaderEnv(ld_library_path=env.get("LD_LIBRARY_PATH"), path=env.get("PATH"),
+                                   ld_preload=env.get("LD_PRELOAD"),
+                                   cwd=trace.runs[0].cwd if trace.runs else None)
     roots = []
     for path in fs.wanted:
         if path in fs.dirs_only:
