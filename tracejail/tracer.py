@@ -152,11 +152,30 @@ def shebang_interpreter(path: str) -> str | None:
     return line.split()[0].decode("utf-8", "surrogateescape")
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
 class _Memory:
-    """Reads NUL-terminated strings from tracees through /proc/PID/mem (one pread per page)."""
+    """Reads NUL-terminated strings from tracees, one page at a time.
+
+    process_vm_readv needs no per-process file descriptor (no open/close per process, nothing
+    stale after exec); where it is refused, /proc/PID/mem with one pread per page.
+    """
 
     def __init__(self) -> None:
         self.fds: dict[int, int] = {}
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._readv = libc.process_vm_readv
+        self._readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                                ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+        self._readv.restype = ctypes.c_ssize_t
+        self._buf = ctypes.create_string_buffer(4096)
+        self._local = _IoVec(ctypes.addressof(self._buf), 4096)
+        self._remote = _IoVec(0, 0)
+        self._local_p = ctypes.byref(self._local)
+        self._remote_p = ctypes.byref(self._remote)
+        self.use_readv = True
 
     def fd(self, tgid: int) -> int:
         fd = self.fds.get(tgid)
@@ -169,14 +188,26 @@ class _Memory:
         if fd is not None:
             os.close(fd)
 
-    def string(self, tgid: int, addr: int, limit: int = 4096) -> str | None:
+    def _chunk(self, pid: int, addr: int, size: int) -> bytes:
+        if self.use_readv:
+            self._remote.base = addr
+            self._remote.len = self._local.len = size
+            got = self._readv(pid, self._local_p, 1, self._remote_p, 1, 0)
+            if got > 0:
+                return ctypes.string_at(self._buf, got)
+            err = ctypes.get_errno()
+            if err not in (errno.ENOSYS, errno.EPERM):
+                return b""
+            self.use_readv = False
+        return os.pread(self.fd(pid), size, addr)
+
+    def string(self, pid: int, addr: int, limit: int = 4096) -> str | None:
         if not addr:
             return None
         out = b""
         try:
-            fd = self.fd(tgid)
             while len(out) < limit:
-                chunk = os.pread(fd, 4096 - (addr & 4095), addr)
+                chunk = self._chunk(pid, addr, 4096 - (addr & 4095))
                 if not chunk:
                     return None
                 nul = chunk.find(b"\0")
@@ -188,9 +219,9 @@ class _Memory:
             return None
         return None
 
-    def u64(self, tgid: int, addr: int) -> int | None:
+    def u64(self, pid: int, addr: int) -> int | None:
         try:
-            data = os.pread(self.fd(tgid), 8, addr)
+            data = self._chunk(pid, addr, 8)
         except OSError:
             return None
         return struct.unpack("<Q", data)[0] if len(data) == 8 else None
