@@ -363,8 +363,7 @@ def test_ctrl_c_mid_record_writes_trace_and_leaves_nothing(tmp_path: Path) -> No
     script.write_text("import subprocess, sys, time\n"
                       "open('/etc/hostname').read()\n"
                       "child = subprocess.Popen(['sleep', '40'])\n"
-                      "print('ready', flush=True)\n"
-                      "try:\n    time.sleep(60)\n"
+                      "try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
                       "except KeyboardInterrupt:\n    print('interrupted', flush=True); sys.exit(130)\n")
     out = tmp_path / "t.json"
     proc = subprocess.Popen([*TJ, "record", "-o", str(out), "--", "python3", str(script)],
