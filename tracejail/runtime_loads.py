@@ -71,12 +71,10 @@ RUNTIME_LOADS: tuple[RuntimeLoad, ...] = (
             "converter module for each charset pair; which charsets a later run "
             "needs depends on its data, so every configured module is included"
         ),
-        trigger_paths=(
-            "*/gconv/gconv-modules",
-            "*/gconv/gconv-modules.cache",
-            "*/gconv/gconv-modules.d/*",
-            "*/gconv/*.so",
-        ),
+        # A converter module in the trace is the sign that iconv is really used. Reading
+        # gconv-modules(.cache) alone is not: glibc reads it on setlocale() and for the
+        # charsets built into libc, so even `ls` does, and ~8 MB would join every image.
+        trigger_paths=("*/gconv/*.so",),
         # No symbol trigger: libstdc++ imports iconv_open, so one would pull
         # every converter (~8 MB) into each C++ program's image.  glibc reads
         # gconv-modules(.cache) on the first real iconv_open(), which the
