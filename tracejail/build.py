@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -50,6 +51,10 @@ class BuildOptions:
     keep_setuid: bool = False
     keep_modes: bool = False
     docker_env: dict[str, str] | None = None   # environment for the docker CLI (DOCKER_HOST)
+    provenance: bool = False              # write /.tracejail/provenance.json into the image
+    package_metadata: bool = True         # dpkg status.d stanzas and /etc/os-release
+    sbom: str | None = None               # write an SBOM of the image to this file
+    sbom_format: str = "spdx"             # "spdx" (2.3 JSON) or "cyclonedx" (1.5 JSON)
 
 
 @dataclass
@@ -64,6 +69,8 @@ class BuildResult:
     rootfs_dir: str | None = None
     dockerfile: str | None = None
     warnings: list[str] = field(default_factory=list)
+    metadata: Any = None                  # provenance.BuildMetadata: why each entry is there, packages
+    sbom: str | None = None
 
     def summary(self) -> dict[str, Any]:
         entries = self.plan.entries.values()
@@ -101,6 +108,9 @@ class BuildResult:
             "user": self.config.user,
             "exposed_ports": self.config.exposed_ports,
             "warnings": self.warnings,
+            "sbom": self.sbom,
+            "packages": [{"ecosystem": p.ecosystem, "name": p.name, "version": p.version}
+                         for p in (self.metadata.packages if self.metadata else [])],
         }
 
 
@@ -194,7 +204,7 @@ def build(trace_path: str, options: BuildOptions,
     archive = options.output
     if archive is None and (options.tag or not (options.rootfs_dir or options.oci_dir)):
         archive = _default_archive(options.tag)
-    for out in (archive,):
+    for out in (archive, options.sbom):
         if out:
             tr.check_writable(out)
 
@@ -234,7 +244,14 @@ def build(trace_path: str, options: BuildOptions,
 
     with tempfile.TemporaryDirectory(prefix="tracejail-build-") as workdir:
         notes = _generated_entries(plan, files, uid, gid, workdir)
-        result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings)
+        from tracejail import provenance
+
+        metadata = provenance.add_build_metadata(
+            trace, files, plan, workdir, package_metadata=options.package_metadata,
+            write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST])
+        notes += metadata.notes
+        result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings,
+                             metadata=metadata)
         total = plan.files_size()
 
         def step(name: str) -> Callable[[int], None] | None:
@@ -254,6 +271,12 @@ def build(trace_path: str, options: BuildOptions,
             result.image = image.write_archive(plan, archive, cfg, name=options.tag,
                                                compress_level=options.compress_level,
                                                progress=step("compressing"))
+        if options.sbom:
+            from tracejail import sbom
+
+            sbom.write(options.sbom, options.sbom_format, options.tag or "image", metadata.packages, plan,
+                       image.rfc3339(image.source_date_epoch() or int(time.time())))
+            result.sbom = options.sbom
     result.warnings.extend(notes)
     if archive and options.tag and options.load:
         from tracejail import docker_engine

@@ -196,12 +196,20 @@ def _human(n: int | None) -> str:
 @click.option("--keep-setuid", is_flag=True, help="Keep setuid/setgid bits.")
 @click.option("--keep-modes", is_flag=True,
               help="Keep host modes exactly (do not open kept paths up to the image user).")
+@click.option("--provenance", is_flag=True,
+              help="Write why each file is there into the image as /.tracejail/provenance.json.")
+@click.option("--sbom", "sbom_file", metavar="FILE", help="Write a software bill of materials to FILE.")
+@click.option("--sbom-format", type=click.Choice(["spdx", "cyclonedx"]), default="spdx", show_default=True,
+              help="SPDX 2.3 JSON or CycloneDX 1.5 JSON.")
+@click.option("--no-package-metadata", is_flag=True,
+              help="Leave out dpkg status.d stanzas and /etc/os-release (kept by default for scanners).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors
 def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str | None,
           oci_dir: str | None, user: str, entrypoint: str | None, env: tuple[str, ...],
           include: tuple[str, ...], exclude: tuple[str, ...], no_load: bool, strict: bool,
-          fast: bool, no_compress: bool, keep_setuid: bool, keep_modes: bool, as_json: bool) -> None:
+          fast: bool, no_compress: bool, keep_setuid: bool, keep_modes: bool, provenance: bool,
+          sbom_file: str | None, sbom_format: str, no_package_metadata: bool, as_json: bool) -> None:
     """Stage what TRACE.json touched (plus its ELF closure) into a FROM-scratch image."""
     import shlex
 
@@ -213,7 +221,8 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
         entrypoint=shlex.split(entrypoint) if entrypoint else None, env=list(env),
         include=list(include), exclude=list(exclude), load=not no_load, strict=strict,
         compress_level=None if no_compress else (1 if fast else 6),
-        keep_setuid=keep_setuid, keep_modes=keep_modes)
+        keep_setuid=keep_setuid, keep_modes=keep_modes, provenance=provenance,
+        package_metadata=not no_package_metadata, sbom=sbom_file, sbom_format=sbom_format)
     bar = _Progress()
     try:
         result = do_build(trace_file, opts, progress=bar)
@@ -232,6 +241,8 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
         lines.append(f"loaded into Docker as {tag} ({result.loaded_id[:19]})")
     if result.rootfs_dir:
         lines.append(f"rootfs staged in {result.rootfs_dir}, Dockerfile {result.dockerfile}")
+    if result.sbom:
+        lines.append(f"SBOM ({sbom_format}) -> {result.sbom}")
     lines.append("biggest directories:")
     lines += [f"  {_human(d['bytes']):>9}  {d['path']}" for d in summary["biggest_directories"]]
     if summary["left_out"]:
@@ -264,6 +275,15 @@ def deps(files: tuple[str, ...], as_json: bool, ld_library_path: str | None) -> 
         click.echo(closure.format_tree(result), nl=False)
     if result.unresolved:
         sys.exit(1)
+
+
+# Commands that live in their own modules (each registers itself on `main`).
+from tracejail.cli_verify import verify as _verify_command  # noqa: E402
+main.add_command(_verify_command)
+from tracejail.cli_inspect import EXPLAIN, INSPECT  # noqa: E402  (needs main and handle_errors)
+
+main.add_command(INSPECT)
+main.add_command(EXPLAIN)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ class RecordOptions:
     passthrough: bool = True          # copy the target's output to our stdout/stderr
     env: dict[str, str] | None = None # environment for the command (default: ours)
     cwd: str | None = None
+    exercise_cwd: str | None = None   # where exercises run (default: our working directory)
+    keep_unready: bool = False        # return the Recording (ready_error set) instead of raising
+                                      # when the command dies or times out before it is ready
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Recording:
     run: tr.Run
     exercises_ok: bool
     warnings: list[str]
+    ready_error: str | None = None    # only with RecordOptions.keep_unready
 
 
 Trace_t = tr.Trace
@@ -107,11 +111,13 @@ class _Tee(threading.Thread):
 
 
 def _listening_ports(root_pid: int) -> set[int]:
+    """TCP ports that root_pid or any of its descendants listens on."""
     import psutil   # imported here: plain runs never pay for it
 
     ports: set[int] = set()
     try:
-        procs = psutil.Process(root_pid).children(recursive=True)
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return ports
     for proc in procs:
@@ -265,7 +271,8 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
                     if state.finished.is_set() or state.stop_reason:
                         break
                     say(f"exercise: {cmd}")
-                    exercise_results.append(_run_exercise(cmd, opts.exercise_timeout, deadline))
+                    exercise_results.append(_run_exercise(cmd, opts.exercise_timeout, deadline,
+                                                          opts.exercise_cwd))
                 if not state.finished.is_set() and not state.stop_reason:
                     state.stop_reason = "stopped"
             _stop_tree(state, opts.stop_timeout)
@@ -285,7 +292,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
         _cleanup(result_path)
     if result is None:
         raise TracejailError("the tracer ended without a result (was it killed?); nothing was written", 4)
-    if ready_error:
+    if ready_error and not opts.keep_unready:
         raise TracejailError(ready_error, 1)
 
     duration = time.monotonic() - started
@@ -300,12 +307,15 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
         processes=[tr.ProcessInfo(pid, ppid if pid != result["root_pid"] else None, argv, exe, 0, code, sig)
                    for pid, ppid, argv, exe, code, sig in sorted(result["processes"])],
         tracing={"mode": result["mode"], "exact": opts.exact, "stops": result["stops"],
-                 "warnings": warnings},
+                 "warnings": warnings,
+                 # how readiness was decided, so that `verify` can wait the same way
+                 **({"ready_port": opts.ready_port, "ready_delay": opts.ready_delay}
+                    if opts.exercises else {})},
     )
     trace = tr.Trace(runs=[run], host=tr.host_info())
     _fill_files(trace, result, run_index=0)
     ok = all(e.exit_code == 0 for e in exercise_results)
-    return Recording(trace=trace, run=run, exercises_ok=ok, warnings=warnings)
+    return Recording(trace=trace, run=run, exercises_ok=ok, warnings=warnings, ready_error=ready_error)
 
 
 def _fill_files(trace: tr.Trace, result: dict, run_index: int) -> None:
@@ -473,14 +483,15 @@ def _died_message(state: _RunState) -> str:
     return "the command exited before it was ready for the exercises (see its output above)"
 
 
-def _run_exercise(cmd: str, timeout: float, deadline: float | None) -> tr.ExerciseResult:
+def _run_exercise(cmd: str, timeout: float, deadline: float | None,
+                  cwd: str | None = None) -> tr.ExerciseResult:
     if deadline is not None:
         timeout = max(0.1, min(timeout, deadline - time.monotonic()))
     t0 = time.monotonic()
     timed_out = False
     try:
         proc = subprocess.run(["/bin/sh", "-c", cmd], stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout)
+                              timeout=timeout, cwd=cwd)
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:
         code, out, err, timed_out = None, exc.stdout or b"", exc.stderr or b"", True

@@ -1,0 +1,74 @@
+"""`tracejail verify`: the click command (the work is in verify.py)."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from tracejail.cli import CONTEXT, _note, handle_errors
+
+
+@click.command("verify", context_settings=CONTEXT)
+@click.argument("trace_file", metavar="TRACE.json", type=click.Path(dir_okay=False))
+@click.option("-t", "--tag", "image", metavar="IMAGE",
+              help="Replay in this image with the Docker engine (DOCKER_HOST is honoured).")
+@click.option("--rootfs", "rootfs_dir", metavar="DIR",
+              help="Replay in this staged tree (build --rootfs DIR) in a chroot jail; needs root.")
+@click.option("--user", metavar="UID:GID|root", help="Run as this user instead of the image's.")
+@click.option("--trace-inside/--no-trace-inside", default=None,
+              help="Replay under tracejail's tracer in the jail and list misses (default: for "
+                   "failing runs, when a jail can be made here).")
+@click.option("--fix", is_flag=True,
+              help="Add the misses to TRACE.json, rebuild the image or tree, verify again.")
+@click.option("--max-rounds", type=click.IntRange(1, 50), default=3, show_default=True, metavar="N",
+              help="With --fix: rebuild at most this many times.")
+@click.option("--timeout", type=click.FloatRange(1), default=120.0, show_default=True, metavar="S",
+              help="Bound each replay.")
+@click.option("--ready-timeout", type=click.FloatRange(0), default=30.0, show_default=True, metavar="S",
+              help="Give up waiting for a server to listen after this long.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str | None,
+           trace_inside: bool | None, fix: bool, max_rounds: int, timeout: float, ready_timeout: float,
+           as_json: bool) -> None:
+    """Replay every run of TRACE.json in the image (-t) or a staged tree (--rootfs) and compare.
+
+    \b
+    Plain runs: exit status and stdout must match the recording. Runs with exercises: the
+    server is started with its recorded ports on 127.0.0.1, the same exercises run on the host,
+    and each one's exit code and stdout must match. Failing runs are replayed once more in a jail
+    under the tracer to list misses: paths the program looked for there and did not find, that
+    exist on the host (noise that also failed in the recording is left out).
+
+    \b
+    With --fix the misses are added to TRACE.json (added_by "verify --fix"), the image is rebuilt
+    under the same name (or DIR in place) and verified again. The rebuild knows the image's user,
+    environment and entrypoint, not the original --exclude/--include options.
+
+    \b
+    Exit status: 0 when every run passes, 1 when one fails (or verify cannot run: no engine,
+    no image, not root), 2 for usage errors, 65 when the trace and the image do not belong
+    together (the image's io.tracejail.trace.digest label is another trace's).
+    """
+    from tracejail.verify import VerifyOptions, format_report
+    from tracejail.verify import verify as do_verify
+
+    # SIGTERM ends verify like Ctrl-C does: replays are stopped and containers removed on the way
+    # out (a plain SIGTERM death would leave a running container behind).
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    opts = VerifyOptions(image=image, rootfs=rootfs_dir, user=user, fix=fix, max_rounds=max_rounds,
+                         trace_inside=trace_inside, timeout=timeout, ready_timeout=ready_timeout)
+    report = do_verify(trace_file, opts, progress=_note)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(format_report(report), nl=False)
+    sys.exit(0 if report.passed else 1)
+
+
+def _interrupt(_signum: int, _frame: Any) -> NoReturn:
+    raise KeyboardInterrupt

@@ -1,0 +1,197 @@
+"""Which Debian packages own the files of an image, read straight from dpkg's database.
+
+Scanners (trivy, grype, syft) find the OS packages of a distroless-style image in
+``/var/lib/dpkg/status.d/<package>``: one ``status`` stanza per package. This module reads
+``/var/lib/dpkg/status`` and ``/var/lib/dpkg/info/*.list`` once (about 50 ms for 800
+packages) instead of running ``dpkg -S`` per file, and answers "who owns these paths".
+
+Merged /usr: on current Debian and Ubuntu ``/lib``, ``/bin``, ``/sbin`` and ``/lib64`` are
+symlinks into ``/usr``, but packages still list many files under their old names
+(``/lib/x86_64-linux-gnu/libc.so.6``) while the image stores the real location
+(``/usr/lib/x86_64-linux-gnu/libc.so.6``). Every path is therefore tried in both spellings.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+DPKG_DIR = "var/lib/dpkg"
+STATUS_D = "/var/lib/dpkg/status.d"
+
+# Top-level directories that merged-/usr turns into symlinks into /usr.
+_MERGED_TOPS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+@dataclass(frozen=True)
+class DpkgPackage:
+    name: str
+    architecture: str
+    version: str
+    stanza: str                 # the package's paragraph of /var/lib/dpkg/status, verbatim
+    source: str | None = None   # source package name when it differs ("glibc" for libc6)
+    source_version: str | None = None
+    homepage: str | None = None
+    maintainer: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Unique within one database: `name:arch` (two architectures can be installed)."""
+        return f"{self.name}:{self.architecture}"
+
+
+@dataclass
+class DpkgDatabase:
+    packages: dict[str, DpkgPackage] = field(default_factory=dict)   # key -> package
+    owners: dict[str, list[str]] = field(default_factory=dict)        # listed path -> keys
+
+    def owners_of(self, path: str) -> list[str]:
+        """Keys of the packages that list `path` in either merged-/usr spelling."""
+        found: list[str] = []
+        for spelling in merged_usr_spellings(path):
+            for key in self.owners.get(spelling, ()):
+                if key not in found:
+                    found.append(key)
+        return found
+
+
+def merged_usr_spellings(path: str) -> list[str]:
+    """`path` and its other merged-/usr spelling: /usr/lib/x <-> /lib/x, /usr/bin/x <-> /bin/x."""
+    parts = path.split("/")
+    if len(parts) > 3 and parts[1] == "usr" and parts[2] in _MERGED_TOPS:
+        return [path, "/" + "/".join(parts[2:])]
+    if len(parts) > 2 and parts[1] in _MERGED_TOPS:
+        return [path, "/usr" + path]
+    return [path]
+
+
+def parse_status(text: str) -> list[dict[str, str]]:
+    """Paragraphs of a dpkg status file as {field: value}, plus "_stanza" (the raw text)."""
+    out: list[dict[str, str]] = []
+    for block in re.split(r"\n\s*\n", text):
+        block = block.strip("\n")
+        if not block.strip():
+            continue
+        fields: dict[str, str] = {}
+        last = None
+        for line in block.split("\n"):
+            if line[:1] in (" ", "\t") and last is not None:
+                fields[last] += "\n" + line
+                continue
+            name, sep, value = line.partition(":")
+            if sep:
+                last = name.strip()
+                fields[last] = value.strip()
+        fields["_stanza"] = block + "\n"
+        out.append(fields)
+    return out
+
+
+def _installed(fields: dict[str, str]) -> bool:
+    # "install ok installed" / "hold ok installed"; "config-files" means the files are gone.
+    words = fields.get("Status", "").split()
+    return len(words) == 3 and words[2] == "installed"
+
+
+def _source(fields: dict[str, str]) -> tuple[str | None, str | None]:
+    """`Source: glibc` or `Source: glibc (2.36-9)` (binNMUs name the source version)."""
+    raw = fields.get("Source")
+    if not raw:
+        return None, None
+    m = re.match(r"^(\S+)(?:\s+\((\S+)\))?", raw)
+    if not m:
+        return None, None
+    return m.group(1), m.group(2)
+
+
+def read_database(root: str = "/", native_arch: str | None = None) -> DpkgDatabase | None:
+    """The installed packages and their file lists under `root`; None on a host without dpkg."""
+    base = os.path.join(root, DPKG_DIR)
+    try:
+        with open(os.path.join(base, "status"), encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    db = DpkgDatabase()
+    by_name: dict[str, list[str]] = {}
+    for fields in parse_status(text):
+        if not _installed(fields) or "Package" not in fields:
+            continue
+        source, source_version = _source(fields)
+        pkg = DpkgPackage(
+            name=fields["Package"], architecture=fields.get("Architecture", "all"),
+            version=fields.get("Version", ""), stanza=fields["_stanza"], source=source,
+            source_version=source_version, homepage=fields.get("Homepage"),
+            maintainer=fields.get("Maintainer"))
+        db.packages[pkg.key] = pkg
+        by_name.setdefault(pkg.name, []).append(pkg.key)
+    info = os.path.join(base, "info")
+    try:
+        names = sorted(n for n in os.listdir(info) if n.endswith(".list"))
+    except OSError:
+        names = []
+    for name in names:
+        stem = name[:-len(".list")]
+        key = _key_for_list(stem, by_name, db, native_arch)
+        if key is None:
+            continue   # a leftover list of a removed package
+        try:
+            with open(os.path.join(info, name), encoding="utf-8", errors="surrogateescape") as f:
+                for line in f:
+                    path = line.rstrip("\n")
+                    if path and path != "/.":
+                        db.owners.setdefault(path, []).append(key)
+        except OSError:
+            continue
+    return db
+
+
+def _key_for_list(stem: str, by_name: dict[str, list[str]], db: DpkgDatabase,
+                  native_arch: str | None) -> str | None:
+    """info/NAME.list belongs to the only NAME; info/NAME:ARCH.list (Multi-Arch: same) to that arch."""
+    if ":" in stem:
+        return stem if stem in db.packages else None
+    keys = by_name.get(stem, [])
+    if len(keys) == 1:
+        return keys[0]
+    for key in keys:   # several architectures and an unqualified list: dpkg means the native one
+        if native_arch and key.endswith(":" + native_arch):
+            return key
+    return keys[0] if keys else None
+
+
+@dataclass
+class Ownership:
+    """Which packages own which of the image's paths."""
+
+    files: dict[str, list[str]] = field(default_factory=dict)   # package key -> image paths
+    unowned: list[str] = field(default_factory=list)
+
+
+def owners(db: DpkgDatabase, paths: Iterable[str]) -> Ownership:
+    """Map image paths (files and symlinks, not directories) to the packages that ship them."""
+    result = Ownership()
+    for path in sorted(set(paths)):
+        keys = db.owners_of(path)
+        if not keys:
+            result.unowned.append(path)
+        for key in keys:
+            result.files.setdefault(key, []).append(path)
+    return result
+
+
+def status_d_name(pkg: DpkgPackage, packages: Iterable[DpkgPackage]) -> str:
+    """File name under status.d: the package name, as distroless writes it; `name:arch` only
+    when two architectures of one package are both in the image."""
+    same = [p for p in packages if p.name == pkg.name]
+    return pkg.name if len(same) <= 1 else f"{pkg.name}:{pkg.architecture}"
+
+
+def status_d_files(db: DpkgDatabase, ownership: Ownership) -> dict[str, str]:
+    """Image path -> content for /var/lib/dpkg/status.d/<package> of every owning package."""
+    kept = [db.packages[k] for k in sorted(ownership.files) if k in db.packages]
+    out: dict[str, str] = {}
+    for pkg in kept:
+        out[f"{STATUS_D}/{status_d_name(pkg, kept)}"] = pkg.stanza
+    return out

@@ -1,0 +1,782 @@
+"""Why every node of the image is there: provenance for `explain`, `inspect` and `build`.
+
+The file set (fileset.py) says why each *wanted host path* is kept, as short strings such as
+``traced:exec,read`` or ``needed by /usr/bin/grep (libpcre2-8.so.0, ld.so.cache)``. The plan
+(rootfs.py) then walks each wanted path component by component, so the image also holds
+symlinks met on the way (``/lib -> usr/lib``) and the files they lead to
+(``/usr/lib/x86_64-linux-gnu/libc.so.6`` for the wanted ``/lib/x86_64-linux-gnu/libc.so.6``).
+This module turns both into one structured answer per image path:
+
+* `parse_reason` reads fileset's strings into `Reason` objects (kind + data + one sentence);
+* `compute` joins them with the trace (which process did what) and the plan (symlinks on the
+  way, symlink targets, parent directories) into a `Provenance`;
+* `explain` answers for any path, in the image or not (excluded by which rule, a failed
+  lookup, never touched).
+
+The walk below repeats the kernel's resolution the way rootfs.plan does (same rules, host root
+"/"), because the plan keeps only the nodes, not which wanted path led to each.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat as stat_mod
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from tracejail import __version__
+from tracejail import fileset as fsel
+from tracejail import rootfs
+from tracejail import trace as tr
+
+FORMAT = "tracejail-provenance/1"
+IMAGE_PATH = "/.tracejail/provenance.json"
+
+# Reason kinds (the "kind" field of every reason in JSON).
+TRACED = "traced"                  # the recorded run touched it
+NEEDED = "needed"                  # DT_NEEDED of a kept ELF, found by a loader search rule
+INTERP = "interpreter"             # PT_INTERP of a kept ELF
+SCRIPT = "script-interpreter"      # the #! line of a kept script
+PRELOAD = "preload"                # /etc/ld.so.preload or LD_PRELOAD
+RUNTIME = "runtime-load"           # a library glibc dlopen()s by itself (NSS, gconv, libgcc_s)
+DLOPEN = "dlopen"                  # a shared object opened at run time that no kept ELF needs
+PYTHON = "python-companion"        # .py of a kept .pyc, .pth files
+DIST_INFO = "dist-info"            # metadata of a kept Python distribution
+INCLUDE = "include"                # --include
+ADDED = "added"                    # added to the trace later (verify --fix)
+DOTDOT = "path-prefix"             # a directory walked through before a `..`
+SYMLINK = "symlink-on-the-way"     # a symlink met while resolving a kept path
+TARGET = "symlink-target"          # reached through symlinks from a kept path
+LISTED = "listed-directory"        # a directory the program listed or stat'ed
+PARENT = "parent-directory"        # holds kept paths
+GENERATED = "generated"            # written by `tracejail build` itself
+OTHER = "other"
+
+# ld.so search rules (closure.py) as a reader would name them.
+RULE_NAMES = {
+    "rpath": "DT_RPATH",
+    "runpath": "DT_RUNPATH",
+    "ld_library_path": "LD_LIBRARY_PATH",
+    "ld.so.cache": "the ld.so cache (/etc/ld.so.cache)",
+    "ld.so.conf": "a directory of /etc/ld.so.conf",
+    "default": "a default directory of the loader",
+    "slash": "a path written in DT_NEEDED",
+    "ld-musl.path": "musl's /etc/ld-musl-*.path",
+}
+
+_NEEDED_RE = re.compile(
+    r"^needed by (?P<by>.+?) \((?P<name>[^()]*), (?P<rule>[^(),]+?)(?P<origin> via \$ORIGIN)?\)"
+    r"(?:: (?P<why>.*))?$", re.S)
+_PYC_SOURCE_RE = re.compile(r"^source of the kept (?P<pyc>\S+) ")
+
+_EXAMPLES = 3   # paths named in a sentence before "and N more"
+
+
+@dataclass
+class Reason:
+    kind: str
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        # "why" is already part of the sentence; repeating it doubled provenance.json.
+        return {"kind": self.kind, "text": self.text, **{k: v for k, v in self.data.items() if k != "why"}}
+
+
+def _some(items: list[str], n: int = _EXAMPLES) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def parse_reason(raw: str) -> Reason:
+    """One of fileset.py's reason strings as a structured Reason (OTHER when unknown)."""
+    if raw.startswith("traced:"):
+        kinds = [k for k in raw[len("traced:"):].split(",") if k]
+        return Reason(TRACED, f"traced ({', '.join(kinds)})", {"access": kinds})
+    m = _NEEDED_RE.match(raw)
+    if m:
+        by, name, rule = m.group("by"), m.group("name"), m.group("rule")
+        origin = bool(m.group("origin"))
+        why = m.group("why") or ""
+        data: dict[str, Any] = {"needed_by": [by], "name": name, "rule": rule, "via_origin": origin}
+        if why:
+            data["why"] = why
+        return Reason(_needed_kind(rule), "", data)
+    if raw.startswith("on the way to "):
+        return Reason(DOTDOT, f"a directory walked through on the way to {raw[14:]} (the program "
+                      "wrote `..` after it)", {"to": raw[14:]})
+    m = _PYC_SOURCE_RE.match(raw)
+    if m:
+        return Reason(PYTHON, f"the source of the kept {m.group('pyc')}: Python stats the .py "
+                      "to check whether its cached .pyc is stale", {"pyc": m.group("pyc")})
+    if raw.startswith("a .pth file"):
+        return Reason(PYTHON, "a .pth file of a kept site-packages: Python runs it at start-up",
+                      {"pth": True})
+    if raw.startswith("dist-info of a kept distribution"):
+        return Reason(DIST_INFO, "metadata (dist-info) of a kept Python distribution: importlib."
+                      "metadata and vulnerability scanners read it")
+    if raw == "--include":
+        return Reason(INCLUDE, "named with --include")
+    if raw.startswith("added by "):
+        return Reason(ADDED, raw, {"by": raw[9:].split(":", 1)[0]})
+    return Reason(OTHER, raw)
+
+
+def _needed_kind(rule: str) -> str:
+    if rule == "interp":
+        return INTERP
+    if rule in ("shebang", "env-shebang"):
+        return SCRIPT
+    if rule == "preload":
+        return PRELOAD
+    if rule.startswith("runtime:"):
+        return RUNTIME
+    return NEEDED
+
+
+def _needed_text(r: Reason) -> str:
+    by: list[str] = r.data["needed_by"]
+    rule: str = r.data["rule"]
+    name: str = r.data["name"]
+    if r.kind == INTERP and not name.startswith("/"):
+        return (f"needed (DT_NEEDED {name}) by {_some(by)}: the dynamic loader itself, already "
+                "loaded as the program's interpreter")
+    if r.kind == INTERP:
+        return (f"the ELF interpreter (PT_INTERP {name}) of {_some(by)}: kept at exactly this path, "
+                "which the kernel opens by name")
+    if r.kind == SCRIPT:
+        return f"the #! interpreter of {_some(by)}" + (f" ({r.data['why']})" if r.data.get("why") else "")
+    if r.kind == PRELOAD:
+        return f"preloaded into {_some(by)} ({r.data.get('why', rule)})"
+    if r.kind == RUNTIME:
+        what = rule.split(":", 1)[1]
+        return (f"a known run-time load ({what}) of {_some(by)}"
+                + (f": {r.data['why']}" if r.data.get("why") else ""))
+    how = RULE_NAMES.get(rule, rule)
+    if r.data.get("via_origin"):
+        search = r.data.get("search_path")
+        how += (f" `{search}`" if search else " with $ORIGIN") + " ($ORIGIN: the directory of the object that needs it)"
+    return f"needed (DT_NEEDED {name}) by {_some(by)}, found through {how}"
+
+
+def merge_needed(reasons: list[Reason]) -> list[Reason]:
+    """One reason per (kind, rule, name, $ORIGIN, why) with every object that needs it."""
+    out: list[Reason] = []
+    index: dict[tuple[Any, ...], Reason] = {}
+    for r in reasons:
+        if "needed_by" not in r.data:
+            out.append(r)
+            continue
+        key = (r.kind, r.data["rule"], r.data["name"], r.data["via_origin"], r.data.get("why"))
+        have = index.get(key)
+        if have is None:
+            have = index[key] = Reason(r.kind, "", {**r.data, "needed_by": []})
+            out.append(have)
+        for by in r.data["needed_by"]:
+            if by not in have.data["needed_by"]:
+                have.data["needed_by"].append(by)
+    for r in out:
+        if "needed_by" in r.data:
+            if r.data.get("via_origin") and r.data["rule"] in ("rpath", "runpath"):
+                search = _search_path(r.data["needed_by"], r.data["rule"])
+                if search:
+                    r.data["search_path"] = search
+            r.text = _needed_text(r)
+    return out
+
+
+def _search_path(objects: list[str], rule: str) -> str | None:
+    """The DT_RPATH / DT_RUNPATH text of the first needing object that has one ($ORIGIN/...).
+
+    With DT_RPATH the entry may come from an object further up the load chain; then the first
+    object with any RPATH is shown, which is what `readelf -d` would point a reader to."""
+    from tracejail import closure
+
+    for obj in objects:
+        try:
+            facts = closure.read_elf_facts(os.path.normpath(obj))
+        except Exception:   # unreadable now: the sentence just leaves the value out
+            continue
+        value = facts and (facts.rpath if rule == "rpath" else facts.runpath)
+        if value:
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The trace side: which processes did what
+
+
+_VERBS = {
+    "exec": "executed",
+    "read": "opened for reading",
+    "write": "written",
+    "stat": "stat'ed",
+    "readlink": "read as a symlink",
+    "list": "listed",
+}
+
+
+@dataclass
+class TraceIndex:
+    """Trace records by their host-normal path, and processes by pid."""
+
+    records: dict[str, list[tr.PathRecord]]
+    processes: dict[int, tr.ProcessInfo]
+
+    @classmethod
+    def of(cls, trace: tr.Trace) -> TraceIndex:
+        records: dict[str, list[tr.PathRecord]] = {}
+        for rec in trace.files.values():
+            norm = fsel.host_normalize(rec.path)[0]
+            records.setdefault(norm, []).append(rec)
+        procs: dict[int, tr.ProcessInfo] = {}
+        for run in trace.runs:
+            for p in run.processes:
+                procs.setdefault(p.pid, p)
+        return cls(records, procs)
+
+    def command(self, pid: int, width: int = 80) -> str:
+        p = self.processes.get(pid)
+        if p is None:
+            return f"pid {pid}"
+        words = " ".join(p.argv) if p.argv else (p.exe or "?")
+        if len(words) > width:
+            words = words[:width - 3] + "..."
+        return f"pid {pid} `{words}`"
+
+
+def traced_reason(records: list[tr.PathRecord], index: TraceIndex) -> Reason:
+    """What the runs did with a path: verbs, syscalls, processes (from every spelling of it)."""
+    kinds: list[str] = []
+    syscalls: list[str] = []
+    pids: list[int] = []
+    runs: set[int] = set()
+    spellings: list[str] = []
+    for rec in records:
+        runs.update(rec.runs)
+        if rec.path not in spellings:
+            spellings.append(rec.path)
+        for a in rec.accesses:
+            if not a.ok:
+                continue
+            if a.kind not in kinds:
+                kinds.append(a.kind)
+            if a.syscall not in syscalls:
+                syscalls.append(a.syscall)
+            pids.extend(p for p in a.pids if p not in pids)
+    verbs = []
+    for k in sorted(kinds, key=lambda k: list(_VERBS).index(k) if k in _VERBS else 99):
+        verb = _VERBS.get(k, k)
+        if k == "exec" and "kernel:interp" in syscalls:
+            verb = "loaded by the kernel as an ELF interpreter"
+        elif k == "exec" and "kernel:shebang" in syscalls and "execve" not in syscalls:
+            verb = "run by the kernel as a #! interpreter"
+        if k == "stat" and kinds == ["stat"]:
+            verb = "only stat'ed (its metadata was read, not its content)"
+        verbs.append(verb)
+    who = [index.command(p) for p in pids[:_EXAMPLES]]
+    more = f" and {len(pids) - _EXAMPLES} more processes" if len(pids) > _EXAMPLES else ""
+    text = f"traced: {' and '.join(verbs) or 'touched'} ({', '.join(syscalls)})"
+    if who:
+        text += f" by {', '.join(who)}{more}"
+    data: dict[str, Any] = {"access": kinds, "syscalls": syscalls, "pids": pids, "runs": sorted(runs)}
+    other = [s for s in spellings if fsel.host_normalize(s)[0] != s]
+    if other:
+        text += f", spelled {_some(other)}"
+        data["spelled"] = other
+    return Reason(TRACED, text, data)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan side: resolving wanted paths through symlinks
+
+
+@dataclass(frozen=True)
+class Hop:
+    path: str            # image path of a node met while resolving
+    kind: str            # "symlink" | "dir" | "file"
+    target: str | None   # symlink target as stored
+
+
+class Walker:
+    """Resolve paths like rootfs._Planner.walk (kernel rules, host root "/"), with a cache."""
+
+    def __init__(self, host_root: str = "/") -> None:
+        self.host_root = os.path.abspath(host_root)
+        self._lstat: dict[str, os.stat_result | None] = {}
+        self._link: dict[str, str] = {}
+
+    def _host(self, path: str) -> str:
+        return self.host_root if path == "/" else os.path.join(self.host_root, path[1:])
+
+    def lstat(self, path: str) -> os.stat_result | None:
+        if path not in self._lstat:
+            try:
+                self._lstat[path] = os.lstat(self._host(path))
+            except OSError:
+                self._lstat[path] = None
+        return self._lstat[path]
+
+    def readlink(self, path: str) -> str:
+        if path not in self._link:
+            self._link[path] = os.readlink(self._host(path))
+        return self._link[path]
+
+    def walk(self, path: str) -> tuple[str | None, list[Hop]]:
+        """(the node `path` leads to or None, every symlink and directory met on the way)."""
+        todo = list(reversed(path.split("/")[1:]))
+        cur = "/"
+        hops: list[Hop] = []
+        n_links = 0
+        while todo:
+            name = todo.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                cur = rootfs.parent_of(cur)
+                continue
+            cand = "/" + name if cur == "/" else f"{cur}/{name}"
+            if rootfs.is_runtime_path(cand):
+                return None, hops
+            st = self.lstat(cand)
+            if st is None:
+                return None, hops
+            last = not any(t not in ("", ".") for t in todo)
+            if stat_mod.S_ISLNK(st.st_mode):
+                try:
+                    target = self.readlink(cand)
+                except OSError:
+                    return None, hops
+                hops.append(Hop(cand, "symlink", target))
+                n_links += 1
+                if n_links > rootfs.MAX_SYMLINK_HOPS:
+                    return None, hops
+                if target.startswith("/"):
+                    cur = "/"
+                todo.extend(reversed(target.split("/")))
+                continue
+            if stat_mod.S_ISDIR(st.st_mode):
+                hops.append(Hop(cand, "dir", None))
+                cur = cand
+                continue
+            if not last:
+                return None, hops
+            hops.append(Hop(cand, "file", None))
+            return cand, hops
+        return cur, hops
+
+
+# --------------------------------------------------------------------------------------------
+# Per-entry provenance
+
+
+@dataclass
+class EntryProvenance:
+    path: str
+    kind: str                      # the plan entry's kind: file | dir | symlink | hardlink
+    reasons: list[Reason] = field(default_factory=list)
+    reached_as: list[str] = field(default_factory=list)   # kept spellings that lead here
+    link_target: str | None = None
+    size: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "reasons": [r.to_json() for r in self.reasons]}
+        if self.reached_as:
+            out["reached_as"] = self.reached_as
+        if self.link_target is not None:
+            out["link_target"] = self.link_target
+        if self.kind == "file":
+            out["size"] = self.size
+        return out
+
+
+@dataclass
+class Provenance:
+    entries: dict[str, EntryProvenance]
+    wanted: dict[str, list[Reason]]              # host path as kept -> its own reasons
+    excluded: list[tuple[str, str]]
+    index: TraceIndex
+    resolved: dict[str, tuple[str | None, list[Hop]]]   # wanted path -> walk result
+
+    def to_json(self, trace_digest: str | None = None, *, parents: bool = False) -> dict[str, Any]:
+        """The document written to /.tracejail/provenance.json.
+
+        Plain parent directories are left out unless `parents` (they hold nothing but kept
+        paths; size matters). Processes named by pid in traced reasons are listed once.
+        """
+        entries = {p: e.to_json() for p, e in sorted(self.entries.items(), key=lambda kv: rootfs.sort_key(kv[0]))
+                   if parents or any(r.kind != PARENT for r in e.reasons)}
+        pids = sorted({pid for e in self.entries.values() for r in e.reasons for pid in r.data.get("pids", ())})
+        procs = {str(pid): {"argv": self.index.processes[pid].argv, "exe": self.index.processes[pid].exe,
+                            "ppid": self.index.processes[pid].ppid, "run": self.index.processes[pid].run}
+                 for pid in pids if pid in self.index.processes}
+        return {
+            "format": FORMAT,
+            "tool": {"name": "tracejail", "version": __version__},
+            "trace_digest": trace_digest,
+            "entries": entries,
+            "processes": procs,
+            "excluded": [{"path": p, "rule": r} for p, r in self.excluded],
+        }
+
+
+def _is_shared_object(path: str) -> bool:
+    """An ELF ET_DYN that is not a PIE executable: what dlopen() loads."""
+    from tracejail import closure
+
+    if not re.search(r"\.so(\.[0-9.]+)?$", path):
+        return False
+    try:
+        facts = closure.read_elf_facts(path)
+    except Exception:   # corrupt ELF: not our question here; closure reports it
+        return False
+    return facts is not None and facts.e_type == closure.ET_DYN and not facts.flags_1 & closure.DF_1_PIE
+
+
+def _derived(path: str, reasons: list[Reason], wanted: dict[str, list[str]]) -> list[Reason]:
+    """Reasons fileset does not state but the evidence shows: dlopen, a stat-only .py."""
+    kinds = {r.kind for r in reasons}
+    out: list[Reason] = []
+    traced = next((r for r in reasons if r.kind == TRACED), None)
+    if traced and "read" in traced.data.get("access", ()) and not kinds & {NEEDED, INTERP, RUNTIME, PRELOAD} \
+            and _is_shared_object(path):
+        out.append(Reason(DLOPEN, "loaded at run time with dlopen(): a process opened it, and no kept "
+                          "ELF names it in DT_NEEDED (ldd would not show it)"))
+    if path.endswith(".py") and PYTHON not in kinds:
+        directory, name = os.path.split(path)
+        prefix = os.path.join(directory, "__pycache__", name[:-3] + ".")
+        pycs = sorted(p for p in wanted if p.startswith(prefix) and p.endswith(".pyc"))
+        if pycs:
+            out.append(Reason(PYTHON, f"the source of the kept {pycs[0]}: Python stats the .py to check "
+                              "whether its cached .pyc is stale", {"pyc": pycs[0]}))
+    return out
+
+
+def wanted_reasons(path: str, raws: list[str], index: TraceIndex, wanted: dict[str, list[str]]) -> list[Reason]:
+    reasons: list[Reason] = []
+    for raw in raws:
+        r = parse_reason(raw)
+        if r.kind == TRACED:
+            r = traced_reason(index.records.get(path, []), index) if index.records.get(path) else r
+        reasons.append(r)
+    reasons = merge_needed(reasons)
+    return reasons + _derived(path, reasons, wanted)
+
+
+def compute(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, walker: Walker | None = None) -> Provenance:
+    """Provenance of every plan entry (entries added after planning come from `generated`)."""
+    walker = walker or Walker()
+    index = TraceIndex.of(trace)
+    wanted = {p: wanted_reasons(p, raws, index, files.wanted) for p, raws in files.wanted.items()}
+    resolved: dict[str, tuple[str | None, list[Hop]]] = {}
+    via_link: dict[str, list[str]] = {}     # symlink -> wanted paths that resolve through it
+    reached: dict[str, list[str]] = {}      # final node -> wanted paths (other spellings)
+    holds: dict[str, int] = {}              # directory -> kept paths below it
+    for w in sorted(set(files.wanted) | files.dirs_only):
+        final, hops = resolved[w] = walker.walk(w)
+        for hop in hops:
+            if hop.kind == "symlink":
+                via_link.setdefault(hop.path, []).append(w)
+            elif hop.kind == "dir" and hop.path != final:
+                holds[hop.path] = holds.get(hop.path, 0) + 1
+        if final is not None and final != w:
+            reached.setdefault(final, []).append(w)
+
+    entries: dict[str, EntryProvenance] = {}
+    for path, e in plan.entries.items():
+        ep = EntryProvenance(path, e.kind, link_target=e.link_target, size=e.size)
+        ep.reasons.extend(wanted.get(path, []))
+        if path in files.dirs_only and not any(r.kind == LISTED for r in ep.reasons):
+            ep.reasons.append(Reason(LISTED, "a directory the program listed or stat'ed: kept (empty "
+                                     "but for other kept paths) so the lookup still succeeds"))
+        for w in reached.get(path, []):
+            ep.reached_as.append(w)
+            links = [h for h in resolved[w][1] if h.kind == "symlink"]
+            chain = ", ".join(f"{h.path} -> {h.target}" for h in links)
+            ep.reasons.append(Reason(TARGET, f"kept as {w}, which resolves here through {chain}",
+                                     {"as": w, "symlinks": [h.path for h in links]}))
+            for r in wanted.get(w, []):
+                ep.reasons.append(Reason(r.kind, f"(as {w}) {r.text}", {**r.data, "as": w}))
+        if path in via_link and e.kind == "symlink":
+            tos = [w for w in via_link[path] if w != path]
+            if tos:
+                ep.reasons.append(Reason(SYMLINK, f"a symlink on the way to {_some(tos)}: kept so that "
+                                         "those names resolve in the image as on the host",
+                                         {"to": tos[:20], "count": len(tos)}))
+        if e.kind == "dir" and not ep.reasons:
+            ep.reasons.append(Reason(PARENT, f"a directory holding {holds.get(path, 0) or 'other'} kept path(s)",
+                                     {"holds": holds.get(path, 0)}))
+        if not ep.reasons:   # not expected: every node the plan holds was met by some walk
+            ep.reasons.append(Reason(OTHER, "in the plan without a recorded reason"))
+        entries[path] = ep
+    return Provenance(entries, wanted, list(files.excluded), index, resolved)
+
+
+def add_generated(prov: Provenance, path: str, kind: str, text: str, size: int = 0) -> None:
+    """Record an entry that `tracejail build` wrote itself (passwd, status.d, this file)."""
+    ep = prov.entries.get(path)
+    if ep is None:
+        ep = prov.entries[path] = EntryProvenance(path, kind, size=size)
+    ep.kind, ep.size = kind, size
+    ep.reasons = [r for r in ep.reasons if r.kind != PARENT]
+    ep.reasons.append(Reason(GENERATED, text))
+
+
+# Entries build.py's _generated_entries writes; explain names them even without a build.
+GENERATED_BY_BUILD = {
+    "/tmp": "created by `tracejail build`: programs expect a world-writable /tmp (mode 1777)",
+    "/etc/passwd": "written by `tracejail build`: root and the image user, so getpwuid() works",
+    "/etc/group": "written by `tracejail build`: root and the image user's group",
+    "/home": "created by `tracejail build`: the parent of the image user's home",
+    "/home/nonroot": "created by `tracejail build`: the image user's home directory",
+    IMAGE_PATH: "written by `tracejail build --provenance`: this provenance document",
+    "/etc/os-release": "kept by `tracejail build` (package metadata): scanners identify the distribution by it",
+}
+
+
+def generated_note(path: str) -> str | None:
+    if path in GENERATED_BY_BUILD:
+        return GENERATED_BY_BUILD[path]
+    if path.startswith("/var/lib/dpkg/status.d/"):
+        return ("written by `tracejail build` (package metadata): the dpkg status stanza of a package "
+                "that owns kept files, where scanners look for it (as in distroless)")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The same selection `build` makes
+
+
+@dataclass
+class Selection:
+    trace: tr.Trace
+    files: fsel.FileSet
+    plan: rootfs.Plan
+
+
+def select_and_plan(trace_path: str, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> Selection:
+    """Load a trace and choose its files and nodes as `tracejail build` would (same options)."""
+    trace = tr.load(trace_path)
+    files = fsel.select(trace, fsel.SelectOptions(
+        include=tuple(include), exclude=tuple(exclude), extra_excluded_paths=(os.path.abspath(trace_path),)))
+    plan = rootfs.plan(sorted(files.wanted), dirs_only=sorted(files.dirs_only))
+    return Selection(trace, files, plan)
+
+
+# --------------------------------------------------------------------------------------------
+# Explaining one path
+
+
+@dataclass
+class Explanation:
+    path: str                       # as asked (made absolute)
+    in_image: bool
+    status: str                     # kept | reached | generated | excluded | skipped | vanished |
+                                    # failed-lookup | created-by-run | not-traced
+    summary: str
+    reasons: list[Reason] = field(default_factory=list)
+    image_path: str | None = None   # the node the path leads to in the image
+    entry_kind: str | None = None
+    resolves_through: list[Hop] = field(default_factory=list)
+    package: str | None = None      # owning dpkg package "name version", when known
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "in_image": self.in_image, "status": self.status,
+            "summary": self.summary, "image_path": self.image_path, "entry_kind": self.entry_kind,
+            "reasons": [r.to_json() for r in self.reasons],
+            "resolves_through": [{"path": h.path, "kind": h.kind, "target": h.target}
+                                 for h in self.resolves_through if h.kind == "symlink"],
+            "package": self.package,
+        }
+
+
+def _failed_text(records: list[tr.PathRecord], index: TraceIndex) -> str:
+    parts = []
+    for rec in records:
+        for a in rec.accesses:
+            if not a.ok:
+                who = ", ".join(index.command(p) for p in a.pids[:2])
+                parts.append(f"{a.syscall} -> {a.result} ({a.count}x, {who})")
+    return "; ".join(parts[:4])
+
+
+def explain(path: str, prov: Provenance, files: fsel.FileSet, plan: rootfs.Plan,
+            walker: Walker | None = None) -> Explanation:
+    """Why `path` is, or is not, in the image described by `files` and `plan`."""
+    walker = walker or Walker()
+    asked = os.path.abspath(path)
+    norm = fsel.host_normalize(asked)[0]
+    index = prov.index
+    ep = prov.entries.get(norm)
+    final, hops = prov.resolved.get(norm) or walker.walk(norm)
+    links = [h for h in hops if h.kind == "symlink"]
+
+    if ep is not None:
+        reasons = list(ep.reasons)
+        status = "kept"
+        if any(r.kind == GENERATED for r in reasons):
+            status = "generated"
+        what = {"file": "a file", "dir": "a directory", "symlink": f"a symlink to {ep.link_target}",
+                "hardlink": f"a hard link to {ep.link_target}"}.get(ep.kind, ep.kind)
+        summary = f"in the image as {what}"
+        if ep.kind == "symlink" and final and final != norm:
+            summary += f", resolving to {final}"
+        return Explanation(asked, True, status, summary, reasons, norm, ep.kind, links)
+
+    if norm in prov.wanted:
+        # Kept under this spelling, which the plan stores through symlinks (/lib -> usr/lib).
+        summary = "in the image" + (f", resolving to {final}" if final and final != norm else "")
+        through: list[Reason] = []
+        if final and final != norm:
+            chain = ", ".join(f"{h.path} -> {h.target}" for h in links)
+            through = [Reason(TARGET, f"resolves through {chain} to {final}", {"to": final})]
+        kind = prov.entries[final].kind if final in prov.entries else None
+        return Explanation(asked, True, "kept", summary, prov.wanted[norm] + through, final, kind, links)
+
+    if final is not None and final in prov.entries and all(h.path in plan.entries for h in links):
+        # Not kept under this name, but the name works in the image: symlinks lead to a kept node.
+        chain = ", ".join(f"{h.path} -> {h.target}" for h in links)
+        target = prov.entries[final]
+        reasons = [Reason(TARGET, f"resolves through {chain} to {final}", {"to": final})] + target.reasons
+        return Explanation(asked, True, "reached", f"in the image through symlinks, as {final}",
+                           reasons, final, target.kind, links)
+
+    note = generated_note(norm)
+    if note:
+        return Explanation(asked, False, "generated", f"not from the host: {note}",
+                           [Reason(GENERATED, note)])
+
+    rules = [rule for p, rule in files.excluded if p == norm]
+    rules += [why for p, why in plan.skipped if p == norm]
+    if rules:
+        status = "created-by-run" if rules == ["created by the recorded run"] else "excluded"
+        return Explanation(asked, False, status, f"not in the image: {rules[0]}",
+                           [Reason("excluded", rule, {"rule": rule}) for rule in dict.fromkeys(rules)])
+    if norm in files.vanished or norm in plan.missing:
+        return Explanation(asked, False, "vanished", "not in the image: the run used it, but it no longer "
+                           "exists on the host (record again, or restore it)")
+    records = index.records.get(norm, [])
+    sensitive = [Reason("excluded", "it would be left out anyway: sensitive file (credentials, keys, "
+                        "history); --include it to keep", {"rule": "sensitive"})] if fsel.is_sensitive(norm) else []
+    if records and not any(r.ok for r in records):
+        return Explanation(asked, False, "failed-lookup",
+                           "not in the image: the run looked for it and did not get it; the image "
+                           "reproduces that absence",
+                           [Reason("failed-lookup", _failed_text(records, index))] + sensitive)
+    why = "not in the image: no recorded run touched it and no kept file needs it"
+    extra: list[Reason] = list(sensitive)
+    if os.path.lexists(norm):
+        extra.append(Reason(OTHER, "to add it: --include it at build time, or exercise the code path "
+                            "that uses it while recording"))
+    else:
+        why += " (it does not exist on the host either)"
+    return Explanation(asked, False, "not-traced", why, extra)
+
+
+def format_explanation(ex: Explanation) -> str:
+    lines = [f"{ex.path}: {ex.summary}"]
+    if ex.package:
+        lines.append(f"  package: {ex.package}")
+    for r in ex.reasons:
+        lines.append(f"  - {r.text}")
+    return "\n".join(lines)
+
+
+def iter_kept_files(plan: rootfs.Plan) -> Iterable[rootfs.Entry]:
+    """File-like plan entries (content or a link to content), in image order."""
+    for path in sorted(plan.entries, key=rootfs.sort_key):
+        e = plan.entries[path]
+        if e.kind in ("file", "hardlink"):
+            yield e
+
+
+# --------------------------------------------------------------------------------------------
+# Build integration: provenance and package metadata written into the image
+
+
+@dataclass
+class BuildMetadata:
+    provenance: Provenance
+    packages: list[Any] = field(default_factory=list)   # sbom.Package: dpkg and Python
+    notes: list[str] = field(default_factory=list)
+    generated: list[str] = field(default_factory=list)  # image paths this step added
+
+
+def _add_dirs(plan: rootfs.Plan, path: str) -> bool:
+    """Make every ancestor of `path` a directory entry; False if one is a symlink or file."""
+    for anc in reversed(list(_ancestors(path))):
+        e = plan.entries.get(anc)
+        if e is None:
+            plan.entries[anc] = rootfs.Entry(anc, "dir", 0o755, None, None, 0, 0, 0)
+        elif e.kind != "dir":
+            return False
+    return True
+
+
+def _ancestors(path: str) -> Iterable[str]:
+    p = rootfs.parent_of(path)
+    while p != "/":
+        yield p
+        p = rootfs.parent_of(p)
+
+
+def _add_file(plan: rootfs.Plan, workdir: str, path: str, content: bytes) -> None:
+    src = os.path.join(workdir, "meta" + path.replace("/", "_"))
+    with open(src, "wb") as f:
+        f.write(content)
+    plan.entries[path] = rootfs.Entry(path, "file", 0o644, src, None, len(content), 0, 0)
+
+
+def add_build_metadata(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, workdir: str, *,
+                       package_metadata: bool = True, write_provenance: bool = False,
+                       trace_digest: str | None = None, host_root: str = "/") -> BuildMetadata:
+    """Called by `build` after its own generated entries: add dpkg status.d stanzas and
+    /etc/os-release (package_metadata), and /.tracejail/provenance.json (write_provenance),
+    as files in `workdir`; return the provenance of every entry and the image's packages."""
+    from tracejail import dpkg, sbom
+
+    prov = compute(trace, files, plan)
+    meta = BuildMetadata(prov)
+    for path, e in plan.entries.items():
+        # build.py's own additions: no host source (dirs) or content written in its workdir.
+        if e.source is None or (e.source != path and e.source.startswith(workdir + os.sep)):
+            add_generated(prov, path, e.kind, generated_note(path) or "written by `tracejail build`", e.size)
+
+    db = dpkg.read_database(host_root)
+    if db is not None:
+        ownership = dpkg.owners(db, sbom.owned_candidates(plan))
+        os_release = tr.read_os_release(os.path.join(host_root, "etc/os-release"))
+        meta.packages.extend(sbom.debian_packages(db, ownership, os_release))
+        status_files = dpkg.status_d_files(db, ownership)
+        if package_metadata and status_files:
+            if not _add_dirs(plan, dpkg.STATUS_D + "/x"):
+                meta.notes.append(f"package metadata not written: a parent of {dpkg.STATUS_D} is not a directory")
+            else:
+                for path, text in status_files.items():
+                    _add_file(plan, workdir, path, text.encode())
+                    add_generated(prov, path, "file", generated_note(path) or "", len(text.encode()))
+                    meta.generated.append(path)
+                host_release = os.path.join(host_root, "etc/os-release")
+                if "/etc/os-release" not in plan.entries and os.path.exists(host_release):
+                    with open(host_release, "rb") as f:
+                        _add_file(plan, workdir, "/etc/os-release", f.read())
+                    add_generated(prov, "/etc/os-release", "file", GENERATED_BY_BUILD["/etc/os-release"],
+                                  plan.entries["/etc/os-release"].size)
+                    meta.generated.append("/etc/os-release")
+                meta.notes.append(f"package metadata: {len(status_files)} dpkg package(s) in {dpkg.STATUS_D}")
+    meta.packages.extend(sbom.python_packages(plan))
+
+    if write_provenance:
+        _add_dirs(plan, IMAGE_PATH)
+        add_generated(prov, os.path.dirname(IMAGE_PATH), "dir", "created by `tracejail build --provenance`")
+        add_generated(prov, IMAGE_PATH, "file", GENERATED_BY_BUILD[IMAGE_PATH])
+        data = json.dumps(prov.to_json(trace_digest), indent=None, sort_keys=True,
+                          separators=(",", ":")).encode() + b"\n"
+        _add_file(plan, workdir, IMAGE_PATH, data)
+        prov.entries[IMAGE_PATH].size = len(data)
+        meta.generated.append(IMAGE_PATH)
+        meta.notes.append(f"provenance of {len(prov.entries)} entries in {IMAGE_PATH} ({len(data)} bytes)")
+    return meta

@@ -1,0 +1,1170 @@
+"""`tracejail verify`: replay every recorded run in the jail and compare it with the recording.
+
+Where a run is replayed:
+
+* ``-t IMAGE``: ``docker run --rm`` in the engine DOCKER_HOST names, as the image's user. Runs with
+  exercises publish their recorded ports on 127.0.0.1 (``-p 127.0.0.1:P:P``); an engine without a
+  bridge network (``dockerd --bridge none``) cannot publish, so there the container shares the
+  host's network instead (``--network host``, as the recording did) and the report says so.
+* ``--rootfs DIR``: a staged tree, in the jail of `tracejail.jail` (new mount and PID namespaces,
+  /proc, a minimal /dev, tmpfs /tmp, chroot, the image's user). Root only.
+
+Each replay uses the run's argv with the recorded executable as argv[0] (the image's entrypoint),
+the recorded working directory and the environment the image would get (its config, and for later
+runs the run's own allowed variables). Plain runs compare exit status and stdout; runs with
+exercises wait for readiness as `record` did, run the same exercises on the host and compare each
+one's exit code and stdout.
+
+Misses: a failing run is replayed once more under tracejail's own tracer with the tracee in the
+jail (``--trace-inside``; `record` with exact results, since only the kernel knows what the chrooted
+task found). A miss is a path that the jailed program looked up and did not find (ENOENT/ENOTDIR),
+that exists on the host, and that did not fail in the host recording either (such noise, e.g.
+Python's import probes, is no miss). With ``-t IMAGE`` the jail runs the image's own file system,
+exported from the engine, so what an ``--exclude`` left out is missing there too.
+
+``--fix`` adds the misses to the trace (``added_by="verify --fix"`` and the reason), rebuilds (the
+image under the same name, or the tree in place), and verifies again, until everything passes or a
+round finds nothing new, at most ``--max-rounds`` rebuilds. The rebuild uses the trace and what the
+image itself says (user, extra environment, entrypoint); options of the original build that the
+image does not record (--exclude, --include, --keep-modes...) are not repeated.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+from tracejail import build as tjbuild
+from tracejail import jail
+from tracejail import trace as tr
+from tracejail.errors import TraceFormatError, TracejailError, UsageError
+from tracejail.record import _listening_ports, _run_exercise, _Tee
+
+NOT_FOUND = ("ENOENT", "ENOTDIR")
+# A lookup no syscall shows: the program listed a directory and did not find a name in it (Python's
+# import system lists package directories and only stats the names it saw).
+LISTING = "listing"
+DENIED = ("EACCES", "EPERM")
+FIXED_BY = "verify --fix"
+# Paths the runtime provides (Docker, the jail); fileset never copies them either.
+VIRTUAL_ROOTS = ("/proc", "/sys", "/dev", "/run")
+DIFF_LINES = 24
+STDERR_TAIL_LINES = 12
+DOCKER_TIMEOUT = 60.0
+EXPORT_TIMEOUT = 600.0
+
+
+# --- results ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Miss:
+    """A path a program looked up and did not find (one per path)."""
+
+    path: str                 # as the program spelled it, made absolute (a jail path for jail misses)
+    syscall: str              # the failing call seen most often: "openat", "execve", "kernel:interp"...
+    result: str               # its errno name: "ENOENT"
+    count: int                # failed calls on this path, all syscalls together
+    pids: tuple[int, ...]     # the processes that asked (host pids as the tracer saw them)
+    process: str              # the first one's command line, shortened
+    run: int                  # index of the run in the trace
+    exists_on_host: bool      # the path exists on the host now
+    in_trace: bool = False    # jail misses: the trace has it already (the image left it out)
+
+    def describe(self) -> str:
+        """One line for a report: path, call, errno, who asked."""
+        if self.syscall == LISTING:
+            return f"{self.path}  (not in the listing of its directory, by {self.process})"
+        times = f" x{self.count}" if self.count > 1 else ""
+        return f"{self.path}  ({self.syscall} {self.result}{times}, by {self.process})"
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["pids"] = list(self.pids)
+        return d
+
+
+@dataclass
+class ExerciseCheck:
+    command: str
+    passed: bool
+    expected_exit: int | None
+    exit_code: int | None
+    diff: str = ""            # unified diff of stdout (recorded -> replayed), empty when equal
+    stderr: str = ""          # tail of the exercise's stderr, when it failed
+    note: str = ""            # e.g. "not run: the command was not ready"
+
+
+@dataclass
+class RunCheck:
+    index: int
+    command: list[str]
+    passed: bool
+    expected_status: int | None = None     # plain runs
+    status: int | None = None
+    diff: str = ""
+    stderr: str = ""
+    error: str | None = None               # never ready, timed out...
+    exercises: list[ExerciseCheck] = field(default_factory=list)
+    misses: list[Miss] = field(default_factory=list)
+    denied: list[Miss] = field(default_factory=list)   # found in the jail but not readable there
+    traced: bool = False                   # misses were looked for (a traced replay ran)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Round:
+    number: int
+    runs: list[RunCheck]
+    added: list[str] = field(default_factory=list)     # paths added to the trace after this round
+    kept: list[str] = field(default_factory=list)      # misses the trace had already: only rebuilt
+    rebuilt: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.runs)
+
+
+@dataclass
+class VerifyReport:
+    trace: str
+    target: str               # "image NAME" or "rootfs DIR"
+    user: str
+    rounds: list[Round] = field(default_factory=list)
+    end: str = ""             # why the --fix loop ended
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)      # how the replays ran, when it matters
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rounds) and self.rounds[-1].passed
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trace": self.trace, "target": self.target, "user": self.user, "passed": self.passed,
+                "end": self.end, "warnings": self.warnings, "notes": self.notes,
+                "rounds": [_round_json(r) for r in self.rounds]}
+
+
+def _round_json(r: Round) -> dict[str, Any]:
+    runs = []
+    for c in r.runs:
+        d = asdict(c)
+        d["misses"] = [m.to_json() for m in c.misses]
+        d["denied"] = [m.to_json() for m in c.denied]
+        runs.append(d)
+    return {"round": r.number, "passed": r.passed, "added": r.added, "kept": r.kept,
+            "rebuilt": r.rebuilt, "runs": runs}
+
+
+# --- options --------------------------------------------------------------------------------
+
+@dataclass
+class VerifyOptions:
+    image: str | None = None
+    rootfs: str | None = None
+    user: str | None = None               # UID:GID or root; default: the image's
+    fix: bool = False
+    max_rounds: int = 3                   # rebuilds at most
+    trace_inside: bool | None = None      # None: on failure, when a jail can be made here
+    timeout: float = 120.0                # per run
+    ready_timeout: float = 30.0
+    stop_timeout: float = 10.0
+    exercise_timeout: float = 60.0
+    docker_env: Mapping[str, str] | None = None   # environment for the docker CLI (DOCKER_HOST)
+    overlay: bool = True                  # jail: False forces the bind-mount fallback (tests)
+
+
+# --- what the recording says -------------------------------------------------------------------
+
+def _processes(trace: tr.Trace) -> dict[tuple[int, int], tr.ProcessInfo]:
+    return {(run_i, p.pid): p for run_i, run in enumerate(trace.runs) for p in run.processes}
+
+
+def _short(argv: list[str], limit: int = 60) -> str:
+    text = " ".join(argv) if argv else "?"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _who(argv: list[str]) -> str:
+    """A process for a report line: the program's name and its arguments (what tells runs apart)."""
+    return _short([os.path.basename(argv[0]), *argv[1:]] if argv else [])
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + "/")
+
+
+def _main_failure(accesses: list[tr.Access]) -> tr.Access:
+    return max(accesses, key=lambda a: (a.count, a.syscall == "execve"))
+
+
+def recorded_misses(trace: tr.Trace, run: int | None = None) -> list[Miss]:
+    """Paths the recorded run(s) looked up and did not find: every path whose accesses all failed,
+    one Miss per path, sorted by path. `run` limits it to one run (an index into trace.runs).
+
+    These are mostly harmless probes (Python's import search, ld.so's library search); what
+    `exists_on_host` says True for appeared on the host after the recording."""
+    procs = _processes(trace)
+    out = []
+    for path in sorted(trace.files):
+        rec = trace.files[path]
+        if not rec.failed or (run is not None and run not in rec.runs):
+            continue
+        main = _main_failure(rec.accesses)
+        pids = tuple(sorted({p for a in rec.accesses for p in a.pids}))
+        runs = [run] if run is not None else (rec.runs or [0])
+        who = next((procs[(r, p)] for p in pids for r in runs if (r, p) in procs), None)
+        out.append(Miss(path=path, syscall=main.syscall, result=main.result,
+                        count=sum(a.count for a in rec.accesses), pids=pids,
+                        process=_who(who.argv) if who else "?", run=runs[0],
+                        exists_on_host=os.path.lexists(path)))
+    return out
+
+
+@dataclass(frozen=True)
+class ReadyRule:
+    """How `record` decided the command was ready; replayed the same way."""
+
+    port: int | None
+    delay: float | None
+    ports: tuple[int, ...]      # every port the recorded run listened on (published)
+
+
+def ready_rule(run: tr.Run) -> ReadyRule:
+    t = run.tracing or {}
+    ports = tuple(sorted(run.listening_ports))
+    port = t.get("ready_port")
+    if port is None and len(ports) == 1 and t.get("ready_delay") is None:
+        port = ports[0]   # traces from before the rule was kept: the one port it listened on
+    return ReadyRule(port=port, delay=t.get("ready_delay"), ports=ports)
+
+
+# --- the image's own view of itself ---------------------------------------------------------------
+
+@dataclass
+class ImageInfo:
+    """What an image config (or the Dockerfile that `build --rootfs` writes) says."""
+
+    user: str
+    env: dict[str, str]
+    entrypoint: list[str]
+    working_dir: str
+    labels: dict[str, str]
+
+
+def _env_dict(items: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+_QUOTED = r'"((?:[^"\\]|\\.)*)"'
+
+
+def _unquote(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def read_dockerfile(rootfs_dir: str) -> ImageInfo | None:
+    """The config of a tree staged by `tracejail build --rootfs DIR`: the Dockerfile beside it, if
+    it is the one for DIR (its COPY names DIR). None otherwise."""
+    path = os.path.join(os.path.dirname(os.path.abspath(rootfs_dir)), "Dockerfile")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    info = ImageInfo(user="", env={}, entrypoint=[], working_dir="/", labels={})
+    copies_dir = False
+    for line in lines:
+        word, _, rest = line.partition(" ")
+        try:
+            if word == "COPY":
+                copies_dir = json.loads(rest) == [os.path.basename(os.path.abspath(rootfs_dir)), "/"]
+            elif word == "ENV" and (m := re.fullmatch(r"([^=]+)=" + _QUOTED, rest)):
+                info.env[m.group(1)] = _unquote(m.group(2))
+            elif word == "LABEL" and (m := re.fullmatch(_QUOTED + "=" + _QUOTED, rest)):
+                info.labels[_unquote(m.group(1))] = _unquote(m.group(2))
+            elif word == "WORKDIR" and (m := re.fullmatch(_QUOTED, rest)):
+                info.working_dir = _unquote(m.group(1))
+            elif word == "USER":
+                info.user = rest.strip()
+            elif word == "ENTRYPOINT":
+                info.entrypoint = list(json.loads(rest))
+        except (ValueError, TypeError):
+            continue
+    return info if copies_dir else None
+
+
+def _docker(args: list[str], env: Mapping[str, str] | None, timeout: float = DOCKER_TIMEOUT,
+            ) -> subprocess.CompletedProcess[str]:
+    from tracejail import docker_engine
+
+    cli = docker_engine.docker_cli(env)
+    if cli is None:
+        raise TracejailError("docker CLI not found on PATH; install Docker, or verify a staged tree "
+                             "with --rootfs DIR (tracejail build TRACE --rootfs DIR)")
+    return subprocess.run([cli, *args], env=dict(env) if env is not None else None, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def inspect_image(ref: str, env: Mapping[str, str] | None) -> ImageInfo:
+    proc = _docker(["image", "inspect", "--format", "{{json .Config}}", ref], env)
+    if proc.returncode != 0:
+        raise TracejailError(f"image {ref} not found in the Docker engine ({_last_line(proc.stderr)}); "
+                             f"build it with `tracejail build TRACE.json -t {ref}`")
+    cfg = json.loads(proc.stdout or "{}") or {}
+    return ImageInfo(user=cfg.get("User") or "", env=_env_dict(cfg.get("Env") or []),
+                     entrypoint=list(cfg.get("Entrypoint") or []),
+                     working_dir=cfg.get("WorkingDir") or "/", labels=dict(cfg.get("Labels") or {}))
+
+
+def check_digest(trace_path: str, info: ImageInfo | None, what: str) -> str | None:
+    """Fail when the image was built from another trace; a warning when it cannot be told."""
+    if info is None:
+        return f"cannot check that {what} was built from {trace_path} (no Dockerfile beside it)"
+    label = info.labels.get(tjbuild.LABEL_TRACE_DIGEST)
+    if label is None:
+        raise TraceFormatError(f"{what} was not built by tracejail build (no {tjbuild.LABEL_TRACE_DIGEST} "
+                               "label); build it from the trace first")
+    digest = tjbuild.trace_digest(trace_path)
+    if label != digest:
+        raise TraceFormatError(f"{what} was built from another trace ({label[:19]}...), not from "
+                               f"{trace_path} ({digest[:19]}...): rebuild it, or pass the trace it was built from")
+    return None
+
+
+def _numeric_user(user: str) -> tuple[int, int]:
+    try:
+        return tjbuild.parse_user(user or "root")
+    except UsageError:
+        raise UsageError(f"user {user!r}: the jail needs UID:GID numbers (or root); pass --user") from None
+
+
+def run_env(info: ImageInfo, run: tr.Run, first: bool) -> dict[str, str]:
+    """The environment the image gives a replay of `run`: its config, plus for runs after the first
+    (which are not the image's default command) the run's own allowed variables."""
+    env = dict(info.env)
+    if not first:
+        env.update(_env_dict(tjbuild.image_env(run, [])))
+    return env
+
+
+# --- replaying: one running command, in Docker or in the jail ------------------------------------
+
+class Running(Protocol):
+    def running(self) -> bool: ...
+    def wait(self, timeout: float | None) -> int | None: ...
+    def listening_ports(self) -> set[int] | None: ...   # None: cannot see it; probe the ports
+    def stop(self, stop_timeout: float) -> None: ...
+    def output(self) -> tuple[str, str, bool]: ...
+
+
+@dataclass
+class Outcome:
+    status: int | None
+    stdout: str
+    stderr: str
+    exercises: list[tr.ExerciseResult] = field(default_factory=list)
+    error: str | None = None
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def netns_listening(pid: int) -> set[int] | None:
+    """TCP ports in LISTEN state in `pid`'s network namespace (a bridged container's own)."""
+    ports: set[int] = set()
+    found = False
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}", encoding="ascii", errors="replace") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == "0A":
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+            found = True
+        except OSError:
+            continue
+    return ports if found else None
+
+
+class DockerRunning:
+    """`docker run --rm` attached (so a container that dies early still shows its output)."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str] | None, name: str, host_network: bool) -> None:
+        self.env, self.name, self.host_network = env, name, host_network
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(argv, env=dict(env) if env is not None else None,
+                                         stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                         start_new_session=True)
+        except BaseException:
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        self.readers = [_Tee(out_r, None, tr.OUTPUT_LIMIT), _Tee(err_r, None, tr.OUTPUT_LIMIT)]
+        for r in self.readers:
+            r.start()
+        self._pid: int | None = None
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float | None) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _container_pid(self) -> int | None:
+        if self._pid is None:
+            proc = _docker(["inspect", "--format", "{{.State.Pid}}", self.name], self.env)
+            pid = int(proc.stdout.strip() or 0) if proc.returncode == 0 else 0
+            if pid > 0 and os.path.exists(f"/proc/{pid}"):
+                self._pid = pid
+        return self._pid
+
+    def listening_ports(self) -> set[int] | None:
+        pid = self._container_pid()
+        if pid is None:
+            return None   # not started yet, or an engine on another machine
+        # With the host's network the namespace is ours: ask for the container's own sockets.
+        return _listening_ports(pid) if self.host_network else netns_listening(pid)
+
+    def stop(self, stop_timeout: float) -> None:
+        try:
+            if self.running():
+                _docker(["stop", "-t", str(int(stop_timeout)), self.name], self.env, timeout=stop_timeout + 30)
+                if self.wait(30) is None:
+                    self.proc.kill()
+                    self.proc.wait()
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            # --rm removes it; this is for a CLI that died or an engine that was slow to.
+            _docker(["rm", "-f", self.name], self.env)
+        for r in self.readers:
+            r.join(timeout=5)
+
+    def output(self) -> tuple[str, str, bool]:
+        out, err = self.readers
+        return out.text(), err.text(), out.truncated
+
+
+def _wait_ready(proc: Running, rule: ReadyRule, timeout: float) -> str | None:
+    """Block until the replay is ready for exercises; the reason when it never is."""
+    start = time.monotonic()
+    if rule.delay is not None:
+        if proc.wait(rule.delay) is not None:
+            return "the command exited before it was ready"
+        return None
+    while True:
+        if not proc.running():
+            return "the command exited before it was ready"
+        ports = proc.listening_ports()
+        if ports is None:
+            ports = {p for p in ((rule.port,) if rule.port else rule.ports) if port_open(p)}
+        if (rule.port in ports) if rule.port else bool(ports & set(rule.ports) if rule.ports else ports):
+            return None
+        if time.monotonic() - start > timeout:
+            what = f"port {rule.port}" if rule.port else "any TCP port"
+            return f"the command did not listen on {what} within {timeout:g}s"
+        time.sleep(0.05)
+
+
+def _wait_ports_free(ports: tuple[int, ...], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while any(port_open(p) for p in ports) and time.monotonic() < end:
+        time.sleep(0.1)
+
+
+def _check_ports_free(ports: tuple[int, ...], grace: float = 5.0) -> None:
+    _wait_ports_free(ports, grace)   # a replay that just ended may still be letting go of them
+    busy = [p for p in ports if port_open(p)]
+    if busy:
+        raise TracejailError(f"port {busy[0]} is already in use on 127.0.0.1; the replay needs it "
+                             "(stop what listens there and verify again)")
+
+
+def replay(start: Callable[[], Running], run: tr.Run, opts: VerifyOptions) -> Outcome:
+    """Run one replay to its end: plain runs until exit, runs with exercises until the exercises ran."""
+    rule = ready_rule(run)
+    if run.exercises:
+        _check_ports_free(rule.ports)
+    proc = start()
+    error = None
+    results: list[tr.ExerciseResult] = []
+    status = None
+    try:
+        if run.exercises:
+            error = _wait_ready(proc, rule, opts.ready_timeout)
+            cwd = run.cwd if os.path.isdir(run.cwd) else None
+            for ex in run.exercises if error is None else []:
+                if not proc.running():
+                    error = "the command exited during the exercises"
+                    break
+                results.append(_run_exercise(ex.command, opts.exercise_timeout, None, cwd))
+            if not proc.running():
+                status = proc.wait(0)
+        else:
+            status = proc.wait(opts.timeout)
+            if status is None:
+                error = f"still running after {opts.timeout:g}s (raise --timeout); stopped"
+    finally:
+        proc.stop(opts.stop_timeout)
+        if run.exercises:
+            _wait_ports_free(rule.ports)
+    out, err, _ = proc.output()
+    return Outcome(status=status, stdout=out, stderr=err, exercises=results, error=error)
+
+
+# --- comparing ------------------------------------------------------------------------------
+
+def _diff(expected: str, got: str) -> str:
+    if expected == got:
+        return ""
+    lines = list(difflib.unified_diff(expected.splitlines(keepends=True), got.splitlines(keepends=True),
+                                      "recorded", "replayed", n=2))
+    lines = [ln if ln.endswith("\n") else ln + "\n\\ No newline at end of file\n" for ln in lines]
+    if len(lines) > DIFF_LINES:
+        lines = lines[:DIFF_LINES] + [f"... ({len(lines) - DIFF_LINES} more diff lines)\n"]
+    return "".join(lines)
+
+
+def _tail(text: str) -> str:
+    return "\n".join(text.rstrip().splitlines()[-STDERR_TAIL_LINES:])
+
+
+def compare(index: int, run: tr.Run, outcome: Outcome) -> RunCheck:
+    command = [run.executable, *run.argv[1:]]
+    if not run.exercises:
+        diff = _diff(run.stdout, outcome.stdout)
+        passed = outcome.error is None and outcome.status == run.status and not diff
+        check = RunCheck(index=index, command=command, passed=passed, expected_status=run.status,
+                         status=outcome.status, diff=diff, error=outcome.error)
+    else:
+        checks = []
+        for i, ex in enumerate(run.exercises):
+            got = outcome.exercises[i] if i < len(outcome.exercises) else None
+            if got is None:
+                checks.append(ExerciseCheck(ex.command, False, ex.exit_code, None,
+                                            note="not run: " + (outcome.error or "the command was gone")))
+                continue
+            diff = _diff(ex.stdout, got.stdout)
+            ok = got.exit_code == ex.exit_code and not diff and not got.timed_out
+            checks.append(ExerciseCheck(ex.command, ok, ex.exit_code, got.exit_code, diff=diff,
+                                        stderr="" if ok else _tail(got.stderr),
+                                        note="timed out" if got.timed_out else ""))
+        passed = outcome.error is None and all(c.passed for c in checks)
+        check = RunCheck(index=index, command=command, passed=passed, status=outcome.status,
+                         error=outcome.error, exercises=checks)
+    if not check.passed:
+        check.stderr = _tail(outcome.stderr)
+    if run.stop_reason != "exited" and not run.exercises:
+        check.notes.append(f"the recorded run did not exit by itself ({run.stop_reason})")
+    return check
+
+
+# --- misses: a traced replay in the jail ---------------------------------------------------------
+
+def _jail_pids(processes: list[tr.ProcessInfo]) -> set[int]:
+    """Processes of the jailed program: descendants of the launcher's init (the launcher and init
+    themselves run on the host side of the chroot and are not the program)."""
+    children: dict[int | None, list[int]] = {}
+    for p in processes:
+        children.setdefault(p.ppid, []).append(p.pid)
+    roots = children.get(None, [])
+    inits = [c for r in roots for c in children.get(r, [])]
+    out: set[int] = set()
+    todo = [c for i in inits for c in children.get(i, [])]
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.add(pid)
+            todo.extend(children.get(pid, []))
+    return out
+
+
+def jail_view(jtrace: tr.Trace, root: str) -> dict[str, list[tr.Access]]:
+    """The traced replay's accesses by the jailed program only, keyed by the path it saw."""
+    pids = _jail_pids(jtrace.runs[0].processes if jtrace.runs else [])
+    view: dict[str, list[tr.Access]] = {}
+    for rec in jtrace.files.values():
+        path = jail.strip_root(rec.path, root)
+        for a in rec.accesses:
+            mine = [p for p in a.pids if p in pids]
+            if mine:
+                view.setdefault(path, []).append(tr.Access(a.kind, a.syscall, a.result, a.count, mine))
+    return view
+
+
+def _interpreter_misses(view: dict[str, list[tr.Access]], rootfs: str) -> dict[str, tuple[str, list[tr.Access]]]:
+    """The kernel opens ELF and `#!` interpreters itself: an exec that fails with ENOENT although the
+    program is in the tree names a missing interpreter. No syscall shows it; look it up."""
+    from tracejail.tracer import elf_interpreter, shebang_interpreter
+
+    found: dict[str, tuple[str, list[tr.Access]]] = {}
+    for path, accesses in view.items():
+        failed = [a for a in accesses if a.kind == "exec" and a.result == "ENOENT"]
+        host = jail.resolve_in_root(rootfs, path) if failed else None
+        if not host or not os.path.isfile(host):
+            continue
+        for interp, how in ((elf_interpreter(host), "kernel:interp"), (shebang_interpreter(host), "kernel:shebang")):
+            if interp and jail.resolve_in_root(rootfs, interp) is None:
+                acc = [tr.Access("exec", how, "ENOENT", a.count, list(a.pids)) for a in failed]
+                found.setdefault(interp, (how, []))[1].extend(acc)
+    return found
+
+
+def _listing_misses(host: tr.Trace, view: dict[str, list[tr.Access]], rootfs: str) -> dict[str, list[tr.Access]]:
+    """Names the host run used in a directory that the jailed program listed, and that the jail's
+    tree lacks: the program looked for them by reading the directory, not by a failing call."""
+    listed = {path: [a for a in acc if a.kind == "list" and a.ok] for path, acc in view.items()}
+    listed = {path: acc for path, acc in listed.items() if acc}
+    found: dict[str, list[tr.Access]] = {}
+    if not listed:
+        return found
+    for path, rec in host.files.items():
+        parent = os.path.dirname(path)
+        if parent not in listed or path in view or not rec.ok or rec.created_by_run:
+            continue
+        if jail.resolve_in_root(rootfs, path) is None:
+            found[path] = [tr.Access("list", LISTING, "ENOENT", a.count, list(a.pids)) for a in listed[parent]]
+    return found
+
+
+def jail_misses(host: tr.Trace, view: dict[str, list[tr.Access]], processes: list[tr.ProcessInfo],
+                rootfs: str, run_index: int) -> tuple[list[Miss], list[Miss]]:
+    """(misses, denied) of one traced replay. See the module docstring for what counts."""
+    procs = {p.pid: p for p in processes}
+    view = dict(view)
+    for interp, (_how, accesses) in _interpreter_misses(view, rootfs).items():
+        view.setdefault(interp, []).extend(accesses)
+    view.update(_listing_misses(host, view, rootfs))
+
+    def make(path: str, accesses: list[tr.Access], in_trace: bool) -> Miss:
+        main = _main_failure(accesses)
+        pids = tuple(sorted({p for a in accesses for p in a.pids}))
+        who = next((procs[p] for p in pids if p in procs), None)
+        return Miss(path=path, syscall=main.syscall, result=main.result,
+                    count=sum(a.count for a in accesses), pids=pids,
+                    process=_who(who.argv) if who else "?", run=run_index,
+                    exists_on_host=True, in_trace=in_trace)
+
+    misses: dict[str, Miss] = {}   # host realpath -> the best spelling
+    denied: list[Miss] = []
+    for path in sorted(view):
+        accesses = view[path]
+        if any(a.ok for a in accesses) or any(_under(path, v) for v in VIRTUAL_ROOTS):
+            continue
+        rec = host.files.get(path)
+        if rec is not None and (rec.failed or rec.created_by_run):
+            continue   # failed on the host too (noise), or the run makes it itself
+        if not os.path.lexists(path):
+            continue
+        not_found = [a for a in accesses if a.result in NOT_FOUND]
+        if not_found:
+            m = make(path, not_found, rec is not None)
+            key = os.path.realpath(path)
+            # One file, many spellings (ld.so tries /lib/... and /usr/lib/...): keep the traced one.
+            if key not in misses or (m.in_trace and not misses[key].in_trace):
+                misses[key] = m
+        elif rec is not None and (refused := [a for a in accesses if a.result in DENIED]):
+            denied.append(make(path, refused, True))
+    return sorted(misses.values(), key=lambda m: m.path), denied
+
+
+def trace_inside(spec: jail.JailSpec, run: tr.Run, host: tr.Trace, run_index: int,
+                 opts: VerifyOptions) -> tuple[Outcome, list[Miss], list[Miss]]:
+    """Replay `run` in the jail under tracejail's tracer (on the host; the tracee chroots itself)."""
+    from tracejail.record import RecordOptions, record
+
+    rule = ready_rule(run)
+    if run.exercises:
+        _check_ports_free(rule.ports)
+    ropts = RecordOptions(
+        exercises=[e.command for e in run.exercises], ready_port=rule.port, ready_delay=rule.delay,
+        ready_timeout=opts.ready_timeout, stop_timeout=opts.stop_timeout, timeout=opts.timeout,
+        exercise_timeout=opts.exercise_timeout, exact=True, passthrough=False, env=jail.launcher_env(),
+        cwd="/", exercise_cwd=run.cwd if os.path.isdir(run.cwd) else None, keep_unready=True)
+    rec = record(jail.launcher_argv(spec), ropts)
+    if run.exercises:
+        _wait_ports_free(rule.ports)
+    got = rec.run
+    if got.stop_reason == "interrupted":
+        raise KeyboardInterrupt   # record forwarded the Ctrl-C to the replay; now it is ours
+    problem = jail.setup_error(got.status, got.stderr)
+    if problem:
+        raise TracejailError(f"the jail could not be set up: {problem}")
+    # record's wording points at output it would have shown; the report shows stderr instead
+    error = rec.ready_error.split(" (see its output")[0].replace(" for the exercises", "") \
+        if rec.ready_error else None
+    if got.stop_reason == "timeout":
+        error = f"still running after {opts.timeout:g}s (raise --timeout); stopped"
+    outcome = Outcome(status=got.status if not run.exercises or got.stop_reason == "exited" else None,
+                      stdout=got.stdout, stderr=got.stderr, exercises=got.exercises, error=error)
+    view = jail_view(rec.trace, spec.root)
+    misses, denied = jail_misses(host, view, got.processes, spec.rootfs, run_index)
+    return outcome, misses, denied
+
+
+# --- targets: where runs are replayed and how they are rebuilt -----------------------------------
+
+class Target:
+    """Where the runs are replayed: a Docker image or a staged tree."""
+
+    label: str
+    info: ImageInfo | None     # None: the tree has no Dockerfile to say how it was built
+    user: str
+    opts: VerifyOptions
+    notes: list[str]           # said once in the report (e.g. how ports were published)
+
+    def start(self, run: tr.Run, first: bool) -> Running:
+        raise NotImplementedError
+
+    def jail_rootfs(self) -> str:
+        """A tree to jail for a traced replay (made on first use)."""
+        raise NotImplementedError
+
+    def jail_rootfs_if_made(self) -> str | None:
+        return self.jail_rootfs()
+
+    def rebuild(self, trace_path: str, trace: tr.Trace) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def config(self) -> ImageInfo:
+        return self.info or ImageInfo(user="", env={}, entrypoint=[], working_dir="/", labels={})
+
+    def jail_spec(self, run: tr.Run, first: bool, rootfs: str) -> jail.JailSpec:
+        uid, gid = _numeric_user(self.user)
+        return jail.JailSpec(rootfs=rootfs, workdir=jail.make_workdir(), argv=[run.executable, *run.argv[1:]],
+                             env=run_env(self.config(), run, first), cwd=run.cwd, uid=uid, gid=gid,
+                             overlay=self.opts.overlay)
+
+    def build_options(self, trace: tr.Trace) -> tjbuild.BuildOptions:
+        """Build options that reproduce this image from the trace: its user, the environment beyond
+        what the trace gives, an entrypoint that is not the recorded command, and provenance when
+        the image carries it. (--exclude, --include and the like leave no trace in an image.)"""
+        from tracejail.provenance import IMAGE_PATH
+
+        info, run = self.config(), trace.runs[0]
+        base = _env_dict(tjbuild.image_env(run, []))
+        extra = [f"{k}={v}" for k, v in sorted(info.env.items()) if base.get(k) != v]
+        default = [run.executable, *run.argv[1:]]
+        entry = info.entrypoint if info.entrypoint and info.entrypoint != default else None
+        tree = self.jail_rootfs_if_made()
+        provenance = tree is not None and os.path.lexists(tree + IMAGE_PATH)
+        return tjbuild.BuildOptions(user=self.user or tjbuild.DEFAULT_USER, env=extra, entrypoint=entry,
+                                    provenance=provenance)
+
+
+class DockerTarget(Target):
+    def __init__(self, image: str, opts: VerifyOptions) -> None:
+        from tracejail import docker_engine
+
+        self.image, self.opts, self.env = image, opts, opts.docker_env
+        self.label = f"image {image}"
+        if opts.fix and _is_image_id(image):
+            raise UsageError(f"--fix rebuilds the image under its name: give NAME[:TAG], not the ID {image}")
+        if docker_engine.docker_cli(self.env) is None:
+            raise TracejailError("docker CLI not found on PATH; install Docker, or verify a staged tree "
+                                 "with --rootfs DIR (tracejail build TRACE.json --rootfs DIR)")
+        if not docker_engine.engine_available(self.env):
+            host = (self.env or os.environ).get("DOCKER_HOST", "the default socket")
+            raise TracejailError(f"no Docker engine reachable at {host}; start Docker or set DOCKER_HOST, "
+                                 "or verify a staged tree without Docker: tracejail build TRACE.json "
+                                 "--rootfs DIR, then tracejail verify TRACE.json --rootfs DIR")
+        self.info = inspect_image(image, self.env)
+        self.user = opts.user or self.info.user or "root"
+        self.notes = []
+        self._bridge: bool | None = None
+        self._exported: str | None = None
+
+    def host_network(self) -> bool:
+        """Whether servers share the host's network instead of publishing their ports."""
+        if self._bridge is None:
+            self._bridge = _docker(["network", "inspect", "bridge"], self.env).returncode == 0
+            if not self._bridge:
+                self.notes.append("the engine has no bridge network (dockerd --bridge none): servers ran "
+                                  "with --network host instead of publishing their ports on 127.0.0.1")
+        return not self._bridge
+
+    def start(self, run: tr.Run, first: bool) -> Running:
+        if not run.exercises:
+            return self._run(run, first, network=[], host_net=False)
+        if self.host_network():
+            return self._run(run, first, network=["--network", "host"], host_net=True)
+        publish = [arg for p in run.listening_ports for arg in ("-p", f"127.0.0.1:{p}:{p}")]
+        running = self._run(run, first, network=publish, host_net=False)
+        problem = self._network_failure(running)
+        if problem is None:
+            return running
+        # A bridge network that exists but does not work (docker0 gone): do what record did.
+        self._bridge = False
+        self.notes.append(f"the engine could not publish ports ({problem}): servers ran with --network host")
+        return self._run(run, first, network=["--network", "host"], host_net=True)
+
+    def _run(self, run: tr.Run, first: bool, network: list[str], host_net: bool) -> DockerRunning:
+        from tracejail import docker_engine
+
+        name = f"tj-verify-{uuid.uuid4().hex[:12]}"
+        args = ["run", "--rm", "--name", name, "--entrypoint", run.executable, "-w", run.cwd, *network]
+        if self.opts.user:
+            args += ["--user", self.opts.user]
+        for k, v in sorted(run_env(self.config(), run, first).items()):
+            args += ["-e", f"{k}={v}"]
+        argv = [docker_engine.docker_cli(self.env) or "docker", *args, self.image, *run.argv[1:]]
+        return DockerRunning(argv, self.env, name, host_net)
+
+    def _network_failure(self, running: DockerRunning, timeout: float = 15.0) -> str | None:
+        """Docker sets up the network before the program starts: a container that never starts
+        and leaves a networking error (status 125) shows publishing is broken on this engine."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not running.running():
+                running.stop(0)   # joins the output readers
+                _out, err, _ = running.output()
+                if running.wait(0) == 125 and re.search(r"network|bridge|docker0|port", err, re.I):
+                    return _last_line(err)
+                return None
+            state = _docker(["inspect", "--format", "{{.State.Running}}", running.name], self.env)
+            if state.stdout.strip() == "true":
+                return None
+            time.sleep(0.1)
+        return None
+
+    def jail_rootfs(self) -> str:
+        if self._exported is None:
+            self._exported = export_image(self.image, self.env)
+        return self._exported
+
+    def jail_rootfs_if_made(self) -> str | None:
+        return self._exported   # --fix only rebuilds after misses came from an export
+
+    def rebuild(self, trace_path: str, trace: tr.Trace) -> str:
+        bopts = self.build_options(trace)
+        with tempfile.TemporaryDirectory(prefix="tj-verify-") as tmp:
+            bopts.tag, bopts.output, bopts.docker_env = self.image, os.path.join(tmp, "image.tar"), \
+                dict(self.env) if self.env is not None else None
+            result = tjbuild.build(trace_path, bopts)
+        if not result.loaded_id:
+            raise TracejailError(f"rebuilt {self.image} but could not load it: {'; '.join(result.warnings)}")
+        self.info = inspect_image(self.image, self.env)
+        self._drop_export()
+        return f"rebuilt image {self.image}"
+
+    def _drop_export(self) -> None:
+        if self._exported is not None:
+            shutil.rmtree(os.path.dirname(self._exported), ignore_errors=True)
+            self._exported = None
+
+    def close(self) -> None:
+        self._drop_export()
+
+
+def _is_image_id(ref: str) -> bool:
+    return re.fullmatch(r"(sha256:)?[0-9a-f]{12,64}", ref) is not None
+
+
+def export_image(image: str, env: Mapping[str, str] | None) -> str:
+    """The image's file system, unpacked to a temporary tree (`docker create` + `docker export`):
+    exactly what the image holds, whatever options built it."""
+    from tracejail import docker_engine
+
+    created = _docker(["create", image], env)
+    if created.returncode != 0:
+        raise TracejailError(f"docker create {image} failed: {_last_line(created.stderr)}")
+    cid = created.stdout.strip()
+    top = tempfile.mkdtemp(prefix="tj-verify-export-")
+    dest = os.path.join(top, "rootfs")
+    os.mkdir(dest, 0o755)
+    try:
+        cli = docker_engine.docker_cli(env) or "docker"
+        exporter = subprocess.Popen([cli, "export", cid], env=dict(env) if env is not None else None,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        untar = subprocess.run(["tar", "-x", "--numeric-owner", "-C", dest, "-f", "-"], stdin=exporter.stdout,
+                               capture_output=True, timeout=EXPORT_TIMEOUT)
+        assert exporter.stdout is not None
+        exporter.stdout.close()
+        export_err = exporter.communicate(timeout=EXPORT_TIMEOUT)[1]
+        if exporter.returncode != 0 or untar.returncode != 0:
+            raise TracejailError(f"cannot export {image}: "
+                                 f"{_last_line((export_err or b'').decode() + untar.stderr.decode())}")
+    except BaseException:
+        shutil.rmtree(top, ignore_errors=True)
+        raise
+    finally:
+        _docker(["rm", "-f", cid], env)
+    return dest
+
+
+class RootfsTarget(Target):
+    def __init__(self, rootfs: str, trace_path: str, trace: tr.Trace, opts: VerifyOptions) -> None:
+        self.rootfs, self.opts = os.path.abspath(rootfs), opts
+        self.label = f"rootfs {rootfs}"
+        self.notes = []
+        if not os.path.isdir(self.rootfs):
+            raise TracejailError(f"rootfs {rootfs} is not a directory; stage one with "
+                                 f"`tracejail build {trace_path} --rootfs {rootfs}`")
+        problem = jail.check_available()
+        if problem:
+            raise TracejailError(f"--rootfs cannot run here: {problem}; verify the image with -t IMAGE instead")
+        self.info = read_dockerfile(self.rootfs)
+        self.user = opts.user or (self.info.user if self.info and self.info.user else tjbuild.DEFAULT_USER)
+        _numeric_user(self.user)
+        self._default_env = _env_dict(tjbuild.image_env(trace.runs[0], []))
+
+    def config(self) -> ImageInfo:
+        # Without a Dockerfile: what `build` would have put in the image config.
+        return self.info or ImageInfo(user=self.user, env=dict(self._default_env), entrypoint=[],
+                                      working_dir="/", labels={})
+
+    def start(self, run: tr.Run, first: bool) -> Running:
+        proc = jail.JailProcess(self.jail_spec(run, first, self.rootfs))
+        proc.start()
+        return proc
+
+    def jail_rootfs(self) -> str:
+        return self.rootfs
+
+    def rebuild(self, trace_path: str, trace: tr.Trace) -> str:
+        from tracejail import image
+
+        bopts = self.build_options(trace)
+        tag = f".tj-verify-{os.getpid()}"
+        new, old = self.rootfs + tag + "-new", self.rootfs + tag + "-old"
+        bopts.rootfs_dir, bopts.load = new, False
+        try:
+            result = tjbuild.build(trace_path, bopts)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        # Swap, then write the Dockerfile for the real name (build wrote one for the new one).
+        os.rename(self.rootfs, old)
+        os.rename(new, self.rootfs)
+        image.write_dockerfile(self.rootfs, result.config)
+        shutil.rmtree(old, ignore_errors=True)
+        self.info = read_dockerfile(self.rootfs)
+        return f"rebuilt rootfs {self.rootfs}"
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+def _traced_replay(target: Target, run: tr.Run, index: int, trace: tr.Trace, opts: VerifyOptions,
+                   rootfs: str) -> tuple[Outcome, list[Miss], list[Miss]]:
+    spec = target.jail_spec(run, index == 0, rootfs)
+    try:
+        return trace_inside(spec, run, trace, index, opts)
+    finally:
+        jail.remove_workdir(spec.workdir)
+
+
+def check_run(target: Target, run: tr.Run, index: int, trace: tr.Trace, opts: VerifyOptions,
+              jail_ok: bool, say: Callable[[str], None]) -> RunCheck:
+    """Replay one run and compare; look for misses when asked, or on failure when possible."""
+    rootfs_mode = isinstance(target, RootfsTarget)
+    if opts.trace_inside and rootfs_mode:
+        say(f"run {index}: traced replay in the jail")
+        outcome, misses, denied = _traced_replay(target, run, index, trace, opts, target.jail_rootfs())
+        check = compare(index, run, outcome)
+        check.misses, check.denied, check.traced = misses, denied, True
+        return check
+    say(f"run {index}: replay in {target.label}")
+    check = compare(index, run, replay(lambda: target.start(run, index == 0), run, opts))
+    wanted = opts.trace_inside or (opts.trace_inside is None and not check.passed)
+    if wanted and jail_ok:
+        say(f"run {index}: traced replay in the jail to find misses")
+        jailed, check.misses, check.denied = _traced_replay(target, run, index, trace, opts, target.jail_rootfs())
+        check.traced = True
+        jailed_passed = compare(index, run, jailed).passed
+        if not rootfs_mode and jailed_passed != check.passed:
+            check.notes.append("the traced replay in a jail of the exported image "
+                               + ("passed" if jailed_passed else "failed"))
+    elif wanted:
+        check.notes.append("misses not looked for: the jail needs root and mount/PID namespaces")
+    return check
+
+
+def add_misses(trace: tr.Trace, misses: list[Miss], round_no: int) -> tuple[list[str], list[str]]:
+    """Add misses to the trace as paths added by verify; return (added, already in the trace)."""
+    added, kept = [], []
+    for m in misses:
+        rec = trace.files.get(m.path)
+        if rec is not None and rec.ok:
+            kept.append(m.path)
+            continue
+        rec = trace.record(m.path)
+        rec.added_by = FIXED_BY
+        rec.reason = (f"looked up in the jail by {m.process} ({m.syscall} -> {m.result}) and found on "
+                      f"the host (round {round_no})")
+        if m.run not in rec.runs:
+            rec.runs.append(m.run)
+        added.append(m.path)
+    return added, kept
+
+
+def verify(trace_path: str, opts: VerifyOptions,
+           progress: Callable[[str], None] | None = None) -> VerifyReport:
+    """Verify the image or tree in `opts` against the trace; with opts.fix, repair and repeat."""
+    say = progress or (lambda _m: None)
+    if bool(opts.image) == bool(opts.rootfs):
+        raise UsageError("give the image with -t IMAGE or a staged tree with --rootfs DIR (one of them)")
+    if opts.fix and opts.trace_inside is False:
+        raise UsageError("--fix needs the misses that --trace-inside finds; drop --no-trace-inside")
+    if opts.max_rounds < 1:
+        raise UsageError("--max-rounds must be at least 1")
+    if opts.user is not None:
+        tjbuild.parse_user(opts.user)   # a bad value fails before any work
+    trace = tr.load(trace_path)
+    if not trace.runs:
+        raise TraceFormatError(f"{trace_path} holds no runs; record one with `tracejail record`")
+    if opts.fix:
+        tr.check_writable(trace_path)
+    target: Target = DockerTarget(opts.image, opts) if opts.image else RootfsTarget(opts.rootfs or "", trace_path, trace, opts)
+    report = VerifyReport(trace=trace_path, target=target.label, user=target.user)
+    try:
+        warning = check_digest(trace_path, target.info, target.label)
+        if warning:
+            report.warnings.append(warning)
+        problem = None if isinstance(target, RootfsTarget) else jail.check_available()
+        jail_ok = problem is None
+        if (opts.trace_inside or opts.fix) and problem:
+            raise TracejailError(f"{'--fix' if opts.fix else '--trace-inside'} replays the image in a jail "
+                                 f"to find misses: {problem}")
+        handled: set[str] = set()
+        while True:
+            rnd = Round(number=len(report.rounds) + 1, runs=[])
+            report.rounds.append(rnd)
+            for i, run in enumerate(trace.runs):
+                rnd.runs.append(check_run(target, run, i, trace, opts, jail_ok, say))
+            if rnd.passed:
+                report.end = "passed" if rnd.number == 1 else f"passed after {rnd.number - 1} rebuild(s)"
+                break
+            if not opts.fix:
+                break
+            misses = [m for c in rnd.runs for m in c.misses if m.path not in handled]
+            if not misses:
+                report.end = "no new misses to add: what still differs is not a missing file"
+                break
+            if rnd.number > opts.max_rounds:
+                report.end = f"stopped after --max-rounds {opts.max_rounds} rebuild(s)"
+                break
+            rnd.added, rnd.kept = add_misses(trace, _unique(misses), rnd.number)
+            handled.update(m.path for m in misses)
+            if rnd.added:
+                tr.save(trace, trace_path)
+            say(f"round {rnd.number}: added {len(rnd.added)} path(s) to {trace_path}; rebuilding")
+            rnd.rebuilt = target.rebuild(trace_path, trace)
+    finally:
+        target.close()
+        report.notes = list(dict.fromkeys(target.notes))
+    return report
+
+
+def _unique(misses: list[Miss]) -> list[Miss]:
+    seen: dict[str, Miss] = {}
+    for m in misses:
+        seen.setdefault(m.path, m)
+    return list(seen.values())
+
+
+# --- text report -----------------------------------------------------------------------------
+
+def _indent(text: str, prefix: str) -> str:
+    return "".join(prefix + line + "\n" for line in text.rstrip("\n").splitlines())
+
+
+def format_report(report: VerifyReport) -> str:
+    out = [f"verify {report.trace} against {report.target} as user {report.user}\n"]
+    for w in report.warnings:
+        out.append(f"warning: {w}\n")
+    for n in report.notes:
+        out.append(f"note: {n}\n")
+    for rnd in report.rounds:
+        if len(report.rounds) > 1:
+            out.append(f"round {rnd.number}:\n")
+        for c in rnd.runs:
+            out.append(_format_run(c))
+        if rnd.rebuilt:
+            if rnd.added:
+                out.append(f"  added {len(rnd.added)} path(s) to {report.trace} (added_by \"{FIXED_BY}\"):\n")
+                out += [f"    + {p}\n" for p in rnd.added]
+            if rnd.kept:
+                out.append(f"  already in the trace, missing from the image only: {', '.join(rnd.kept)}\n")
+            out.append(f"  {rnd.rebuilt}\n")
+    runs = report.rounds[-1].runs if report.rounds else []
+    exercises = [e for c in runs for e in c.exercises]
+    if report.passed:
+        out.append(f"PASS: {len(runs)} run(s), {len(exercises)} exercise(s)"
+                   + (f" ({report.end})" if report.end and report.end != "passed" else "") + "\n")
+    else:
+        failed_ex = sum(1 for e in exercises if not e.passed)
+        out.append(f"FAIL: {sum(1 for c in runs if not c.passed)} of {len(runs)} run(s) failed"
+                   + (f" ({failed_ex} of {len(exercises)} exercise(s))" if exercises else "")
+                   + (f"; {report.end}" if report.end else "") + "\n")
+    return "".join(out)
+
+
+def _format_run(c: RunCheck) -> str:
+    out = [f"run {c.index}: {_short(c.command, 100)}\n"]
+    if not c.exercises:
+        if c.passed:
+            out.append(f"  PASS  exit {c.status}, stdout as recorded\n")
+        else:
+            why = c.error or (f"exit {c.status}, recorded {c.expected_status}" if c.status != c.expected_status
+                              else "stdout differs")
+            out.append(f"  FAIL  {why}\n")
+            if c.diff:
+                out.append(_indent(c.diff, "        "))
+    else:
+        if c.error:
+            out.append(f"  FAIL  {c.error}" + (f" (status {c.status})" if c.status is not None else "") + "\n")
+        for i, e in enumerate(c.exercises, 1):
+            head = f"exercise {i}: {e.command}"
+            if e.passed:
+                out.append(f"  PASS  {head}\n")
+                continue
+            detail = e.note or (f"exit {e.exit_code}, recorded {e.expected_exit}" if e.exit_code != e.expected_exit
+                                else "stdout differs")
+            out.append(f"  FAIL  {head}  ({detail})\n")
+            if e.diff:
+                out.append(_indent(e.diff, "        "))
+            if e.stderr:
+                out.append(_indent(e.stderr, "        ! "))
+    if not c.passed and c.stderr:
+        out.append("  stderr (last lines):\n" + _indent(c.stderr, "        | "))
+    if c.misses:
+        out.append("  missing in the jail, present on the host:\n")
+        out += [f"    {m.describe()}" + (" [in the trace; left out of the image]" if m.in_trace else "") + "\n"
+                for m in c.misses]
+    elif c.traced and not c.passed:
+        out.append("  no missing paths found in the traced replay\n")
+    if c.denied:
+        out.append("  found in the jail but denied to the user:\n")
+        out += [f"    {m.describe()}\n" for m in c.denied]
+    out += [f"  note: {n}\n" for n in c.notes]
+    return "".join(out)
