@@ -15,7 +15,6 @@ import marshal
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -50,14 +49,12 @@ class RecordOptions:
 
 @dataclass
 class Recording:
-    trace: Trace_t
+    trace: tr.Trace
     run: tr.Run
     exercises_ok: bool
     warnings: list[str]
     ready_error: str | None = None    # only with RecordOptions.keep_unready
 
-
-Trace_t = tr.Trace
 
 
 def resolve_command(name: str, path: str | None) -> str:

@@ -30,7 +30,6 @@ import os
 import signal
 import stat as stat_mod
 import struct
-import time
 from dataclasses import dataclass, field
 
 from ptrace.binding import func as pb
