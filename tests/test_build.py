@@ -211,3 +211,16 @@ def test_ripgrep_image_no_larger_than_the_ldd_recipe(tmp_path: Path) -> None:
     subprocess.run(["tar", "-C", str(by_hand), "-czf", str(hand_tar), "."], check=True)
     print(f"\n[size] rg: tracejail {result.image.compressed_size} B, ldd recipe {hand_tar.stat().st_size} B")
     assert result.image.compressed_size <= hand_tar.stat().st_size * 1.05 + 4096
+
+
+def test_imported_script_with_shebang_does_not_pull_its_interpreter(tmp_path: Path) -> None:
+    mod = tmp_path / "helper_mod.py"
+    mod.write_text("#!/usr/bin/env perl\nVALUE = 3\n")
+    mod.chmod(0o755)
+    app = tmp_path / "app.py"
+    app.write_text("import helper_mod\nprint(helper_mod.VALUE)\n")
+    rec = record(["python3", str(app)], RecordOptions(passthrough=False, cwd=str(tmp_path)))
+    assert rec.run.stdout == "3\n"
+    fs = fileset.select(rec.trace)
+    assert str(mod) in fs.wanted
+    assert not any(p.endswith("/perl") for p in fs.wanted)

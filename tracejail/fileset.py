@@ -191,6 +191,9 @@ def _add_closure(trace: tr.Trace, fs: FileSet) -> None:
     loader_env = closure.LoaderEnv(ld_library_path=env.get("LD_LIBRARY_PATH"), path=env.get("PATH"),
                                    ld_preload=env.get("LD_PRELOAD"),
                                    cwd=trace.runs[0].cwd if trace.runs else None)
+    # Scripts count only when executed: Python's stdlib has executable files with a `#!` line
+    # (base64.py, cgi.py ...) that a program merely imports.
+    executed = {host_normalize(p)[0] for p, r in trace.files.items() if "exec" in r.kinds}
     roots = []
     for path in fs.wanted:
         if path in fs.dirs_only:
@@ -201,7 +204,7 @@ def _add_closure(trace: tr.Trace, fs: FileSet) -> None:
             continue
         if not stat_mod.S_ISREG(st.st_mode):
             continue
-        if closure.is_elf(path) or (st.st_mode & 0o111 and _has_shebang(path)):
+        if closure.is_elf(path) or (path in executed and _has_shebang(path)):
             roots.append(path)
     triggers = [p for p, r in trace.files.items() if r.ok]
     result = closure.resolve(sorted(roots), loader_env, strict=False, runtime_triggers=triggers)
