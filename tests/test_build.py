@@ -175,9 +175,10 @@ def test_vanished_file_warns_and_strict_fails(tmp_path: Path) -> None:
 def test_disk_full_leaves_no_partial_archive(tmp_path: Path, awk_trace: Path) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     try:
         proc = run_tj("build", str(awk_trace), "-o", str(mnt / "img.tar"))
         assert proc.returncode != 0
