@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -380,6 +381,32 @@ def test_skopeo_reads_both_transports(tmp_path: Path, plan: rootfs.Plan, skopeo:
     layout = tmp_path / "layout"
     image.write_oci_dir(plan, str(layout), config())
     assert inspect(f"oci:{layout}")["Digest"] == res.manifest_digest  # the name lives in index.json only
+
+
+def test_podman_loads_and_names_it(tmp_path: Path, plan: rootfs.Plan, token: str) -> None:
+    podman = shutil.which("podman")
+    if podman is None:
+        pytest.skip("podman not installed (tests/run installs it)")
+    out = tmp_path / "img.tar"
+    name = f"tjtest/podman-{token}:1"
+    res = image.write_archive(plan, str(out), config(), name=name)
+    root = tmp_path / "podman-root"
+    runroot = Path(tempfile.mkdtemp(prefix="tj-pr-"))   # podman wants a runroot under 50 chars
+    base = [podman, "--root", str(root), "--runroot", str(runroot), "--storage-driver", "vfs"]
+    try:
+        proc = subprocess.run([*base, "load", "-i", str(out)], capture_output=True, text=True, timeout=180)
+        if proc.returncode != 0 and "permission" in proc.stderr.lower():
+            pytest.skip(f"podman cannot run here: {proc.stderr.strip().splitlines()[-1]}")
+        assert proc.returncode == 0, proc.stderr
+        assert f"docker.io/{name}" in proc.stdout
+        ident = subprocess.run([*base, "image", "inspect", "--format", "{{.Id}}", f"docker.io/{name}"],
+                               capture_output=True, text=True, timeout=60)
+        assert ident.returncode == 0, ident.stderr
+        assert "sha256:" + ident.stdout.strip() == res.image_id
+    finally:
+        subprocess.run([*base, "system", "reset", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(runroot, ignore_errors=True)
 
 
 @pytest.mark.docker
