@@ -438,7 +438,13 @@ def _setup_root(spec: JailSpec, libc: ctypes.CDLL) -> list[str]:
         os.symlink(target, f"/dev/{name}")
     os.mkdir("/dev/shm")
     _mount(libc, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    _mount(libc, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    if os.listdir("/tmp"):
+        # The image keeps files under /tmp (an app that lives there): a tmpfs would hide them,
+        # and Docker does not mount one either. The overlay already makes /tmp writable.
+        if not overlay:
+            notes.append(f"{spec.rootfs}/tmp holds files: no tmpfs mounted over it")
+    else:
+        _mount(libc, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     if overlay:
         _docker_files(resolv_conf)
         os.makedirs(spec.cwd, 0o755, exist_ok=True)   # Docker creates a missing WORKDIR too

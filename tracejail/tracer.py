@@ -261,6 +261,15 @@ def _host_result(kind: str, path: str, flags: int, nofollow: bool, access_mode: 
         return errno.errorcode.get(exc.errno or 0, "EIO")
 
 
+def _has_controlling_tty(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[4]) != 0   # tty_nr, the 7th field of stat(5)
+    except (OSError, IndexError, ValueError):
+        return True
+
+
 def _exists(path: str) -> bool:
     return os.path.lexists(path)
 
@@ -663,6 +672,8 @@ class Tracer:
                     result = "EEXIST" if flags & O_EXCL and _exists(path) and path not in created else "ok"
                 else:
                     result = "ok" if _exists(path) else "ENOENT"
+            elif path == "/dev/tty" and kind in ("read", "write") and not _has_controlling_tty(tgid):
+                result = "ENXIO"   # exists on the host, but this process has no terminal
             else:
                 result = _host_result(kind, path, flags, nofollow, amode)
             key = (path, kind, name, result, tgid)
