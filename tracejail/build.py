@@ -28,6 +28,8 @@ ENV_ALLOW = re.compile(r"^(PATH|LANG|LANGUAGE|LC_[A-Z_]+|TZ|PYTHON[A-Z0-9_]*|VIR
                        r"PERL5LIB|RUBYLIB|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|TERMINFO|"
                        r"MPLBACKEND|OPENBLAS_[A-Z_]+|OMP_NUM_THREADS)$")
 
+NSSWITCH_FILES = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
+
 LABEL_VERSION = "io.tracejail.version"
 LABEL_TRACE_DIGEST = "io.tracejail.trace.digest"
 LABEL_CREATED = "org.opencontainers.image.created"
@@ -182,6 +184,12 @@ def _generated_entries(p: rootfs.Plan, fs: fsel.FileSet, uid: int, gid: int, wor
         if text != host_text:
             add_file(path, text)
             notes.append(f"{path}: {'host file plus' if host_text else 'generated with'} root and uid/gid {ident}")
+    if "/etc/nsswitch.conf" not in p.entries:
+        # Non-root programs look themselves up (bash does, as any uid but 0), and glibc reads
+        # nsswitch.conf first: say "files", which the passwd/group above answer, rather than
+        # leave a lookup that fails in the image but never happened in a root recording.
+        add_file("/etc/nsswitch.conf", NSSWITCH_FILES)
+        notes.append("/etc/nsswitch.conf: generated (passwd, group: files; hosts: files dns)")
     if uid != 0 and home not in p.entries:
         for d in ("/home", home):
             if d not in p.entries:
