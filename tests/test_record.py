@@ -470,3 +470,16 @@ def test_seccomp_filter_stops_only_on_file_syscalls() -> None:
     plain = record(argv, RecordOptions(use_seccomp=False, passthrough=False)).run.tracing["stops"]
     # every syscall stops twice without the filter; with it, only the traced ones, once
     assert filtered * 3 < plain
+
+
+def test_dev_tty_without_a_terminal_is_a_failed_open(tmp_path: Path) -> None:
+    # bash opens /dev/tty; with no controlling terminal the kernel says ENXIO though the node
+    # exists on the host. Both precisions must agree.
+    out = tmp_path / "t.json"
+    for extra in ([], ["--exact"]):
+        proc = subprocess.run([*TJ, "record", "-o", str(out), *extra, "--", "sh", "-c",
+                               "exec 3<>/dev/tty || echo no-tty"], capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, start_new_session=True, timeout=60)
+        assert "no-tty" in proc.stdout, proc.stderr
+        results = {a.result for a in load(out).files["/dev/tty"].accesses}
+        assert results == {"ENXIO"}, (extra, results)

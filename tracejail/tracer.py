@@ -667,13 +667,13 @@ class Tracer:
             self.pending[tid] = tuple((c[0], c[1], name) for c in calls)
             return
         for path, kind, flags, nofollow, amode in calls:
-            if kind == "write":
+            if path == "/dev/tty" and kind in ("read", "write") and not _has_controlling_tty(tgid):
+                result = "ENXIO"   # exists on the host, but this process has no terminal
+            elif kind == "write":
                 if flags & O_CREAT:
                     result = "EEXIST" if flags & O_EXCL and _exists(path) and path not in created else "ok"
                 else:
                     result = "ok" if _exists(path) else "ENOENT"
-            elif path == "/dev/tty" and kind in ("read", "write") and not _has_controlling_tty(tgid):
-                result = "ENXIO"   # exists on the host, but this process has no terminal
             else:
                 result = _host_result(kind, path, flags, nofollow, amode)
             key = (path, kind, name, result, tgid)
