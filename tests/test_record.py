@@ -478,7 +478,7 @@ def test_dev_tty_without_a_terminal_is_a_failed_open(tmp_path: Path) -> None:
     out = tmp_path / "t.json"
     for extra in ([], ["--exact"]):
         proc = subprocess.run([*TJ, "record", "-o", str(out), *extra, "--", "sh", "-c",
-                               ": 3<>/dev/tty 2>/dev/null || echo no-tty"], capture_output=True, text=True,
+                               "cat /dev/tty 2>/dev/null || echo no-tty"], capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, start_new_session=True, timeout=60)
         assert "no-tty" in proc.stdout, proc.stderr
         results = {a.result for a in load(out).files["/dev/tty"].accesses}
