@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:   # the launcher imports this module: keep its start-up to the standard library
-    from tracejail.record import _Tee
+    from tracejail.record import OutputTee
 
 SETUP_FAILED = 125
 MARKER = "tracejail-jail:"
@@ -200,10 +200,10 @@ class JailProcess:
     spec: JailSpec
     output_limit: int = 1 << 20
     proc: subprocess.Popen | None = None
-    readers: list[_Tee] = field(default_factory=list)
+    readers: list[OutputTee] = field(default_factory=list)
 
     def start(self) -> None:
-        from tracejail.record import _Tee
+        from tracejail.record import OutputTee
 
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -221,7 +221,7 @@ class JailProcess:
             os.close(out_w)
             os.close(err_w)
         # record's tee without a copy to our own output: keeps a bounded copy of each stream
-        self.readers = [_Tee(out_r, None, self.output_limit), _Tee(err_r, None, self.output_limit)]
+        self.readers = [OutputTee(out_r, None, self.output_limit), OutputTee(err_r, None, self.output_limit)]
         for r in self.readers:
             r.start()
 
@@ -243,9 +243,9 @@ class JailProcess:
         return code if code >= 0 else 128 - code
 
     def listening_ports(self) -> set[int]:
-        from tracejail.record import _listening_ports
+        from tracejail.record import listening_ports
 
-        return _listening_ports(self.pid) if self.running() else set()
+        return listening_ports(self.pid) if self.running() else set()
 
     def stop(self, stop_timeout: float) -> None:
         """SIGTERM the whole tree, then SIGKILL the outer launcher: init dies with it (PDEATHSIG)

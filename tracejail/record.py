@@ -71,7 +71,7 @@ def resolve_command(name: str, path: str | None) -> str:
     return os.path.abspath(found)
 
 
-class _Tee(threading.Thread):
+class OutputTee(threading.Thread):
     """Copies the target's output to our own stream unchanged, keeping a bounded copy."""
 
     def __init__(self, fd: int, out_fd: int | None, limit: int) -> None:
@@ -107,7 +107,7 @@ class _Tee(threading.Thread):
         return self.kept.decode("utf-8", "replace")
 
 
-def _listening_ports(root_pid: int) -> set[int]:
+def listening_ports(root_pid: int) -> set[int]:
     """TCP ports that root_pid or any of its descendants listens on."""
     import psutil   # imported here: plain runs never pay for it
 
@@ -142,14 +142,14 @@ class _PortWatcher(threading.Thread):
     def run(self) -> None:
         # Short runs never pay for importing psutil: the first look waits one interval.
         while not self.done.wait(self.interval):
-            ports = _listening_ports(self.tracer_pid)
+            ports = listening_ports(self.tracer_pid)
             self.current = ports
             if ports - self.seen:
                 self.seen |= ports
                 self.changed.set()
 
     def poll_now(self) -> set[int]:
-        ports = _listening_ports(self.tracer_pid)
+        ports = listening_ports(self.tracer_pid)
         self.seen |= ports
         self.current = ports
         return ports
@@ -234,8 +234,8 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
     os.close(status_w)
     for _r, w in capture_out:
         os.close(w)
-    tees = [_Tee(capture_out[0][0], 1 if opts.passthrough else None, tr.OUTPUT_LIMIT),
-            _Tee(capture_out[1][0], 2 if opts.passthrough else None, tr.OUTPUT_LIMIT)]
+    tees = [OutputTee(capture_out[0][0], 1 if opts.passthrough else None, tr.OUTPUT_LIMIT),
+            OutputTee(capture_out[1][0], 2 if opts.passthrough else None, tr.OUTPUT_LIMIT)]
     for t in tees:
         t.start()
 
@@ -268,7 +268,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
                     if state.finished.is_set() or state.stop_reason:
                         break
                     say(f"exercise: {cmd}")
-                    exercise_results.append(_run_exercise(cmd, opts.exercise_timeout, deadline,
+                    exercise_results.append(run_exercise(cmd, opts.exercise_timeout, deadline,
                                                           opts.exercise_cwd))
                 if not state.finished.is_set() and not state.stop_reason:
                     state.stop_reason = "stopped"
@@ -480,7 +480,7 @@ def _died_message(state: _RunState) -> str:
     return "the command exited before it was ready for the exercises (see its output above)"
 
 
-def _run_exercise(cmd: str, timeout: float, deadline: float | None,
+def run_exercise(cmd: str, timeout: float, deadline: float | None,
                   cwd: str | None = None) -> tr.ExerciseResult:
     if deadline is not None:
         timeout = max(0.1, min(timeout, deadline - time.monotonic()))

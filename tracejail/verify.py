@@ -47,7 +47,7 @@ from tracejail import build as tjbuild
 from tracejail import jail
 from tracejail import trace as tr
 from tracejail.errors import TraceFormatError, TracejailError, UsageError
-from tracejail.record import _listening_ports, _run_exercise, _Tee
+from tracejail.record import listening_ports, run_exercise, OutputTee
 
 NOT_FOUND = ("ENOENT", "ENOTDIR")
 # A lookup no syscall shows: the program listed a directory and did not find a name in it (Python's
@@ -422,7 +422,7 @@ class DockerRunning:
         finally:
             os.close(out_w)
             os.close(err_w)
-        self.readers = [_Tee(out_r, None, tr.OUTPUT_LIMIT), _Tee(err_r, None, tr.OUTPUT_LIMIT)]
+        self.readers = [OutputTee(out_r, None, tr.OUTPUT_LIMIT), OutputTee(err_r, None, tr.OUTPUT_LIMIT)]
         for r in self.readers:
             r.start()
         self._pid: int | None = None
@@ -449,7 +449,7 @@ class DockerRunning:
         if pid is None:
             return None   # not started yet, or an engine on another machine
         # With the host's network the namespace is ours: ask for the container's own sockets.
-        return _listening_ports(pid) if self.host_network else netns_listening(pid)
+        return listening_ports(pid) if self.host_network else netns_listening(pid)
 
     def stop(self, stop_timeout: float) -> None:
         try:
@@ -524,7 +524,7 @@ def replay(start: Callable[[], Running], run: tr.Run, opts: VerifyOptions) -> Ou
                 if not proc.running():
                     error = "the command exited during the exercises"
                     break
-                results.append(_run_exercise(ex.command, opts.exercise_timeout, None, cwd))
+                results.append(run_exercise(ex.command, opts.exercise_timeout, None, cwd))
             if not proc.running():
                 status = proc.wait(0)
         else:
