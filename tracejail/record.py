@@ -9,13 +9,10 @@ Process layout::
 """
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import marshal
 import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -156,7 +153,7 @@ class _PortWatcher(threading.Thread):
 
 
 def _tracer_process(argv: list[str], executable: str, env: dict[str, str], opts: RecordOptions,
-                    stdout_w: int | None, stderr_w: int | None, status_w: int, result_path: str,
+                    stdout_w: int | None, stderr_w: int | None, status_w: int, result_fd: int,
                     foreground_tty: int | None) -> None:
     """Body of the forked tracer process. Never returns."""
     code = 0
@@ -180,7 +177,7 @@ def _tracer_process(argv: list[str], executable: str, env: dict[str, str], opts:
         os.write(status_w, f"ok {pid} {tracer.result.mode}\n".encode())
         os.close(status_w)
         result = tracer.run()
-        with open(result_path, "wb") as f:
+        with os.fdopen(result_fd, "wb") as f:
             marshal.dump(result_to_plain(result), f)
     except BaseException as exc:   # report, never fall back into the recorder's code
         try:
@@ -206,8 +203,8 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
 
     capture_out = [os.pipe(), os.pipe()]
     status_r, status_w = os.pipe()
-    fd_tmp, result_path = tempfile.mkstemp(prefix="tracejail-result-")
-    os.close(fd_tmp)
+    # The tracer process hands its result back in an anonymous memory file: nothing on disk.
+    result_fd = os.memfd_create("tracejail-result", 0)
     foreground_tty = None
     try:
         if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
@@ -216,7 +213,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
         foreground_tty = None
 
     started = time.monotonic()
-    started_at = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     old_cwd = os.getcwd()
     if opts.cwd:
         os.chdir(cwd)
@@ -227,7 +224,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
             for r, _w in capture_out:
                 os.close(r)
             _tracer_process(list(argv), executable, env, opts, capture_out[0][1], capture_out[1][1],
-                            status_w, result_path, foreground_tty)
+                            status_w, result_fd, foreground_tty)
     finally:
         if opts.cwd:
             os.chdir(old_cwd)
@@ -245,7 +242,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
         os.close(status_r)
         if not status_line.startswith("ok "):
             _reap(tracer_pid)
-            _cleanup(result_path)
+            os.close(result_fd)
             if status_line.startswith("eperm"):
                 raise TracejailError(
                     "ptrace is not permitted here: run as root, or give the container SYS_PTRACE "
@@ -281,12 +278,11 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
             t.join(timeout=5)
 
     try:
-        with open(result_path, "rb") as f:
+        with os.fdopen(result_fd, "rb") as f:
+            f.seek(0)
             result = marshal.load(f)
     except (OSError, EOFError, ValueError, TypeError):
         result = None
-    finally:
-        _cleanup(result_path)
     if result is None:
         raise TracejailError("the tracer ended without a result (was it killed?); nothing was written", 4)
     if ready_error and not opts.keep_unready:
@@ -420,13 +416,6 @@ def _read_line(fd: int) -> str:
     return data.decode("utf-8", "replace")
 
 
-def _cleanup(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def _wait_finished(state: _RunState, deadline: float | None, stop_timeout: float) -> None:
     while not state.finished.is_set():
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -484,6 +473,8 @@ def run_exercise(cmd: str, timeout: float, deadline: float | None,
                   cwd: str | None = None) -> tr.ExerciseResult:
     if deadline is not None:
         timeout = max(0.1, min(timeout, deadline - time.monotonic()))
+    import subprocess   # here: plain records never pay for importing it
+
     t0 = time.monotonic()
     timed_out = False
     try:

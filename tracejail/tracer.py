@@ -32,7 +32,27 @@ import stat as stat_mod
 import struct
 from dataclasses import dataclass, field
 
-from ptrace.binding import func as pb
+
+def _import_ptrace_binding():   # noqa: ANN202
+    """python-ptrace looks libc up with ctypes.util.find_library, which runs `ldconfig -p` (~7 ms
+    of every record's start-up); on glibc its answer is known."""
+    import ctypes.util
+
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError):
+        glibc = None
+    original = ctypes.util.find_library
+    if glibc:
+        ctypes.util.find_library = lambda name: "libc.so.6" if name == "c" else original(name)
+    try:
+        from ptrace.binding import func
+    finally:
+        ctypes.util.find_library = original
+    return func
+
+
+pb = _import_ptrace_binding()
 
 from tracejail import seccomp
 
@@ -296,6 +316,7 @@ class Tracer:
         self.pre_exec: set[int] = set()
         self.exited: set[int] = set()            # tids whose exit came before their fork event
         self.stashed: set[int] = set()           # new tids stopped before their parent's event
+        self.header_cache: dict[tuple, str | None] = {}   # PT_INTERP / #! per file version
         self.result: TraceResult | None = None
         self._stop_requested = 0
 
@@ -524,7 +545,7 @@ class Tracer:
         else:
             proc.argv, proc.exe = argv, exe
         if exe:
-            interp = elf_interpreter(exe)
+            interp = self._cached(elf_interpreter, exe)
             if interp:   # the kernel opened it: no syscall names it
                 key = (interp, "exec", "kernel:interp", "ok" if _exists(interp) else "ENOENT", tid)
                 res.events[key] = res.events.get(key, 0) + 1
@@ -691,10 +712,22 @@ class Tracer:
             key = (path, kind, name, result, tgid)
             events[key] = events.get(key, 0) + 1
 
+    def _cached(self, reader, path: str) -> str | None:   # noqa: ANN001
+        """`reader(path)`, remembered per file version: a fork-heavy program execs the same few
+        binaries again and again."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        key = (reader, path, st.st_ino, st.st_mtime_ns, st.st_size)
+        if key not in self.header_cache:
+            self.header_cache[key] = reader(path)
+        return self.header_cache[key]
+
     def _record_shebangs(self, path: str, tgid: int, events: dict) -> None:
         # The kernel opens `#!` interpreters itself; follow the chain like binfmt_script does.
         for _ in range(4):
-            interp = shebang_interpreter(path)
+            interp = self._cached(shebang_interpreter, path)
             if not interp:
                 return
             key = (interp, "exec", "kernel:shebang", "ok" if os.path.exists(interp) else "ENOENT", tgid)
