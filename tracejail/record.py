@@ -252,7 +252,9 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
         state.root_pid = int(pid_s)
         if mode != "seccomp":
             warnings.append("seccomp is unavailable: tracing every syscall (slower)")
-        watcher = _PortWatcher(tracer_pid, 0.1 if opts.exercises else 0.5)
+        # Plain runs are polled rarely: a short program never pays for psutil, a long server
+        # still gets its ports recorded.
+        watcher = _PortWatcher(tracer_pid, 0.1 if opts.exercises else 1.0)
         watcher.start()
         exercise_results: list[tr.ExerciseResult] = []
         ready_error: str | None = None
