@@ -128,11 +128,19 @@ def _readlink(path: str) -> str | None:
 
 
 def _read_cmdline(pid: int) -> list[str]:
+    # os.open/os.read: Python's open() adds fstat, ioctl and lseek calls, at every exec
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
+        fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return []
+    try:
+        raw = b""
+        while chunk := os.read(fd, 65536):
+            raw += chunk
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
     return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]]
 
 
