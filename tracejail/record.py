@@ -54,18 +54,20 @@ class Recording:
 
 
 
-def resolve_command(name: str, path: str | None) -> str:
-    """Find COMMAND like a shell: names with a slash as they are, others on PATH."""
+def resolve_command(name: str, path: str | None, cwd: str | None = None) -> str:
+    """Find COMMAND like a shell in `cwd`: names with a slash as they are, others on PATH."""
+    base = cwd or os.getcwd()
     if "/" in name:
-        if not os.path.exists(name):
+        full = os.path.join(base, name)
+        if not os.path.exists(full):
             raise CommandNotFound(f"command not found: {name}")
-        if os.path.isdir(name) or not os.access(name, os.X_OK):
+        if os.path.isdir(full) or not os.access(full, os.X_OK):
             raise TracejailError(f"permission denied: {name} is not an executable file", 126)
-        return os.path.abspath(name)
+        return os.path.normpath(full)
     found = shutil.which(name, path=path)
     if found is None:
         raise CommandNotFound(f"command not found: {name}")
-    return os.path.abspath(found)
+    return os.path.normpath(os.path.join(base, found))   # a relative PATH entry, like a shell
 
 
 class OutputTee(threading.Thread):
@@ -196,7 +198,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
     if not argv:
         raise UsageError("no command given: put it after `--`, e.g. tracejail record -- python3 app.py")
     env = dict(os.environ if opts.env is None else opts.env)
-    executable = resolve_command(argv[0], env.get("PATH"))
+    executable = resolve_command(argv[0], env.get("PATH"), opts.cwd)
     cwd = os.path.abspath(opts.cwd or os.getcwd())
     warnings: list[str] = []
     say = progress or (lambda _msg: None)
