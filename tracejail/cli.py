@@ -178,17 +178,6 @@ class _Progress:
             self.bar = None
 
 
-def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
-
-
 @main.command(context_settings=CONTEXT)
 @click.argument("trace_file", metavar="TRACE.json", type=click.Path(dir_okay=False))
 @click.option("-t", "--tag", metavar="NAME[:TAG]", help="Image name; loaded into Docker when reachable.")
@@ -228,6 +217,7 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
 
     from tracejail.build import BuildOptions
     from tracejail.build import build as do_build
+    from tracejail.inspect import human
 
     opts = BuildOptions(
         tag=tag, output=output, rootfs_dir=rootfs_dir, oci_dir=oci_dir, user=user,
@@ -247,9 +237,9 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
         return
     for w in result.warnings:
         click.echo(f"tracejail: note: {w}", err=True)
-    lines = [f"{summary['files']} files, {_human(summary['bytes'])} on disk"]
+    lines = [f"{summary['files']} files, {human(summary['bytes'])} on disk"]
     if summary["image_size"] is not None:
-        lines.append(f"image {_human(summary['image_size'])} compressed -> {summary['archive'] or oci_dir}")
+        lines.append(f"image {human(summary['image_size'])} compressed -> {summary['archive'] or oci_dir}")
     if result.loaded_id:
         lines.append(f"loaded into Docker as {tag} ({result.loaded_id[:19]})")
     if result.rootfs_dir:
@@ -257,7 +247,7 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
     if result.sbom:
         lines.append(f"SBOM ({sbom_format}) -> {result.sbom}")
     lines.append("biggest directories:")
-    lines += [f"  {_human(d['bytes']):>9}  {d['path']}" for d in summary["biggest_directories"]]
+    lines += [f"  {human(d['bytes']):>9}  {d['path']}" for d in summary["biggest_directories"]]
     if summary["left_out"]:
         lines.append("left out:")
         lines += [f"  {v['count']:>5}  {rule}" for rule, v in summary["left_out"].items()]
