@@ -42,7 +42,7 @@ def gcc(tmp: Path, name: str, source: str, *flags: str) -> Path:
 
 
 def no_leftovers(marker: str) -> list[psutil.Process]:
-    """Processes still alive whose command line holds `marker`."""
+    """Processes still alive whose command line holds `marker` (make it unique to the test)."""
     found = []
     for p in psutil.process_iter(["cmdline", "status"]):
         try:
@@ -333,16 +333,16 @@ def test_server_with_exercises(tmp_path: Path) -> None:
 def test_ready_timeout_and_ready_delay(tmp_path: Path) -> None:
     out = tmp_path / "t.json"
     proc = run_tj("record", "-o", str(out), "--ready-timeout", "1", "--exercise", "true",
-                  "--", "sleep", "30")
+                  "--", "sleep", "30.0417")
     assert proc.returncode == 1
     assert "did not listen" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
-    assert no_leftovers("sleep 30") == []
+    assert no_leftovers("sleep 30.0417") == []
     proc = run_tj("record", "-o", str(out), "--ready-delay", "0.2", "--exercise", "echo hi",
-                  "--", "sleep", "31")
+                  "--", "sleep", "31.0417")
     assert proc.returncode == 0, proc.stderr
     assert load(out).runs[0].exercises[0].stdout == "hi\n"
-    assert no_leftovers("sleep 31") == []
+    assert no_leftovers("sleep 31.0417") == []
 
 
 def test_append_merges_runs(tmp_path: Path) -> None:
@@ -362,7 +362,7 @@ def test_ctrl_c_mid_record_writes_trace_and_leaves_nothing(tmp_path: Path) -> No
     script = tmp_path / "ctrlc_marker.py"
     script.write_text("import subprocess, sys, time\n"
                       "open('/etc/hostname').read()\n"
-                      "child = subprocess.Popen(['sleep', '40'])\n"
+                      "child = subprocess.Popen(['sleep', '40.0417'])\n"
                       "try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
                       "except KeyboardInterrupt:\n    print('interrupted', flush=True); sys.exit(130)\n")
     out = tmp_path / "t.json"
@@ -379,7 +379,7 @@ def test_ctrl_c_mid_record_writes_trace_and_leaves_nothing(tmp_path: Path) -> No
     assert "/etc/hostname" in ok_paths(trace)
     time.sleep(0.2)
     # the sleep child shares the process group and got the SIGINT too, like from a terminal
-    assert no_leftovers("ctrlc_marker") == [] and no_leftovers("sleep 40") == []
+    assert no_leftovers("ctrlc_marker") == [] and no_leftovers("sleep 40.0417") == []
 
 
 def test_bad_inputs(tmp_path: Path) -> None:
@@ -455,13 +455,13 @@ def test_timeout_bounds_the_run(tmp_path: Path) -> None:
     out = tmp_path / "t.json"
     t0 = time.monotonic()
     proc = run_tj("record", "-o", str(out), "--timeout", "1", "--stop-timeout", "1", "--",
-                  "sh", "-c", "cat /etc/hostname >/dev/null; sleep 33")
+                  "sh", "-c", "cat /etc/hostname >/dev/null; sleep 33.0417")
     assert time.monotonic() - t0 < 20
     run = load(out).runs[0]
     assert run.stop_reason == "timeout"
     assert proc.returncode == 128 + signal.SIGTERM and run.exit_signal == signal.SIGTERM
     assert "/etc/hostname" in ok_paths(load(out))
-    assert no_leftovers("sleep 33") == []
+    assert no_leftovers("sleep 33.0417") == []
 
 
 def test_seccomp_filter_stops_only_on_file_syscalls() -> None:
