@@ -36,7 +36,8 @@ WORKLOADS = {
 def tracers(out_dir: str) -> dict[str, list[str]]:
     trace_set = ",".join(sorted(SYSCALLS))
     tj = [sys.executable, "-m", "tracejail", "record", "-o", os.path.join(out_dir, "t.json"), "--"]
-    found = {"native": [], "tracejail": tj}
+    found = {"native": [], "tracejail": tj,
+             "tracejail --pin-cpu": tj[:-1] + ["--pin-cpu", "--"]}
     if shutil.which("strace"):
         found["strace -f"] = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={trace_set}"]
         found["strace -f --seccomp-bpf"] = ["strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null",

@@ -483,3 +483,11 @@ def test_dev_tty_without_a_terminal_is_a_failed_open(tmp_path: Path) -> None:
         assert "no-tty" in proc.stdout, proc.stderr
         results = {a.result for a in load(out).files["/dev/tty"].accesses}
         assert results == {"ENXIO"}, (extra, results)
+
+
+def test_pin_cpu_runs_tracer_and_program_on_one_cpu(tmp_path: Path) -> None:
+    rec = record(["sh", "-c", "grep Cpus_allowed_list /proc/self/status"],
+                 RecordOptions(pin_cpu=True, passthrough=False))
+    allowed = rec.run.stdout.split(":")[1].strip()
+    assert allowed == str(min(os.sched_getaffinity(0)))
+    assert "/proc/self/status" in ok_paths(rec.trace)

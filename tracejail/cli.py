@@ -103,13 +103,17 @@ def main() -> None:
 @click.option("--exact", is_flag=True,
               help="Also stop at syscall exit and keep the kernel's result of every call (slower).")
 @click.option("--no-seccomp", is_flag=True, help="Trace every syscall (debugging; much slower).")
+@click.option("--pin-cpu", is_flag=True,
+              help="Run the tracer and the program on one CPU: stops get cheaper, but a parallel "
+                   "program is serialized.")
 @click.option("--keep-env", multiple=True, metavar="NAME",
               help="Keep this secret-looking environment value unredacted (repeatable).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARG...]")
 @handle_errors
 def record(output: str, exercises: tuple[str, ...], ready_port: int | None, ready_delay: float | None,
            ready_timeout: float, stop_timeout: float, timeout: float | None, append: bool,
-           exact: bool, no_seccomp: bool, keep_env: tuple[str, ...], command: tuple[str, ...]) -> None:
+           exact: bool, no_seccomp: bool, pin_cpu: bool, keep_env: tuple[str, ...],
+           command: tuple[str, ...]) -> None:
     """Run COMMAND under the tracer and record every file its process tree touches.
 
     Without --exercise, waits for COMMAND (and everything it started) to exit, and exits with
@@ -129,7 +133,7 @@ def record(output: str, exercises: tuple[str, ...], ready_port: int | None, read
     previous = tr.load(output) if append and os.path.exists(output) else None
     opts = RecordOptions(exercises=list(exercises), ready_port=ready_port, ready_delay=ready_delay,
                          ready_timeout=ready_timeout, stop_timeout=stop_timeout, timeout=timeout,
-                         use_seccomp=not no_seccomp, exact=exact, keep_env=keep_env)
+                         use_seccomp=not no_seccomp, exact=exact, pin_cpu=pin_cpu, keep_env=keep_env)
     rec = do_record(list(command), opts, progress=_note)
     for w in rec.warnings:
         click.echo(f"tracejail: warning: {w}", err=True)

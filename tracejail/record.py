@@ -35,6 +35,7 @@ class RecordOptions:
     exercise_timeout: float = 60.0
     use_seccomp: bool = True
     exact: bool = False               # stop at syscall exit too and keep the kernel's results
+    pin_cpu: bool = False             # tracer and program on one CPU: faster stops, no parallelism
     keep_env: Sequence[str] = ()      # environment names to keep unredacted (asked by name)
     passthrough: bool = True          # copy the target's output to our stdout/stderr
     env: dict[str, str] | None = None # environment for the command (default: ours)
@@ -163,6 +164,10 @@ def _tracer_process(argv: list[str], executable: str, env: dict[str, str], opts:
         from tracejail.tracer import PtraceNotPermitted, Tracer, become_tracer_process, result_to_plain
 
         become_tracer_process()
+        if opts.pin_cpu:
+            # Each stop wakes the tracer; across CPUs that costs most of a stop here. The program
+            # inherits the mask, so it runs on this one CPU too.
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         tracer = Tracer(argv, executable, env, use_seccomp=opts.use_seccomp, exact=opts.exact,
                         stdout_fd=stdout_w, stderr_fd=stderr_w, foreground_tty=foreground_tty)
         try:
