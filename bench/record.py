@@ -84,6 +84,9 @@ def main() -> None:
         gm = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
         print(f"\ngeometric mean tracejail / strace -f --seccomp-bpf: {gm:.2f} (target <= 1.3); "
               f"median of {args.reps} interleaved runs each")
+        pinned = [med[(w, "tracejail --pin-cpu")] / med[(w, "strace -f --seccomp-bpf")] for w in WORKLOADS]
+        gm_pinned = math.exp(sum(math.log(r) for r in pinned) / len(pinned))
+        print(f"geometric mean tracejail --pin-cpu / strace -f --seccomp-bpf: {gm_pinned:.2f}")
 
 
 if __name__ == "__main__":
