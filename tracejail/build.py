@@ -150,7 +150,7 @@ def _default_archive(tag: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name.split("@")[0].replace(":", "_")) + ".tar"
 
 
-def _generated_entries(p: rootfs.Plan, fs: fsel.FileSet, uid: int, gid: int, workdir: str) -> list[str]:
+def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str) -> list[str]:
     """/tmp, and passwd/group that know root and the image user, so getpwuid works."""
     notes = []
     p.entries["/tmp"] = rootfs.Entry("/tmp", "dir", 0o1777, None, None, 0, 0, 0)
@@ -163,21 +163,21 @@ def _generated_entries(p: rootfs.Plan, fs: fsel.FileSet, uid: int, gid: int, wor
             p.entries["/etc"] = rootfs.Entry("/etc", "dir", 0o755, None, None, 0, 0, 0)
         p.entries[path] = rootfs.Entry(path, "file", 0o644, src, None, len(content.encode()), 0, 0)
 
-    home = "/home/nonroot" if uid not in (0,) else "/root"
+    home = "/home/nonroot" if uid != 0 else "/root"
     for path, name_line, user_line in (
         ("/etc/passwd", "root:x:0:0:root:/root:/sbin/nologin\n",
          f"{IMAGE_USER_NAME}:x:{uid}:{gid}:{IMAGE_USER_NAME}:{home}:/sbin/nologin\n"),
         ("/etc/group", "root:x:0:\n", f"{IMAGE_USER_NAME}:x:{gid}:\n"),
     ):
         entry = p.entries.get(path)
+        if entry is not None and entry.kind != "file":
+            continue   # a symlink to somewhere: leave the host's arrangement alone
         host_text = ""
-        if entry is not None and entry.kind == "file" and entry.source:
+        if entry is not None and entry.source:
             with open(entry.source, encoding="utf-8", errors="replace") as f:
                 host_text = f.read()
         ident = uid if path == "/etc/passwd" else gid
         known = {line.split(":")[2] for line in host_text.splitlines() if line.count(":") >= 2}
-        if entry is not None and entry.kind != "file":
-            continue   # a symlink to somewhere: leave the host's arrangement alone
         text = host_text or name_line
         if str(ident) not in known and ident != 0:
             text = (text if text.endswith("\n") or not text else text + "\n") + user_line
@@ -250,7 +250,7 @@ def build(trace_path: str, options: BuildOptions,
     labels[LABEL_CREATED] = cfg.created
 
     with tempfile.TemporaryDirectory(prefix="tracejail-build-") as workdir:
-        notes = _generated_entries(plan, files, uid, gid, workdir)
+        notes = _generated_entries(plan, uid, gid, workdir)
         from tracejail import provenance
 
         metadata = provenance.add_build_metadata(

@@ -141,9 +141,10 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions()) -> FileSet
                 fs.vanished.append(path)
             continue
         kinds = rec.kinds
-        reason = rec.reason if rec.added_by else "traced:" + ",".join(sorted(kinds))
         if rec.added_by:
             reason = f"added by {rec.added_by}: {rec.reason or ''}".strip()
+        else:
+            reason = "traced:" + ",".join(sorted(kinds))
         try:
             is_dir = stat_mod.S_ISDIR(os.stat(path).st_mode)
         except OSError:
@@ -180,14 +181,10 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions()) -> FileSet
     return fs
 
 
-def _run_env(trace: tr.Trace) -> dict[str, str]:
-    return trace.runs[0].environment if trace.runs else {}
-
-
 def _add_closure(trace: tr.Trace, fs: FileSet) -> None:
     from tracejail import closure
 
-    env = _run_env(trace)
+    env = trace.runs[0].environment if trace.runs else {}
     loader_env = closure.LoaderEnv(ld_library_path=env.get("LD_LIBRARY_PATH"), path=env.get("PATH"),
                                    ld_preload=env.get("LD_PRELOAD"),
                                    cwd=trace.runs[0].cwd if trace.runs else None)

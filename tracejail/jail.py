@@ -203,27 +203,15 @@ class JailProcess:
     readers: list[OutputTee] = field(default_factory=list)
 
     def start(self) -> None:
-        from tracejail.record import OutputTee
+        from tracejail.record import spawn_captured
 
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         try:
             # Own session: a Ctrl-C meant for verify does not reach the jail; verify stops it.
-            self.proc = subprocess.Popen(launcher_argv(self.spec), env=launcher_env(),
-                                         stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                                         start_new_session=True)
+            self.proc, self.readers = spawn_captured(launcher_argv(self.spec), launcher_env(),
+                                                     self.output_limit)
         except BaseException:
-            os.close(out_r)
-            os.close(err_r)
             remove_workdir(self.spec.workdir)
             raise
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-        # record's tee without a copy to our own output: keeps a bounded copy of each stream
-        self.readers = [OutputTee(out_r, None, self.output_limit), OutputTee(err_r, None, self.output_limit)]
-        for r in self.readers:
-            r.start()
 
     @property
     def pid(self) -> int:

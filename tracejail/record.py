@@ -22,6 +22,7 @@ from tracejail import trace as tr
 from tracejail.errors import CommandNotFound, TracejailError, UsageError
 
 EXERCISE_OUTPUT_LIMIT = 256 * 1024
+DIED_BEFORE_READY = "the command exited before it was ready for the exercises (see its output above)"
 
 
 @dataclass
@@ -49,10 +50,12 @@ class RecordOptions:
 class Recording:
     trace: tr.Trace
     run: tr.Run
-    exercises_ok: bool
     warnings: list[str]
     ready_error: str | None = None    # only with RecordOptions.keep_unready
 
+    @property
+    def exercises_ok(self) -> bool:
+        return all(e.exit_code == 0 for e in self.run.exercises)
 
 
 def resolve_command(name: str, path: str | None, cwd: str | None = None) -> str:
@@ -107,6 +110,29 @@ class OutputTee(threading.Thread):
         return self.kept.decode("utf-8", "replace")
 
 
+def spawn_captured(argv: list[str], env: dict[str, str] | None, limit: int):   # noqa: ANN201
+    """Start `argv` in its own session with stdin from /dev/null, keeping a bounded copy of its
+    stdout and stderr (tees without a copy to our own output). Returns (Popen, [out, err])."""
+    import subprocess
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                start_new_session=True)
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    readers = [OutputTee(out_r, None, limit), OutputTee(err_r, None, limit)]
+    for r in readers:
+        r.start()
+    return proc, readers
+
+
 def listening_ports(root_pid: int) -> set[int]:
     """TCP ports that root_pid or any of its descendants listens on."""
     import psutil   # imported here: plain runs never pay for it
@@ -135,23 +161,16 @@ class _PortWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.tracer_pid, self.interval = tracer_pid, interval
         self.seen: set[int] = set()
-        self.current: set[int] = set()
-        self.changed = threading.Event()
         self.done = threading.Event()
 
     def run(self) -> None:
         # Short runs never pay for importing psutil: the first look waits one interval.
         while not self.done.wait(self.interval):
-            ports = listening_ports(self.tracer_pid)
-            self.current = ports
-            if ports - self.seen:
-                self.seen |= ports
-                self.changed.set()
+            self.seen |= listening_ports(self.tracer_pid)
 
     def poll_now(self) -> set[int]:
         ports = listening_ports(self.tracer_pid)
         self.seen |= ports
-        self.current = ports
         return ports
 
 
@@ -318,8 +337,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
     )
     trace = tr.Trace(runs=[run], host=tr.host_info())
     _fill_files(trace, result, run_index=0)
-    ok = all(e.exit_code == 0 for e in exercise_results)
-    return Recording(trace=trace, run=run, exercises_ok=ok, warnings=warnings, ready_error=ready_error)
+    return Recording(trace=trace, run=run, warnings=warnings, ready_error=ready_error)
 
 
 def _fill_files(trace: tr.Trace, result: dict, run_index: int) -> None:
@@ -456,7 +474,7 @@ def _wait_ready(state: _RunState, watcher: _PortWatcher, opts: RecordOptions,
         end = start + opts.ready_delay
         while time.monotonic() < end:
             if state.finished.wait(min(0.1, max(0.0, end - time.monotonic()))):
-                return _died_message(state)
+                return DIED_BEFORE_READY
         return None
     limit = start + opts.ready_timeout
     if deadline is not None:
@@ -466,7 +484,7 @@ def _wait_ready(state: _RunState, watcher: _PortWatcher, opts: RecordOptions,
         if (opts.ready_port in ports) if opts.ready_port else bool(ports):
             return None
         if state.finished.is_set():
-            return _died_message(state)
+            return DIED_BEFORE_READY
         if state.stop_reason:
             return None   # interrupted while waiting: write what ran
         if time.monotonic() >= limit:
@@ -474,10 +492,6 @@ def _wait_ready(state: _RunState, watcher: _PortWatcher, opts: RecordOptions,
             return (f"the command did not listen on {what} within {opts.ready_timeout:g}s; "
                     "raise --ready-timeout, or use --ready-port / --ready-delay")
         state.finished.wait(0.05)
-
-
-def _died_message(state: _RunState) -> str:
-    return "the command exited before it was ready for the exercises (see its output above)"
 
 
 def run_exercise(cmd: str, timeout: float, deadline: float | None,

@@ -47,7 +47,7 @@ from tracejail import build as tjbuild
 from tracejail import jail
 from tracejail import trace as tr
 from tracejail.errors import TraceFormatError, TracejailError, UsageError
-from tracejail.record import listening_ports, run_exercise, OutputTee
+from tracejail.record import listening_ports, run_exercise, spawn_captured
 
 NOT_FOUND = ("ENOENT", "ENOTDIR")
 # A lookup no syscall shows: the program listed a directory and did not find a name in it (Python's
@@ -409,22 +409,8 @@ class DockerRunning:
 
     def __init__(self, argv: list[str], env: Mapping[str, str] | None, name: str, host_network: bool) -> None:
         self.env, self.name, self.host_network = env, name, host_network
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
-            self.proc = subprocess.Popen(argv, env=dict(env) if env is not None else None,
-                                         stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                                         start_new_session=True)
-        except BaseException:
-            os.close(out_r)
-            os.close(err_r)
-            raise
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-        self.readers = [OutputTee(out_r, None, tr.OUTPUT_LIMIT), OutputTee(err_r, None, tr.OUTPUT_LIMIT)]
-        for r in self.readers:
-            r.start()
+        self.proc, self.readers = spawn_captured(argv, dict(env) if env is not None else None,
+                                                 tr.OUTPUT_LIMIT)
         self._pid: int | None = None
 
     def running(self) -> bool:
