@@ -1,0 +1,108 @@
+"""Private keys found by content, whatever the file is called; format constants are not keys."""
+from __future__ import annotations
+
+import base64
+import glob
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tracejail.sensitive import HEAD_BYTES, private_key_in, sensitive_name
+
+
+def pem(label: str, body: bytes, headers: str = "") -> bytes:
+    b64 = base64.encodebytes(body).decode()
+    return f"-----BEGIN {label}-----\n{headers}{b64}-----END {label}-----\n".encode()
+
+
+def check(data: bytes) -> str | None:
+    return private_key_in(data[:HEAD_BYTES], len(data))
+
+
+@pytest.mark.parametrize("label", ["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY", "DSA PRIVATE KEY",
+                                   "OPENSSH PRIVATE KEY", "ENCRYPTED PRIVATE KEY", "PGP PRIVATE KEY BLOCK"])
+def test_pem_private_key_blocks(label: str) -> None:
+    assert check(pem(label, os.urandom(600))) == f"a PEM {label}"
+
+
+def test_key_buried_in_a_file_with_an_innocent_name_and_other_text() -> None:
+    data = b"# deployment notes\nhost=db1\n\n" + pem("RSA PRIVATE KEY", os.urandom(900),
+                                                     "Proc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00\n\n")
+    assert check(data) == "a PEM RSA PRIVATE KEY"
+
+
+def test_key_pasted_into_source_code() -> None:
+    body = base64.b64encode(os.urandom(300)).decode()
+    src = f'KEY = ("-----BEGIN PRIVATE KEY-----\\n"\n       "{body[:64]}\\n" + "{body[64:]}")\n'
+    assert check(src.encode()) == "a PEM PRIVATE KEY"
+
+
+@pytest.mark.parametrize("data", [
+    b'MARK_BEGIN = "-----BEGIN OPENSSH PRIVATE KEY-----\\n"\x00-----END OPENSSH PRIVATE KEY-----\x00',
+    b'if line.startswith("-----BEGIN RSA PRIVATE KEY-----"):\n    parse(line)\n',
+    b"-----BEGIN PRIVATE KEY-----\n...\n-----END PRIVATE KEY-----\n",
+    pem("CERTIFICATE", os.urandom(600)),
+    pem("PUBLIC KEY", os.urandom(300)),
+], ids=["binary-constant", "parser", "doc-example", "certificate", "public-key"])
+def test_format_constants_and_certificates_are_not_keys(data: bytes) -> None:
+    assert check(data) is None
+
+
+def _der(inner: bytes) -> bytes:
+    n = len(inner)
+    return b"\x30\x82" + n.to_bytes(2, "big") + inner
+
+
+def test_der_keys_span_the_whole_file() -> None:
+    pkcs8 = _der(b"\x02\x01\x00\x30\x0d\x06\x09\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01\x05\x00\x04\x82\x01\x00"
+                 + os.urandom(256))
+    assert check(pkcs8) == "a DER PKCS#8 private key"
+    assert check(pkcs8 + b"trailing") is None            # not one DER structure: not judged a key
+    sec1 = bytes([0x30, 0x77, 0x02, 0x01, 0x01, 0x04, 0x20]) + os.urandom(0x77 - 5)
+    assert check(sec1) == "a DER SEC1 (EC) private key"
+
+
+def test_sensitive_names() -> None:
+    assert sensitive_name("/etc/shadow") == "/etc/shadow"
+    assert sensitive_name("/home/u/.ssh/id_ed25519") == "*/.ssh/*"
+    assert sensitive_name("/root/.docker/config.json") == "*/.docker/config.json"
+    assert sensitive_name("/etc/shadowfax") is None
+    assert sensitive_name("/usr/lib/python3/dist-packages/ssh/client.py") is None
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_real_keys_made_by_openssl(tmp_path: Path) -> None:
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+    run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "k.pem")
+    run("pkey", "-in", "k.pem", "-outform", "DER", "-out", "k.der")
+    run("pkcs8", "-topk8", "-in", "k.pem", "-v2", "aes-256-cbc", "-passout", "pass:x", "-outform", "DER",
+        "-out", "enc.der")
+    run("req", "-x509", "-key", "k.pem", "-subj", "/CN=x", "-out", "cert.pem")
+    run("x509", "-in", "cert.pem", "-outform", "DER", "-out", "cert.der")
+    run("pkcs12", "-export", "-inkey", "k.pem", "-in", "cert.pem", "-passout", "pass:x", "-out", "both.p12")
+    run("pkcs12", "-export", "-nokeys", "-in", "cert.pem", "-passout", "pass:x", "-out", "trust.p12")
+    found = {f: check((tmp_path / f).read_bytes()) for f in
+             ("k.pem", "k.der", "enc.der", "cert.pem", "cert.der", "both.p12", "trust.p12")}
+    assert found["k.pem"] and found["k.der"] and found["enc.der"] and found["both.p12"]
+    assert found["cert.pem"] is None and found["cert.der"] is None and found["trust.p12"] is None
+
+
+def test_no_false_positive_on_this_machines_binaries_and_trust_stores() -> None:
+    """ssh carries the OpenSSH key marker, libcrypto every PEM label, Java trust stores are
+    keystores: none holds a key."""
+    candidates = ["/usr/bin/ssh", "/usr/bin/ssh-keygen", "/usr/bin/openssl", "/etc/ssl/certs/ca-certificates.crt",
+                  "/etc/ssl/certs/java/cacerts", *glob.glob("/usr/lib/x86_64-linux-gnu/libcrypto.so.*"),
+                  *glob.glob("/usr/lib/x86_64-linux-gnu/libssl.so.*"), *glob.glob("/usr/lib/python3*/ssl.py")]
+    checked = 0
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                head = f.read(HEAD_BYTES)
+            assert private_key_in(head, os.path.getsize(path)) is None, path
+            checked += 1
+    assert checked >= 2

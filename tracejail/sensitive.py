@@ -1,0 +1,144 @@
+"""What must never reach an image: credentials by name, and private keys by content.
+
+Names are judged on canonical paths (every hop a path takes, and the file it reaches: see
+root.Resolution), so a symlink or a `..` spelling cannot smuggle `/etc/shadow` in. Content is
+judged on the first bytes of every kept regular file, whatever its name: PEM private-key
+blocks (PKCS#1, PKCS#8, SEC1, OpenSSH, encrypted), PGP private key blocks, SSH2 and PuTTY key
+files, DER PKCS#8 / PKCS#1 / SEC1 / encrypted PKCS#8 keys, PKCS#12 files holding a key bag, and
+Java keystores holding a private-key entry. A format constant in a binary (ssh carries the
+OpenSSH marker) or in a parser's source is not a key: a PEM marker counts only when a base64 body
+follows it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+import struct
+
+# Never copied unless their real path is named with --include: credentials, keys, histories.
+SENSITIVE_GLOBS = (
+    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
+    "/etc/sudoers.d/*", "/etc/ssl/private/*", "/etc/ssh/ssh_host_*_key",
+    "*/.ssh/*", "*/.aws/*", "*/.docker/config.json", "*/.netrc", "*/.git-credentials",
+    "*/.pgpass", "*/.kube/config", "*/.config/gcloud/*", "*/.azure/*", "*/.gnupg/*",
+    "*/.bash_history", "*/.zsh_history", "*/.sh_history", "*/.python_history",
+    "*/.psql_history", "*/.mysql_history", "*/.sqlite_history", "*/.node_repl_history",
+    "*/.lesshst", "*/.viminfo",
+    "*/id_rsa", "*/id_dsa", "*/id_ecdsa", "*/id_ed25519", "*.key",
+)
+
+# How much of each file the content check reads.
+HEAD_BYTES = 1 << 20
+
+_PEM_BEGIN = re.compile(rb"-----BEGIN ((?:[A-Z0-9]+ ){0,3})PRIVATE KEY( BLOCK)?-----")
+_SSH2_BEGIN = re.compile(rb"---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----")
+_PUTTY = re.compile(rb"\APuTTY-User-Key-File-[0-9]+: [^\r\n]+\r?\n.*?Private-Lines: [0-9]+", re.S)
+# Between the BEGIN line and the body: header lines (Proc-Type, DEK-Info, Version, Comment),
+# line breaks, or the escapes and quotes of a key pasted into source code.
+_PEM_GAP = re.compile(rb'(?:\\[rn]|[\r\n \t"\'+]|[A-Za-z][A-Za-z0-9-]*: [^\r\n]*)*')
+_BASE64_RUN = re.compile(rb'(?:[A-Za-z0-9+/=]|\\[rn]|[\r\n \t"\'+])*')
+_MIN_BODY = 64   # base64 characters after the marker: a key has hundreds, a format constant none
+
+# DER object identifiers (content bytes) that mark encrypted keys and PKCS#12 key bags.
+_OID_PBES2 = bytes.fromhex("2a864886f70d01050d")
+_OID_PKCS12_PBE = bytes.fromhex("2a864886f70d010c01")      # 1.2.840.113549.1.12.1.x
+_OID_PKCS7_DATA = bytes.fromhex("2a864886f70d010701")
+_OID_KEY_BAGS = (bytes.fromhex("2a864886f70d010c0a0101"),   # keyBag
+                 bytes.fromhex("2a864886f70d010c0a0102"))   # pkcs8ShroudedKeyBag
+
+
+_ANY_SENSITIVE = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in SENSITIVE_GLOBS))
+
+
+def sensitive_name(path: str) -> str | None:
+    """The glob that marks a canonical path as a credential, or None."""
+    if not _ANY_SENSITIVE.match(path):
+        return None
+    return next(g for g in SENSITIVE_GLOBS if fnmatch.fnmatchcase(path, g))
+
+
+def private_key_in(head: bytes, size: int) -> str | None:
+    """What kind of private key the first bytes of a file (of `size` bytes in all) hold, or None."""
+    for m in _PEM_BEGIN.finditer(head):
+        if _has_body(head, m.end()):
+            label = (m.group(1) + b"PRIVATE KEY" + (m.group(2) or b"")).decode()
+            return f"a PEM {label}"
+    m = _SSH2_BEGIN.search(head)
+    if m and _has_body(head, m.end()):
+        return "an SSH2 private key"
+    if _PUTTY.match(head):
+        return "a PuTTY private key"
+    return _der_key(head, size) or _java_keystore_key(head)
+
+
+def _has_body(head: bytes, at: int) -> bool:
+    gap = _PEM_GAP.match(head, at)
+    start = gap.end() if gap else at
+    run = _BASE64_RUN.match(head, start)
+    body = run.group() if run else b""
+    chars = len(re.sub(rb'\\[rn]|[^A-Za-z0-9+/=]', b"", body))
+    return chars >= _MIN_BODY
+
+
+def _der_header(data: bytes, at: int) -> tuple[int, int, int] | None:
+    """(tag, offset of the content, content length) of the DER element at `at`."""
+    if at + 2 > len(data):
+        return None
+    tag, first = data[at], data[at + 1]
+    if first < 0x80:
+        return tag, at + 2, first
+    n = first & 0x7F
+    if n == 0 or n > 4 or at + 2 + n > len(data):
+        return None
+    return tag, at + 2 + n, int.from_bytes(data[at + 2:at + 2 + n], "big")
+
+
+def _der_key(head: bytes, size: int) -> str | None:
+    """A whole-file DER private key (the outer SEQUENCE spans exactly the file)."""
+    outer = _der_header(head, 0)
+    if outer is None or outer[0] != 0x30 or outer[1] + outer[2] != size:
+        return None
+    body = head[outer[1]:outer[1] + 64]
+    if body.startswith(b"\x02\x01\x00\x02"):
+        return "a DER PKCS#1 (RSA/DSA) private key"
+    if body.startswith((b"\x02\x01\x00\x30", b"\x02\x01\x01\x30")):
+        return "a DER PKCS#8 private key"
+    if body.startswith(b"\x02\x01\x01\x04"):
+        return "a DER SEC1 (EC) private key"
+    inner = _der_header(head, outer[1])
+    if inner is not None and inner[0] == 0x30:
+        oid = _der_header(head, inner[1])
+        if oid is not None and oid[0] == 0x06:
+            value = head[oid[1]:oid[1] + oid[2]]
+            if value == _OID_PBES2 or value.startswith(_OID_PKCS12_PBE):
+                return "a DER encrypted PKCS#8 private key"
+    if body.startswith(b"\x02\x01\x03\x30") and _OID_PKCS7_DATA in head[:256]:
+        # A PKCS#12 file: a trust store holds only certificate bags; a key bag is a key.
+        if any(bag in head for bag in _OID_KEY_BAGS):
+            return "a PKCS#12 file holding a private key"
+    return None
+
+
+def _java_keystore_key(head: bytes) -> str | None:
+    """A JKS/JCEKS keystore with a private-key entry (tag 1); trust stores hold tag 2 only."""
+    if len(head) < 12 or head[:4] not in (b"\xfe\xed\xfe\xed", b"\xce\xce\xce\xce"):
+        return None
+    version, count = struct.unpack_from(">II", head, 4)
+    at = 12
+    try:
+        for _ in range(min(count, 10000)):
+            (tag,) = struct.unpack_from(">I", head, at)
+            if tag in (1, 3):       # PrivateKeyEntry (3: a JCEKS secret key)
+                return "a Java keystore holding a private key"
+            if tag != 2:
+                return None
+            (alias_len,) = struct.unpack_from(">H", head, at + 4)
+            at += 4 + 2 + alias_len + 8
+            if version == 2:
+                (type_len,) = struct.unpack_from(">H", head, at)
+                at += 2 + type_len
+            (cert_len,) = struct.unpack_from(">I", head, at)
+            at += 4 + cert_len
+    except struct.error:
+        return None   # ran past the bytes read: no key entry among those
+    return None
