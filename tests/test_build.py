@@ -5,8 +5,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,149 @@ def test_imported_script_with_shebang_does_not_pull_its_interpreter(tmp_path: Pa
     fs = fileset.select(rec.trace)
     assert str(mod) in fs.wanted
     assert not any(p.endswith("/perl") for p in fs.wanted)
+
+
+# ------------------------------------------------------------------------------------------
+# Hostile traces and hosts: races, special files, limits, signals, outputs
+
+
+def _crafted(tmp_path: Path, *paths: str) -> Path:
+    """A trace someone else wrote: `true` plus reads of `paths`."""
+    rec = record(["true"], RecordOptions(passthrough=False))
+    for p in paths:
+        rec.trace.record(p).add("read", "openat", "ok", 1)
+    out = tmp_path / "crafted.json"
+    tr.save(rec.trace, str(out))
+    return out
+
+
+def test_directory_flipped_to_a_link_during_builds_never_ships_the_secret(tmp_path: Path) -> None:
+    """A thread flips a kept directory to a symlink to /etc (or, unprivileged, to a directory of
+    secrets) while builds run in a loop: the secret's bytes never reach an output."""
+    import threading
+
+    real_etc = os.geteuid() == 0 and os.access("/etc/shadow", os.R_OK)
+    secrets = Path("/etc") if real_etc else tmp_path / "secrets"
+    if not real_etc:
+        secrets.mkdir()
+        (secrets / "shadow").write_bytes(b"root:$6$SECRET:1:0:99999:7:::\n")
+    secret = (secrets / "shadow").read_bytes()
+    app = tmp_path / "srv/app"
+    (app / "d").mkdir(parents=True)
+    (app / "d/shadow").write_text("harmless content of the app\n")
+    trace_path = _crafted(tmp_path, f"{app}/d/shadow")
+    stop = threading.Event()
+
+    def flip() -> None:
+        # Each state lasts a moment (sleeping also lets the build thread run between flips).
+        while not stop.is_set():
+            os.rename(app / "d", app / "d.real")
+            os.symlink(secrets, app / "d")
+            time.sleep(0.0005)
+            os.unlink(app / "d")
+            os.rename(app / "d.real", app / "d")
+            time.sleep(0.0005)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    kept = 0
+    try:
+        for i in range(20):
+            out = tmp_path / f"out{i}"
+            out.mkdir()
+            result = tjbuild.build(str(trace_path), tjbuild.BuildOptions(
+                output=str(out / "i.tar"), rootfs_dir=str(out / "rootfs"), load=False, compress_level=None,
+                package_metadata=False))
+            staged = [p for p in (out / "rootfs").rglob("*") if p.is_file() and not p.is_symlink()]
+            for blob in [(out / "i.tar").read_bytes(), *(p.read_bytes() for p in staged)]:
+                assert secret not in blob
+            kept += any(p.name == "shadow" for p in staged)
+            assert not any(m[0].endswith("/shadow") and "/etc/" in m[0] for m in result.plan.mode_changes)
+            shutil.rmtree(out)
+    finally:
+        stop.set()
+        flipper.join()
+    assert kept > 0   # the harmless file did get through when the directory was one
+
+
+def test_a_fifo_named_pem_hangs_neither_build_nor_inspect(tmp_path: Path) -> None:
+    fifo = tmp_path / "cert.pem"
+    os.mkfifo(fifo)
+    trace_path = _crafted(tmp_path, str(fifo))
+    for args in (["build", str(trace_path), "-o", str(tmp_path / "i.tar")], ["inspect", str(trace_path)],
+                 ["explain", str(trace_path), str(fifo)]):
+        proc = run_tj(*args)   # would time out on a blocking open()
+        assert proc.returncode == 0, proc.stderr
+    assert "a FIFO cannot be copied into an image" in run_tj("inspect", str(trace_path)).stdout
+
+
+def test_sparse_and_oversized_files_are_refused_with_one_line(tmp_path: Path) -> None:
+    sparse = tmp_path / "disk.img"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 40)
+    proc = run_tj("build", str(_crafted(tmp_path, str(sparse))), "-o", str(tmp_path / "i.tar"),
+                  "--max-file-size", "2T")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "sparse file" in proc.stderr and "--exclude" in proc.stderr
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (3 << 20))
+    proc = run_tj("build", str(_crafted(tmp_path, str(big))), "-o", str(tmp_path / "i.tar"),
+                  "--max-file-size", "1M")
+    assert proc.returncode == 1 and "over the 1.0 MB limit" in proc.stderr, proc.stderr
+    proc = run_tj("build", str(_crafted(tmp_path, str(big))), "-o", str(tmp_path / "i.tar"),
+                  "--max-file-size", "lots")
+    assert proc.returncode == 2 and "--max-file-size" in proc.stderr
+    assert not (tmp_path / "i.tar").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("sig,stage", [(signal.SIGTERM, "rootfs"), (signal.SIGHUP, "archive"),
+                                       (signal.SIGTERM, "archive")])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path: Path, sig: int, stage: str) -> None:
+    """The build is frozen (SIGSTOP) while it writes, signalled, then let go: it exits 128+N and
+    leaves no partial rootfs and no temporary archive."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(150):
+        (data / f"f{i:03}.bin").write_bytes(os.urandom(1 << 20))
+    trace_path = _crafted(tmp_path, *(str(p) for p in sorted(data.iterdir())))
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [*TJ, "build", str(trace_path), "-o", str(out / "i.tar"), "--no-package-metadata"]
+    if stage == "rootfs":
+        args += ["--rootfs", str(out / "rootfs")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        names = os.listdir(out)
+        if (stage == "rootfs" and "rootfs" in names) or (stage == "archive" and any(n.endswith(".tmp") for n in names)):
+            os.kill(proc.pid, signal.SIGSTOP)
+            break
+        time.sleep(0.001)
+    else:
+        proc.kill()
+        pytest.fail("the build ended before it could be frozen mid-write")
+    names = os.listdir(out)
+    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err.strip() == f"tracejail: stopped by {signal.Signals(sig).name}"
+    assert names and os.listdir(out) == []
+
+
+def test_rootfs_output_never_overwrites_a_users_dockerfile(tmp_path: Path, awk_trace: Path) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM debian\nRUN make\n")
+    proc = run_tj("build", str(awk_trace), "--rootfs", str(tmp_path / "rootfs"), "-o", str(tmp_path / "i.tar"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "was not written by tracejail" in proc.stderr
+    assert (tmp_path / "Dockerfile").read_text() == "FROM debian\nRUN make\n"
+    assert not (tmp_path / "rootfs").exists() and not (tmp_path / "i.tar").exists()
+    # one that tracejail wrote is replaced; missing parents of DIR are created
+    deep = tmp_path / "a/b"
+    assert run_tj("build", str(awk_trace), "--rootfs", str(deep / "rootfs"), "--no-load").returncode == 0
+    first = (deep / "Dockerfile").read_text()
+    shutil.rmtree(deep / "rootfs")
+    proc = run_tj("build", str(awk_trace), "--rootfs", str(deep / "rootfs"), "--user", "1000:1000", "--no-load")
+    assert proc.returncode == 0, proc.stderr
+    assert (deep / "Dockerfile").read_text() != first and "USER 1000:1000" in (deep / "Dockerfile").read_text()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tracejail import ldcache
+from tracejail.root import Root
 from tracejail.closure import (
     Closure,
     Dependency,
@@ -207,7 +208,7 @@ def test_ld_so_conf_includes(tmp_path: Path) -> None:
     (etc / "ld.so.conf").write_text("# comment\ninclude /etc/ld.so.conf.d/*.conf\n/opt/first/\n")
     (etc / "ld.so.conf.d" / "b.conf").write_text("/opt/b\n")
     (etc / "ld.so.conf.d" / "a.conf").write_text("/opt/a  # trailing comment\nhwcap 0 nosegneg\n/opt/a\n")
-    assert ldcache.parse_ld_so_conf(str(tmp_path)) == ["/opt/a", "/opt/b", "/opt/first"]
+    assert ldcache.parse_ld_so_conf(Root(str(tmp_path))) == ["/opt/a", "/opt/b", "/opt/first"]
 
 
 def test_musl_path_file() -> None:

@@ -87,7 +87,7 @@ def host(tmp_path: Path, hello_binary: Path, token: str) -> Path:
 @pytest.fixture
 def plan(host: Path) -> rootfs.Plan:
     long_dir = next(p.name for p in (host / "app").iterdir() if p.name.startswith("a-rather"))
-    return rootfs.plan(WANTED + [f"/app/{long_dir}/file.txt"], host_root=str(host))
+    return rootfs.plan(WANTED + [f"/app/{long_dir}/file.txt"], root=str(host))
 
 
 def config(**kw: object) -> ImageConfig:
@@ -196,7 +196,7 @@ def test_py_sources_of_kept_pyc_keep_their_mtime(tmp_path: Path) -> None:
         (pkg / name).write_text(name)
         os.utime(pkg / name, (1_650_000_000, 1_650_000_000))
     plan = rootfs.plan([f"/app/pkg/{n}" for n in ("mod.py", "__pycache__/mod.cpython-311.pyc", "nopyc.py", "data.txt")],
-                       host_root=str(h))
+                       root=str(h))
     res = image.write_archive(plan, str(tmp_path / "img.tar"), config())
     mtimes = layer_mtimes(tmp_path / "img.tar", res)
     assert mtimes["app/pkg/mod.py"] == 1_650_000_000
@@ -218,7 +218,7 @@ def test_uncompressed_and_multiblock_gzip(tmp_path: Path, host: Path) -> None:
     big = host / "app/big.bin"
     # ~5 MB, half random (incompressible) half text: several 1 MiB gzip blocks
     big.write_bytes(os.urandom(2 << 20) + b"hello tracejail\n" * 200_000)
-    plan = rootfs.plan(WANTED + ["/app/big.bin"], host_root=str(host))
+    plan = rootfs.plan(WANTED + ["/app/big.bin"], root=str(host))
     plain = image.write_archive(plan, str(tmp_path / "plain.tar"), config(), compress_level=None)
     assert plain.layer_digest == plain.diff_id and plain.compressed_size == plain.uncompressed_size
     files = members(tmp_path / "plain.tar")
@@ -310,7 +310,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 def test_disk_full_is_reported_and_cleaned_up(small_tmpfs: Path, host: Path) -> None:
     (host / "app/big.bin").write_bytes(os.urandom(3 << 20))
-    plan = rootfs.plan(WANTED + ["/app/big.bin"], host_root=str(host))
+    plan = rootfs.plan(WANTED + ["/app/big.bin"], root=str(host))
     with pytest.raises(TracejailError, match="disk full"):
         image.write_archive(plan, str(small_tmpfs / "img.tar"), config())
     assert os.listdir(small_tmpfs) == []

@@ -10,6 +10,7 @@ import pytest
 from tracejail import rootfs
 from tracejail.errors import TracejailError
 from tracejail.rootfs import Entry, Plan, StageOptions
+from tracejail.root import is_runtime_path
 
 
 def kinds(plan: Plan) -> dict[str, tuple[str, str | None]]:
@@ -78,10 +79,10 @@ def host(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("bad", ["usr/lib", "", "/a/../etc/passwd", "/a/./b", "/a//b", "/a/", "/..", "./x"])
 def test_rejects_relative_and_unnormalised_paths(bad: str, host: Path) -> None:
     with pytest.raises(TracejailError) as err:
-        rootfs.plan([bad], host_root=str(host))
+        rootfs.plan([bad], root=str(host))
     assert repr(bad) in str(err.value)
     with pytest.raises(TracejailError):
-        rootfs.plan([], dirs_only=[bad], host_root=str(host))
+        rootfs.plan([], dirs_only=[bad], root=str(host))
 
 
 # ------------------------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def test_rejects_relative_and_unnormalised_paths(bad: str, host: Path) -> None:
 
 
 def test_merged_usr_ld_so_chain_is_kept_component_by_component(host: Path) -> None:
-    plan = rootfs.plan(["/lib64/ld-linux-x86-64.so.2"], host_root=str(host))
+    plan = rootfs.plan(["/lib64/ld-linux-x86-64.so.2"], root=str(host))
     assert kinds(plan) == {
         "/": ("dir", None),
         "/lib64": ("symlink", "usr/lib64"),
@@ -108,7 +109,7 @@ def test_merged_usr_ld_so_chain_is_kept_component_by_component(host: Path) -> No
 
 
 def test_alternatives_venv_and_relative_chains(host: Path) -> None:
-    plan = rootfs.plan(["/usr/bin/editor", "/app/venv/bin/python", "/usr/bin/libc-rel"], host_root=str(host))
+    plan = rootfs.plan(["/usr/bin/editor", "/app/venv/bin/python", "/usr/bin/libc-rel"], root=str(host))
     k = kinds(plan)
     assert k["/usr/bin/editor"] == ("symlink", "/etc/alternatives/editor")
     assert k["/etc/alternatives/editor"] == ("symlink", "/usr/bin/vim.basic")
@@ -126,36 +127,40 @@ def test_alternatives_venv_and_relative_chains(host: Path) -> None:
 
 
 def test_dotdot_past_root_stays_inside_host_root(host: Path) -> None:
-    plan = rootfs.plan(["/escape"], host_root=str(host))
+    plan = rootfs.plan(["/escape"], root=str(host))
     assert plan.entries["/usr/bin/vim.basic"].source == str(host / "usr/bin/vim.basic")
     assert all(e.source is None or e.source.startswith(str(host)) for e in plan.entries.values())
 
 
 def test_loops_and_dangling_links_are_reported_missing_but_kept(host: Path) -> None:
-    plan = rootfs.plan(["/loop/a", "/etc/resolv.conf", "/loop/a/deeper"], host_root=str(host))
-    assert plan.missing == ["/etc/resolv.conf", "/loop/a", "/loop/a/deeper"]
+    link(host / "dangling", "/nowhere/at/all")
+    plan = rootfs.plan(["/loop/a", "/etc/resolv.conf", "/loop/a/deeper", "/dangling"], root=str(host))
+    assert plan.missing == ["/dangling", "/loop/a", "/loop/a/deeper"]
+    # /run is the runtime's: a link into it is kept, what it points to is not looked at
+    assert plan.skipped == [("/etc/resolv.conf", "provided by the container runtime")]
     k = kinds(plan)
     assert k["/loop/a"] == ("symlink", "b") and k["/loop/b"] == ("symlink", "a")
+    assert k["/dangling"] == ("symlink", "/nowhere/at/all")
     assert k["/etc/resolv.conf"] == ("symlink", "/run/systemd/resolve/stub-resolv.conf")
     assert "/run" not in plan.entries
 
 
 def test_runtime_paths_never_break_the_plan(host: Path) -> None:
     plan = rootfs.plan(["/proc/self/exe", "/dev/null", "/sys/kernel/mm", "/etc/mtab", "/proc"],
-                       host_root=str(host))
+                       root=str(host))
     assert {p for p, _ in plan.skipped} == {"/proc/self/exe", "/dev/null", "/sys/kernel/mm", "/etc/mtab", "/proc"}
     assert plan.entries["/etc/mtab"].link_target == "../proc/self/mounts"
-    assert not any(rootfs.is_runtime_path(p) for p in plan.entries)
+    assert not any(is_runtime_path(p) for p in plan.entries)
     # and on the real host, where /proc/self is a magic symlink and /dev holds devices
     real = rootfs.plan(["/proc/self/exe", "/dev/null", "/proc/self/fd/0", "/etc/mtab"])
-    assert not any(rootfs.is_runtime_path(p) for p in real.entries)
+    assert not any(is_runtime_path(p) for p in real.entries)
 
 
 def test_sockets_and_fifos_are_skipped(tmp_path: Path) -> None:
     h = tmp_path / "h"
     h.mkdir()
     os.mkfifo(h / "fifo")
-    plan = rootfs.plan(["/fifo"], host_root=str(h))
+    plan = rootfs.plan(["/fifo"], root=str(h))
     assert plan.skipped == [("/fifo", "a FIFO cannot be copied into an image")]
     assert "/fifo" not in plan.entries
 
@@ -171,7 +176,7 @@ def test_real_host_ld_so_round_trip(tmp_path: Path) -> None:
     assert plan.entries["/lib64"].kind == ("symlink" if os.path.islink("/lib64") else "dir")
     dest = tmp_path / "rootfs"
     rootfs.stage(plan, str(dest))
-    again = rootfs.plan([wanted], host_root=str(dest))
+    again = rootfs.plan([wanted], root=str(dest))
     assert again.missing == []
     assert kinds(again) == kinds(plan)
     assert (dest / real[1:]).read_bytes() == Path(real).read_bytes()
@@ -188,7 +193,7 @@ def test_hard_links_stay_hard_links(tmp_path: Path) -> None:
     (h / "sbin").mkdir()
     os.link(a, h / "sbin/c")
     write(h / "bin/d", "same inode", 0o755)  # same content, different inode: not a link
-    plan = rootfs.plan(["/sbin/c", "/bin/b", "/bin/a", "/bin/d"], host_root=str(h))
+    plan = rootfs.plan(["/sbin/c", "/bin/b", "/bin/a", "/bin/d"], root=str(h))
     e = plan.entries
     assert (e["/bin/a"].kind, e["/bin/a"].size) == ("file", len("same inode"))
     assert (e["/bin/b"].kind, e["/bin/b"].link_target, e["/bin/b"].size) == ("hardlink", "/bin/a", 0)
@@ -210,7 +215,7 @@ def test_traversable_policy_on_private_dirs(tmp_path: Path) -> None:
     (h / "srv/listed").chmod(0o711)
     wanted = ["/srv/private/data.txt", "/srv/private/tool", "/srv/listed"]
 
-    plan = rootfs.plan(wanted, host_root=str(h))
+    plan = rootfs.plan(wanted, root=str(h))
     modes = {p: e.mode for p, e in plan.entries.items()}
     assert modes["/srv/private"] == 0o701
     assert modes["/srv/private/data.txt"] == 0o604
@@ -229,12 +234,12 @@ def test_traversable_policy_on_private_dirs(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.lstat(dest / "srv/private").st_mode) == 0o701
     assert stat.S_IMODE(os.lstat(dest / "srv/private/data.txt").st_mode) == 0o604
 
-    kept = rootfs.plan(wanted, host_root=str(h), options=StageOptions(keep_modes=True))
+    kept = rootfs.plan(wanted, root=str(h), options=StageOptions(keep_modes=True))
     assert kept.mode_changes == [] and kept.entries["/srv/private"].mode == 0o700
-    as_root = rootfs.plan(wanted, host_root=str(h), options=StageOptions(image_uid=0, image_gid=0))
+    as_root = rootfs.plan(wanted, root=str(h), options=StageOptions(image_uid=0, image_gid=0))
     assert as_root.mode_changes == []
     # an image user in group 0 is served by the group bits, so those are what get widened
-    group0 = rootfs.plan(wanted, host_root=str(h), options=StageOptions(image_uid=1000, image_gid=0))
+    group0 = rootfs.plan(wanted, root=str(h), options=StageOptions(image_uid=1000, image_gid=0))
     assert group0.entries["/srv/private"].mode == 0o710
 
 
@@ -243,10 +248,10 @@ def test_setuid_dropped_unless_kept(tmp_path: Path) -> None:
     write(h / "bin/su", "su", 0o4755)
     write(h / "bin/wall", "wall", 0o2755)
     (h / "bin").chmod(0o755)
-    plan = rootfs.plan(["/bin/su", "/bin/wall"], host_root=str(h))
+    plan = rootfs.plan(["/bin/su", "/bin/wall"], root=str(h))
     assert plan.entries["/bin/su"].mode == 0o755 and plan.entries["/bin/wall"].mode == 0o755
     assert plan.dropped_setuid == ["/bin/su", "/bin/wall"]
-    kept = rootfs.plan(["/bin/su"], host_root=str(h), options=StageOptions(keep_setuid=True))
+    kept = rootfs.plan(["/bin/su"], root=str(h), options=StageOptions(keep_setuid=True))
     assert kept.entries["/bin/su"].mode == 0o4755 and kept.dropped_setuid == []
     dest = tmp_path / "out"
     rootfs.stage(kept, str(dest))
@@ -254,7 +259,7 @@ def test_setuid_dropped_unless_kept(tmp_path: Path) -> None:
 
 
 def test_tmp_is_sticky_and_world_writable(tmp_path: Path, host: Path) -> None:
-    plan = rootfs.plan(["/usr/bin/vim.basic"], host_root=str(host))
+    plan = rootfs.plan(["/usr/bin/vim.basic"], root=str(host))
     assert plan.entries["/tmp"].mode == 0o1777
     dest = tmp_path / "out"
     rootfs.stage(plan, str(dest))
@@ -265,7 +270,7 @@ def test_wanted_dirs_and_dirs_only_are_empty(tmp_path: Path, host: Path) -> None
     write(host / "etc/ssl/certs/ca.pem", "pem")
     write(host / "etc/ssl/openssl.cnf", "cnf")
     plan = rootfs.plan(["/etc/ssl/openssl.cnf", "/etc/ssl"], dirs_only=["/etc/ssl/certs", "/nope"],
-                       host_root=str(host))
+                       root=str(host))
     assert plan.entries["/etc/ssl/certs"].kind == "dir"
     assert "/etc/ssl/certs/ca.pem" not in plan.entries
     assert plan.missing == ["/nope"]
@@ -276,7 +281,7 @@ def test_wanted_dirs_and_dirs_only_are_empty(tmp_path: Path, host: Path) -> None
 
 
 def test_missing_paths_are_reported(host: Path) -> None:
-    plan = rootfs.plan(["/usr/bin/vim.basic", "/usr/bin/gone", "/usr/bin/vim.basic/notadir"], host_root=str(host))
+    plan = rootfs.plan(["/usr/bin/vim.basic", "/usr/bin/gone", "/usr/bin/vim.basic/notadir"], root=str(host))
     assert plan.missing == ["/usr/bin/gone", "/usr/bin/vim.basic/notadir"]
     assert "/usr/bin/gone" not in plan.entries
 
@@ -289,7 +294,7 @@ def test_stage_copies_content_modes_mtimes_and_reports_progress(tmp_path: Path, 
     big = write(host / "data/big.bin", "", 0o640)
     big.write_bytes(os.urandom(3 << 20))
     os.utime(big, (1_600_000_000, 1_600_000_000))
-    plan = rootfs.plan(["/data/big.bin", "/usr/bin/editor"], host_root=str(host))
+    plan = rootfs.plan(["/data/big.bin", "/usr/bin/editor"], root=str(host))
     seen: list[int] = []
     dest = tmp_path / "out"
     rootfs.stage(plan, str(dest), progress=seen.append)
@@ -303,7 +308,7 @@ def test_stage_copies_content_modes_mtimes_and_reports_progress(tmp_path: Path, 
 def test_plan_from_rootfs_round_trip(tmp_path: Path, host: Path) -> None:
     a = write(host / "bin/a", "hl", 0o755)
     os.link(a, host / "bin/b")
-    plan = rootfs.plan(["/usr/bin/editor", "/lib64/ld-linux-x86-64.so.2", "/bin/a", "/bin/b"], host_root=str(host))
+    plan = rootfs.plan(["/usr/bin/editor", "/lib64/ld-linux-x86-64.so.2", "/bin/a", "/bin/b"], root=str(host))
     dest = tmp_path / "out"
     rootfs.stage(plan, str(dest))
     back = rootfs.plan_from_rootfs(str(dest))
@@ -316,7 +321,7 @@ def test_plan_from_rootfs_round_trip(tmp_path: Path, host: Path) -> None:
 
 
 def test_vanished_source_fails_cleanly(tmp_path: Path, host: Path) -> None:
-    plan = rootfs.plan(["/usr/bin/vim.basic", "/opt/py/bin/python3.11"], host_root=str(host))
+    plan = rootfs.plan(["/usr/bin/vim.basic", "/opt/py/bin/python3.11"], root=str(host))
     (host / "opt/py/bin/python3.11").unlink()
     dest = tmp_path / "out"
     with pytest.raises(TracejailError, match="python3.11 vanished"):
@@ -325,7 +330,7 @@ def test_vanished_source_fails_cleanly(tmp_path: Path, host: Path) -> None:
 
 
 def test_dest_must_be_empty_real_directory(tmp_path: Path, host: Path) -> None:
-    plan = rootfs.plan(["/usr/bin/vim.basic"], host_root=str(host))
+    plan = rootfs.plan(["/usr/bin/vim.basic"], root=str(host))
     full = tmp_path / "full"
     write(full / "keep", "precious")
     with pytest.raises(TracejailError, match="not empty"):
@@ -399,7 +404,7 @@ def test_hostile_host_tree_is_staged_inside(tmp_path: Path) -> None:
     write(h / "etc/hostname", "box")
     link(h / "evil", "/")
     link(h / "up", "../../../..")
-    plan = rootfs.plan(["/evil/etc/hostname", "/up/etc/hostname"], host_root=str(h))
+    plan = rootfs.plan(["/evil/etc/hostname", "/up/etc/hostname"], root=str(h))
     assert kinds(plan)["/evil"] == ("symlink", "/") and kinds(plan)["/etc/hostname"] == ("file", None)
     dest = tmp_path / "dest"
     before = snapshot(h)
@@ -445,3 +450,92 @@ def test_writer_alone_refuses_hostile_plans(case: str, arena: tuple[Path, Path, 
     assert {k: v for k, v in after.items() if not k.startswith(str(dest.parent))} == \
         {k: v for k, v in before.items() if not k.startswith(str(dest.parent))}
     assert not dest.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Copying what was planned, and nothing else
+
+
+def _swap_dir_for_link(d: Path, target: Path) -> None:
+    os.rename(d, d.with_name(d.name + ".real"))
+    os.symlink(target, d)
+
+
+@pytest.mark.parametrize("writer", ["stage", "archive"])
+def test_a_directory_swapped_for_a_link_after_planning_is_never_read_through(tmp_path: Path, writer: str) -> None:
+    """CVE-2018-15664's race, frozen at its worst moment: planned as a directory, a symlink to
+    the secrets when copied. The file is left out (or the write fails); its bytes never appear."""
+    h = tmp_path / "h"
+    write(h / "srv/app/d/shadow", "harmless")
+    write(h / "srv/app/ok.txt", "fine")
+    write(tmp_path / "secrets/shadow", "SECRET-BYTES")
+    plan = rootfs.plan(["/srv/app/d/shadow", "/srv/app/ok.txt"], root=str(h))
+    _swap_dir_for_link(h / "srv/app/d", tmp_path / "secrets")
+    changed: list[tuple[str, str]] = []
+    out = tmp_path / "out"
+    if writer == "stage":
+        rootfs.stage(plan, str(out), on_changed=lambda e, err: changed.append((e.path, str(err))))
+        data = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.is_symlink())
+    else:
+        from tracejail import image
+
+        image.write_archive(plan, str(out), image.ImageConfig(entrypoint=["/x"]), compress_level=None,
+                            on_changed=lambda e, err: changed.append((e.path, str(err))))
+        data = out.read_bytes()
+    assert b"SECRET-BYTES" not in data and b"fine" in data
+    assert [p for p, _ in changed] == ["/srv/app/d/shadow"]
+    assert "symlink" in changed[0][1]
+    # without a handler the write fails as a whole, and leaves nothing behind
+    with pytest.raises(TracejailError, match="changed since it was planned"):
+        rootfs.stage(plan, str(tmp_path / "out2"))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_file_replaced_or_rewritten_after_planning_is_left_out(tmp_path: Path) -> None:
+    h = tmp_path / "h"
+    write(h / "a.txt", "planned")
+    write(h / "b.txt", "planned")
+    os.link(h / "b.txt", h / "c.txt")
+    plan = rootfs.plan(["/a.txt", "/b.txt", "/c.txt"], root=str(h))
+    os.rename(h / "a.txt", h / "a.old")
+    write(h / "a.txt", "a new file")            # another inode at the planned name
+    with open(h / "b.txt", "a") as f:
+        f.write(" and then rewritten")          # same inode, other content
+    changed: list[str] = []
+    rootfs.stage(plan, str(tmp_path / "out"), on_changed=lambda e, err: changed.append(f"{e.path}: {err}"))
+    assert sorted(c.split(":")[0] for c in changed) == ["/a.txt", "/b.txt"]
+    assert "replaced" in changed[0] and "content changed" in changed[1]
+    assert sorted(os.listdir(tmp_path / "out")) == ["tmp"]   # c.txt, b's hard link, went with it
+
+
+def test_a_fifo_in_place_of_a_planned_file_never_blocks(tmp_path: Path) -> None:
+    h = tmp_path / "h"
+    write(h / "cert.pem", "planned")
+    plan = rootfs.plan(["/cert.pem"], root=str(h))
+    (h / "cert.pem").unlink()
+    os.mkfifo(h / "cert.pem")                  # no writer: a blocking open() would wait forever
+    changed: list[str] = []
+    rootfs.stage(plan, str(tmp_path / "out"), on_changed=lambda e, err: changed.append(str(err)))
+    assert len(changed) == 1 and "is no longer a regular file" in changed[0]
+
+
+def test_size_limits_refuse_huge_and_sparse_files(tmp_path: Path) -> None:
+    h = tmp_path / "h"
+    write(h / "big.bin", "")
+    with open(h / "big.bin", "wb") as f:
+        f.write(os.urandom(2 << 20))
+    with pytest.raises(TracejailError, match=r"refusing .*big.bin: .* over the .* limit"):
+        rootfs.plan(["/big.bin"], root=str(h), options=StageOptions(max_file_size=1 << 20))
+    assert rootfs.plan(["/big.bin"], root=str(h)).files_size() == 2 << 20
+    with open(h / "sparse.img", "wb") as f:
+        f.truncate(1 << 40)                    # 1 TiB, nothing allocated
+    with pytest.raises(TracejailError, match="sparse file"):
+        rootfs.plan(["/sparse.img"], root=str(h), options=StageOptions(max_file_size=1 << 50))
+    with pytest.raises(TracejailError, match="over the"):
+        rootfs.plan(["/sparse.img"], root=str(h))
+
+
+def test_stage_creates_missing_parents(tmp_path: Path, host: Path) -> None:
+    plan = rootfs.plan(["/usr/bin/vim.basic"], root=str(host))
+    rootfs.stage(plan, str(tmp_path / "a/b/rootfs"))
+    assert (tmp_path / "a/b/rootfs/usr/bin/vim.basic").read_text() == "vim"

@@ -138,6 +138,7 @@ def test_read_database_from_a_fake_root(tmp_path: Path) -> None:
     files = dpkg.status_d_files(db, own)
     assert sorted(files) == ["/var/lib/dpkg/status.d/libfoo1", "/var/lib/dpkg/status.d/tool"]
     assert files["/var/lib/dpkg/status.d/tool"].startswith("Package: tool\n")
+    (tmp_path / "nothing").mkdir()
     assert dpkg.read_database(str(tmp_path / "nothing")) is None
 
 

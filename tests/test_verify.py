@@ -206,20 +206,6 @@ def test_jail_environment(recordings: Path, tmp_path: Path) -> None:
     assert not (rootfs / "proc").exists() and not (rootfs / "dev").exists(), "overlay: the tree stays as staged"
 
 
-def test_resolve_in_root_follows_links_inside_the_tree(tmp_path: Path) -> None:
-    (tmp_path / "usr/lib").mkdir(parents=True)
-    (tmp_path / "usr/lib/x.so").write_text("")
-    os.symlink("usr/lib", tmp_path / "lib")
-    os.symlink("/lib/x.so", tmp_path / "abs")          # absolute: restarts at the tree's root
-    os.symlink("../../../../etc", tmp_path / "up")      # `..` never leaves the tree
-    os.symlink("loop", tmp_path / "loop")
-    assert jail.resolve_in_root(str(tmp_path), "/lib/x.so") == str(tmp_path / "usr/lib/x.so")
-    assert jail.resolve_in_root(str(tmp_path), "/abs") == str(tmp_path / "usr/lib/x.so")
-    assert jail.resolve_in_root(str(tmp_path), "/up/passwd") is None
-    assert jail.resolve_in_root(str(tmp_path), "/loop") is None
-    assert jail.resolve_in_root(str(tmp_path), "/usr/lib/missing.so") is None
-
-
 def test_read_dockerfile_round_trips_what_build_writes(tmp_path: Path) -> None:
     from tracejail import image
 
@@ -501,7 +487,7 @@ def test_terminated_docker_verify_removes_its_container(recordings: Path, tmp_pa
         # installed, `docker stop` has to wait its timeout out, as for any image).
         up = lambda: wl.port_open(8001)  # noqa: E731
         done = _interrupt_when(proc, up, signal.SIGTERM)
-        assert done.returncode == 130 and "interrupted" in done.stderr, done.stderr
+        assert done.returncode == 143 and "stopped by SIGTERM" in done.stderr, done.stderr
         assert_no_containers(docker_engine)
     finally:
         docker_engine.run("rmi", "-f", tag, check=False)

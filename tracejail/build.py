@@ -18,6 +18,7 @@ from tracejail import fileset as fsel
 from tracejail import image, rootfs
 from tracejail import trace as tr
 from tracejail.errors import TracejailError, UsageError
+from tracejail.root import Root, SourceChanged
 
 DEFAULT_USER = "65532:65532"
 IMAGE_USER_NAME = "nonroot"
@@ -56,6 +57,8 @@ class BuildOptions:
     package_metadata: bool = True         # dpkg status.d stanzas and /etc/os-release
     sbom: str | None = None               # write an SBOM of the image to this file
     sbom_format: str = "spdx"             # "spdx" (2.3 JSON) or "cyclonedx" (1.5 JSON)
+    max_file_size: int = rootfs.DEFAULT_MAX_FILE_SIZE
+    root: str = "/"                       # the tree the trace's paths name (the host's / today)
 
 
 @dataclass
@@ -87,6 +90,8 @@ class BuildResult:
             left_out.setdefault(rule, []).append(path)
         for path, why in self.plan.skipped:
             left_out.setdefault(why, []).append(path)
+        for path, _why in self.plan.changed:
+            left_out.setdefault("changed while the image was written (build again)", []).append(path)
         return {
             "archive": self.archive,
             "image_id": self.image.image_id if self.image else None,
@@ -172,10 +177,8 @@ def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str) -> list
         entry = p.entries.get(path)
         if entry is not None and entry.kind != "file":
             continue   # a symlink to somewhere: leave the host's arrangement alone
-        host_text = ""
-        if entry is not None and entry.source:
-            with open(entry.source, encoding="utf-8", errors="replace") as f:
-                host_text = f.read()
+        # (read from the very node the plan judged)
+        host_text = rootfs.read_entry(entry).decode("utf-8", "replace") if entry is not None and entry.source else ""
         ident = uid if path == "/etc/passwd" else gid
         known = {line.split(":")[2] for line in host_text.splitlines() if line.count(":") >= 2}
         text = host_text or name_line
@@ -214,10 +217,15 @@ def build(trace_path: str, options: BuildOptions,
     for out in (archive, options.sbom):
         if out:
             tr.check_writable(out)
+    if options.rootfs_dir:
+        image.check_dockerfile_slot(options.rootfs_dir)
 
+    # The one place every stage takes its tree from.
+    root = Root(options.root)
     files = fsel.select(trace, fsel.SelectOptions(
         include=tuple(options.include), exclude=tuple(options.exclude),
-        extra_excluded_paths=(os.path.abspath(trace_path),) + ((os.path.abspath(archive),) if archive else ())))
+        extra_excluded_paths=(os.path.abspath(trace_path),) + ((os.path.abspath(archive),) if archive else ())),
+        root)
     result_warnings: list[str] = []
 
     def warn_or_fail(msg: str) -> None:
@@ -236,8 +244,9 @@ def build(trace_path: str, options: BuildOptions,
         result_warnings.append(err)
 
     stage_opts = rootfs.StageOptions(keep_setuid=options.keep_setuid, keep_modes=options.keep_modes,
-                                     image_uid=uid, image_gid=gid)
-    plan = rootfs.plan(sorted(files.wanted), options=stage_opts, dirs_only=sorted(files.dirs_only))
+                                     image_uid=uid, image_gid=gid, max_file_size=options.max_file_size,
+                                     secrets=frozenset(files.secrets))
+    plan = rootfs.plan(sorted(files.wanted), root=root, options=stage_opts, dirs_only=sorted(files.dirs_only))
     if plan.missing:
         warn_or_fail(f"{len(plan.missing)} file(s) vanished while planning, first: {plan.missing[0]}")
 
@@ -255,7 +264,7 @@ def build(trace_path: str, options: BuildOptions,
 
         metadata = provenance.add_build_metadata(
             trace, files, plan, workdir, package_metadata=options.package_metadata,
-            write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST])
+            write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST], root=root)
         notes += metadata.notes
         result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings,
                              metadata=metadata)
@@ -266,18 +275,29 @@ def build(trace_path: str, options: BuildOptions,
                 return None
             return lambda n: progress(name, n, total)
 
+        def changed(entry: rootfs.Entry, err: SourceChanged) -> None:
+            # A file swapped or rewritten between planning and copying is never read: it is
+            # left out of this output (and named), or the build fails with --strict.
+            if options.strict:
+                raise TracejailError(f"{err} (--strict)")
+            if (entry.path, str(err)) not in plan.changed:
+                plan.changed.append((entry.path, str(err)))
+
         if options.rootfs_dir:
-            rootfs.stage(plan, options.rootfs_dir, progress=step("staging"))
+            rootfs.stage(plan, options.rootfs_dir, progress=step("staging"), on_changed=changed)
             result.rootfs_dir = options.rootfs_dir
             result.dockerfile = image.write_dockerfile(options.rootfs_dir, cfg)
         if options.oci_dir:
             result.image = image.write_oci_dir(plan, options.oci_dir, cfg, name=options.tag,
                                                compress_level=options.compress_level,
-                                               progress=step("compressing"))
+                                               progress=step("compressing"), on_changed=changed)
         if archive:
             result.image = image.write_archive(plan, archive, cfg, name=options.tag,
                                                compress_level=options.compress_level,
-                                               progress=step("compressing"))
+                                               progress=step("compressing"), on_changed=changed)
+        for path, why in plan.changed:
+            result_warnings.append(f"left out {path}: {why}")
+            plan.entries.pop(path, None)
         if options.sbom:
             from tracejail import sbom
 

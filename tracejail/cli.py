@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import click
 
@@ -26,15 +27,34 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so every cleanup that Ctrl-C runs (partial
+    rootfs, temporary archive, jails, containers) runs for them too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> NoReturn:
+    raise Interrupted(signum)
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one line on stderr and a meaningful exit code, never a traceback."""
+    """Turn library errors into one line on stderr and a meaningful exit code, never a traceback;
+    SIGTERM and SIGHUP end the command like Ctrl-C, cleaning up (exit 128+N)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is signal.SIG_DFL:
+                signal.signal(sig, _raise_interrupted)
         try:
             return fn(*args, **kwargs)
         except TracejailError as exc:
             _fail(str(exc), exc.exit_code)
+        except Interrupted as exc:
+            _fail(f"stopped by {signal.Signals(exc.signum).name}", 128 + exc.signum)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except BrokenPipeError:
@@ -209,19 +229,28 @@ class _Progress:
               help="SPDX 2.3 JSON or CycloneDX 1.5 JSON.")
 @click.option("--no-package-metadata", is_flag=True,
               help="Leave out dpkg status.d stanzas and /etc/os-release (kept by default for scanners).")
+@click.option("--max-file-size", default="4G", show_default=True, metavar="SIZE",
+              help="Refuse to stage a file bigger than this (e.g. 512M, 10G).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors
 def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str | None,
           oci_dir: str | None, user: str, entrypoint: str | None, env: tuple[str, ...],
           include: tuple[str, ...], exclude: tuple[str, ...], no_load: bool, strict: bool,
           fast: bool, no_compress: bool, keep_setuid: bool, keep_modes: bool, provenance: bool,
-          sbom_file: str | None, sbom_format: str, no_package_metadata: bool, as_json: bool) -> None:
+          sbom_file: str | None, sbom_format: str, no_package_metadata: bool, max_file_size: str,
+          as_json: bool) -> None:
     """Stage what TRACE.json touched (plus its ELF closure) into a FROM-scratch image."""
     import shlex
 
     from tracejail.build import BuildOptions
     from tracejail.build import build as do_build
-    from tracejail.inspect import human
+    from tracejail.errors import UsageError
+    from tracejail.units import human, parse_size
+
+    try:
+        size_limit = parse_size(max_file_size)
+    except ValueError as err:
+        raise UsageError(f"--max-file-size: {err}") from None
 
     opts = BuildOptions(
         tag=tag, output=output, rootfs_dir=rootfs_dir, oci_dir=oci_dir, user=user,
@@ -229,7 +258,8 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
         include=list(include), exclude=list(exclude), load=not no_load, strict=strict,
         compress_level=None if no_compress else (1 if fast else 6),
         keep_setuid=keep_setuid, keep_modes=keep_modes, provenance=provenance,
-        package_metadata=not no_package_metadata, sbom=sbom_file, sbom_format=sbom_format)
+        package_metadata=not no_package_metadata, sbom=sbom_file, sbom_format=sbom_format,
+        max_file_size=size_limit)
     bar = _Progress()
     try:
         result = do_build(trace_file, opts, progress=bar)

@@ -58,8 +58,8 @@ def explain(trace_file: str, paths: tuple[str, ...], as_json: bool, include: tup
     from tracejail import provenance as prov
 
     sel = prov.select_and_plan(trace_file, include, exclude)
-    pv = prov.compute(sel.trace, sel.files, sel.plan)
-    db = dpkg.read_database()
+    pv = prov.compute(sel.trace, sel.files, sel.plan, sel.root)
+    db = dpkg.read_database(sel.root)
     cwd = sel.trace.runs[0].cwd if sel.trace.runs else os.getcwd()
     results = []
     for path in paths:

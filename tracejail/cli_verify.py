@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-from typing import Any, NoReturn
 
 import click
 
@@ -56,10 +54,8 @@ def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str
     from tracejail.verify import VerifyOptions, format_report
     from tracejail.verify import verify as do_verify
 
-    # SIGTERM ends verify like Ctrl-C does: replays are stopped and containers removed on the way
-    # out (a plain SIGTERM death would leave a running container behind).
-    signal.signal(signal.SIGTERM, _interrupt)
-
+    # handle_errors makes SIGTERM end verify like Ctrl-C does: replays are stopped and containers
+    # removed on the way out (a plain SIGTERM death would leave a running container behind).
     opts = VerifyOptions(image=image, rootfs=rootfs_dir, user=user, fix=fix, max_rounds=max_rounds,
                          trace_inside=trace_inside, timeout=timeout, ready_timeout=ready_timeout)
     report = do_verify(trace_file, opts, progress=_note)
@@ -69,6 +65,3 @@ def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str
         click.echo(format_report(report), nl=False)
     sys.exit(0 if report.passed else 1)
 
-
-def _interrupt(_signum: int, _frame: Any) -> NoReturn:
-    raise KeyboardInterrupt

@@ -53,6 +53,7 @@ same work in ~0.1 s and ~0.3 s.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import stat
@@ -65,6 +66,7 @@ from elftools.elf.enums import ENUM_D_TAG, ENUM_E_MACHINE, ENUM_E_TYPE, ENUM_P_T
 
 from . import ldcache, runtime_loads
 from .errors import ElfError, TracejailError
+from .root import NodeKind, Root, Status
 
 __all__ = [
     "Closure",
@@ -352,11 +354,36 @@ def _vaddr_to_offset(addr: int, loads: list[tuple[int, int, int]]) -> int | None
     return None
 
 
+def open_regular(host_path: str) -> int:
+    """Open a host file for reading without blocking on a FIFO or opening a device: OSError
+    (EINVAL) unless it is a regular file."""
+    fd = os.open(host_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", host_path)
+    return fd
+
+
+def read_file(host_path: str, limit: int = -1) -> bytes:
+    """The first `limit` bytes (all with -1) of a regular host file; OSError otherwise."""
+    fd = open_regular(host_path)
+    try:
+        if limit >= 0:
+            return os.pread(fd, limit, 0)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
+
+
+def read_text(host_path: str) -> str:
+    return read_file(host_path).decode("utf-8", "surrogateescape")
+
+
 def is_elf(path: str) -> bool:
     """Cheap magic check: does `path` start with \\x7fELF?"""
     try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == ELFMAG
+        return read_file(path, 4) == ELFMAG
     except OSError:
         return False
 
@@ -401,7 +428,7 @@ class ElfCache:
             if not stat.S_ISREG(st.st_mode):
                 cached = None
             else:
-                fd = os.open(host_path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_regular(host_path)
                 try:
                     cached = _parse_elf(fd, st.st_size, (st.st_dev, st.st_ino))
                 except _NotElf:
@@ -422,8 +449,7 @@ class ElfCache:
         st = os.stat(host_path)
         key = (parser_id, self._key(st))
         if key not in self._files:
-            with open(host_path, "rb") as fh:
-                data = fh.read()
+            data = read_file(host_path)
             try:
                 self._files[key] = parser(data)
             except Exception as err:  # noqa: BLE001 - remembered and reported by the caller
@@ -449,7 +475,7 @@ class ElfCache:
     @staticmethod
     def _scan_imports(host_path: str, facts: ElfFacts, symbols: frozenset[str]) -> frozenset[str]:
         try:
-            with open(host_path, "rb") as fh:
+            with os.fdopen(open_regular(host_path), "rb") as fh:
                 return _undefined_symbols(fh, facts, symbols)
         except (OSError, struct.error, ValueError):
             return frozenset()
@@ -673,64 +699,28 @@ def _find_system_dirs(blob: bytes, elf_class: int) -> tuple[str, ...] | None:
 
 
 class _Root:
-    """Maps loader paths into a (possibly staged) root, following symlinks inside it."""
+    """The loader's view of a root: its paths as host paths, resolved by root.Root."""
 
-    def __init__(self, root: str) -> None:
-        self.root = "/" if root in ("", "/") else os.path.realpath(root)
-        self.identity = self.root == "/"
-        self._dirs: dict[str, str] = {}
-
-    def _resolve(self, path: str) -> str:
-        """The canonical loader path of `path` inside the root (missing tails kept as written)."""
-        parts = [p for p in path.split("/") if p not in ("", ".")]
-        resolved: list[str] = []
-        hops = 0
-        while parts:
-            comp = parts.pop(0)
-            if comp == "..":
-                if resolved:
-                    resolved.pop()
-                continue
-            candidate = "/" + "/".join(resolved + [comp])
-            host = self.root + candidate
-            try:
-                st = os.lstat(host)
-            except OSError:
-                resolved.append(comp)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                hops += 1
-                if hops > 40:
-                    return candidate  # ELOOP: leave it unresolvable
-                target = os.readlink(host)
-                if target.startswith("/"):
-                    resolved = []
-                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            else:
-                resolved.append(comp)
-        return "/" + "/".join(resolved)
+    def __init__(self, tree: Root) -> None:
+        self.tree = tree
+        self.root = tree.path
+        self.identity = tree.is_host
 
     def host(self, path: str) -> str:
-        if self.identity:
-            return path
-        directory, _, base = path.rpartition("/")
-        real_dir = self._dirs.get(directory)
-        if real_dir is None:
-            real_dir = self._resolve(directory or "/")
-            self._dirs[directory] = real_dir
-        # The directory is canonical already: only the last component can be a symlink.
-        candidate = real_dir.rstrip("/") + "/" + base
-        if base in ("", ".", "..") or os.path.islink(self.root + candidate):
-            candidate = self._resolve(candidate)
-        return self.root + candidate
+        """The host path to open for a loader path: canonical when it exists (no symlink left to
+        follow), a path that does not exist otherwise."""
+        res = self.tree.resolve(path)
+        if res.status is Status.OK:
+            return self.tree.host(res.path)
+        if res.status is Status.RUNTIME and self.identity:
+            return os.path.normpath(path)   # `tracejail deps` on a host file below /run or /dev
+        return self.tree.host(res.spelled_tail())
 
     def realpath(self, path: str) -> str:
-        if self.identity:
-            return os.path.realpath(path)
-        return self._resolve(path)
+        return self.tree.realpath(path)
 
     def exists(self, path: str) -> bool:
-        return os.path.exists(self.host(path))
+        return self.tree.exists(path)
 
 
 # --- the loader model ------------------------------------------------------------
@@ -786,13 +776,14 @@ class _Resolver:
         strict: bool,
         triggers: tuple[str, ...],
         runtime: bool,
+        tree: Root,
     ) -> None:
         self.env = env
         self.cache = cache
         self.strict = strict
         self.triggers = triggers
         self.runtime = runtime
-        self.fs = _Root(env.root)
+        self.fs = _Root(tree)
         self.roots: list[str] = []
         self.deps: dict[tuple[str, str], Dependency] = {}
         self.unresolved: dict[tuple[str, str], Unresolved] = {}
@@ -915,7 +906,7 @@ class _Resolver:
             return parsed, ()
         if isinstance(parsed, Exception):
             self.note(f"{_LD_SO_CACHE} ignored, as ld.so would: {parsed}")
-        conf_dirs = tuple(ldcache.parse_ld_so_conf(self.fs.root))
+        conf_dirs = tuple(ldcache.parse_ld_so_conf(self.fs.tree))
         if conf_dirs:
             self.note(f"no usable {_LD_SO_CACHE}: searching the /etc/ld.so.conf directories, as if ldconfig had run")
         return None, conf_dirs
@@ -924,8 +915,7 @@ class _Resolver:
         """musl's system search path and the file it came from ("" for musl's built-in default)."""
         path_file = ldcache.musl_path_file(interp or "", arch.name)
         try:
-            with open(self.fs.host(path_file), encoding="utf-8", errors="surrogateescape") as fh:
-                return tuple(ldcache.parse_musl_path(fh.read())), path_file
+            return tuple(ldcache.parse_musl_path(read_text(self.fs.host(path_file)))), path_file
         except FileNotFoundError:
             return ("/lib", "/usr/local/lib", "/usr/lib"), ""
         except OSError:
@@ -942,8 +932,7 @@ class _Resolver:
         if os.path.isdir(host):
             return  # not a program
         try:
-            with open(host, "rb") as fh:
-                head = fh.read(256)
+            head = read_file(host, 256)
         except OSError as err:
             self.fail(TracejailError(f"{path}: cannot read: {err.strerror or err}"))
             return
@@ -1008,8 +997,7 @@ class _Resolver:
             self.fail(TracejailError(f"{path}: too many levels of #! interpreters"))
             return
         try:
-            with open(self.fs.host(path), "rb") as fh:
-                head = fh.read(256)
+            head = read_file(self.fs.host(path), 256)
         except OSError:
             return
         if head.startswith(ELFMAG):
@@ -1250,8 +1238,8 @@ class _Process:
         if self.r.env.ld_preload:
             names += [(n, "LD_PRELOAD") for n in re.split(r"[ :]", self.r.env.ld_preload) if n]
         try:
-            with open(self.r.fs.host("/etc/ld.so.preload"), encoding="utf-8", errors="surrogateescape") as fh:
-                names += [(n, "/etc/ld.so.preload") for n in re.split(r"[ \t\n:]", fh.read()) if n]
+            text = read_text(self.r.fs.host("/etc/ld.so.preload"))
+            names += [(n, "/etc/ld.so.preload") for n in re.split(r"[ \t\n:]", text) if n]
         except OSError:
             pass
         for name, source in names:
@@ -1571,8 +1559,7 @@ class _Process:
     def _load_nss(self, rule: runtime_loads.RuntimeLoad, libc: _Obj, trigger: str) -> None:
         conf = "/etc/nsswitch.conf"
         try:
-            with open(self.r.fs.host(conf), encoding="utf-8", errors="surrogateescape") as fh:
-                pairs = runtime_loads.parse_nsswitch(fh.read())
+            pairs = runtime_loads.parse_nsswitch(read_text(self.r.fs.host(conf)))
         except OSError:
             self.r.note(f"{conf} not found: NSS uses only the services built into libc")
             return
@@ -1590,22 +1577,17 @@ class _Process:
         gconv_dir = f"{self.cfg.libdir}/gconv"
         configs = [f"{gconv_dir}/gconv-modules", f"{gconv_dir}/gconv-modules.cache"]
         conf_d = f"{gconv_dir}/gconv-modules.d"
-        try:
-            configs += sorted(f"{conf_d}/{n}" for n in os.listdir(self.r.fs.host(conf_d)) if n.endswith(".conf"))
-        except OSError:
-            pass
+        configs += [f"{conf_d}/{n}" for n in self.r.fs.tree.listdir(conf_d) if n.endswith(".conf")]
         modules: list[str] = []
         for conf in configs:
-            host = self.r.fs.host(conf)
-            if not os.path.isfile(host):
+            if self.r.fs.tree.resolve(conf).kind is not NodeKind.FILE:
                 continue
             self.r.edge(Dependency(conf, libc.path, conf, f"runtime:{rule.name}", reason=f"iconv configuration; triggered by {trigger}"))
             if conf.endswith(".cache"):
                 continue
-            with open(host, encoding="utf-8", errors="surrogateescape") as fh:
-                for module in runtime_loads.parse_gconv_modules(fh.read()):
-                    if module not in modules:
-                        modules.append(module)
+            for module in runtime_loads.parse_gconv_modules(self.r.fs.tree.read_text(conf) or ""):
+                if module not in modules:
+                    modules.append(module)
         if not modules:
             self.r.note(f"no gconv modules configured under {gconv_dir}")
             return
@@ -1637,6 +1619,7 @@ def resolve(
     strict: bool = True,
     runtime_triggers: Iterable[str] = (),
     runtime: bool | None = None,
+    root: Root | None = None,
 ) -> Closure:
     """The loader closure of `paths` (ELF files and #! scripts; other files are ignored).
 
@@ -1648,11 +1631,15 @@ def resolve(
     added with rule "runtime:<name>".  runtime: also fire run-time loads whose
     trigger is an imported symbol; defaults to True when runtime_triggers are
     given (a trace) and False otherwise (the ldd view).
+
+    root: the tree to resolve in (shared with the caller's other stages); by default a new
+    root.Root for `env.root`.
     """
     triggers = tuple(runtime_triggers)
     if runtime is None:
         runtime = bool(triggers)
-    resolver = _Resolver(env, cache if cache is not None else ElfCache(), strict, triggers, runtime)
+    tree = root if root is not None else Root(env.root)
+    resolver = _Resolver(env, cache if cache is not None else ElfCache(), strict, triggers, runtime, tree)
     for path in paths:
         resolver.add_root(path)
     return Closure(

@@ -12,10 +12,11 @@ symlinks into ``/usr``, but packages still list many files under their old names
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
+
+from tracejail.root import Root
 
 DPKG_DIR = "var/lib/dpkg"
 STATUS_D = "/var/lib/dpkg/status.d"
@@ -105,13 +106,12 @@ def _source(fields: dict[str, str]) -> tuple[str | None, str | None]:
     return m.group(1), m.group(2)
 
 
-def read_database(root: str = "/", native_arch: str | None = None) -> DpkgDatabase | None:
-    """The installed packages and their file lists under `root`; None on a host without dpkg."""
-    base = os.path.join(root, DPKG_DIR)
-    try:
-        with open(os.path.join(base, "status"), encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
+def read_database(root: Root | str = "/", native_arch: str | None = None) -> DpkgDatabase | None:
+    """The installed packages and their file lists in `root`; None on a tree without dpkg."""
+    tree = root if isinstance(root, Root) else Root(root)
+    base = "/" + DPKG_DIR
+    text = tree.read_text(base + "/status", limit=1 << 30, errors="replace")
+    if text is None:
         return None
     db = DpkgDatabase()
     by_name: dict[str, list[str]] = {}
@@ -126,24 +126,16 @@ def read_database(root: str = "/", native_arch: str | None = None) -> DpkgDataba
             maintainer=fields.get("Maintainer"))
         db.packages[pkg.key] = pkg
         by_name.setdefault(pkg.name, []).append(pkg.key)
-    info = os.path.join(base, "info")
-    try:
-        names = sorted(n for n in os.listdir(info) if n.endswith(".list"))
-    except OSError:
-        names = []
+    info = base + "/info"
+    names = [n for n in tree.listdir(info) if n.endswith(".list")]
     for name in names:
         stem = name[:-len(".list")]
         key = _key_for_list(stem, by_name, db, native_arch)
         if key is None:
             continue   # a leftover list of a removed package
-        try:
-            with open(os.path.join(info, name), encoding="utf-8", errors="surrogateescape") as f:
-                for line in f:
-                    path = line.rstrip("\n")
-                    if path and path != "/.":
-                        db.owners.setdefault(path, []).append(key)
-        except OSError:
-            continue
+        for path in (tree.read_text(f"{info}/{name}", limit=1 << 30) or "").split("\n"):
+            if path and path != "/.":
+                db.owners.setdefault(path, []).append(key)
     return db
 
 

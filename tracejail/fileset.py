@@ -1,53 +1,50 @@
-"""Which host files go into the image, and why: the traced union, the ELF closure, companions.
+"""Which files of the root go into the image, and why: the traced union, the ELF closure, companions.
 
-`select(trace, options)` is pure apart from reading the host filesystem: it returns a FileSet
-whose `wanted` maps each host path to the reasons it is there (`explain` shows them) and whose
+`select(trace, options, root)` is pure apart from reading the root's files: it returns a FileSet
+whose `wanted` maps each path to the reasons it is there (`explain` shows them) and whose
 `excluded` says what was left out by which rule (the build summary lists them).
+
+Every candidate, whatever brought it (the trace, the closure, a Python companion, --include), is
+judged by what it reaches (root.Root.resolve): a credential reached through a symlink or a `..`
+is still a credential, and a file holding a private key is left out whatever its name. Only
+`--include` of the real path keeps one.
 """
 from __future__ import annotations
 
 import fnmatch
 import os
 import re
-import stat as stat_mod
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
+from tracejail import sensitive
 from tracejail import trace as tr
+from tracejail.root import RUNTIME_DIRS, NodeKind, Resolution, Root, SourceChanged, Status, under
 
-VIRTUAL_ROOTS = ("/proc", "/sys", "/dev", "/run")
-
-# Never copied unless named with --include: credentials and private keys.
-SENSITIVE_GLOBS = (
-    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers",
-    "/etc/sudoers.d/*", "/etc/ssl/private/*", "/etc/ssh/ssh_host_*_key",
-    "*/.ssh/*", "*/.aws/*", "*/.docker/config.json", "*/.netrc", "*/.git-credentials",
-    "*/.pgpass", "*/.kube/config", "*/.config/gcloud/*", "*/.azure/*", "*/.gnupg/*",
-    "*/.bash_history", "*/.zsh_history", "*/.sh_history", "*/.python_history",
-    "*/.psql_history", "*/.mysql_history", "*/.sqlite_history", "*/.node_repl_history",
-    "*/.lesshst", "*/.viminfo",
-    "*/id_rsa", "*/id_dsa", "*/id_ecdsa", "*/id_ed25519", "*.key",
-)
-_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+SENSITIVE_RULE = "sensitive file (credentials, keys, history); --include it to keep"
+RUNTIME_RULE = "{} is provided by the container runtime"
+SELF_RULE = "tracejail itself / the trace"
 
 
 @dataclass(frozen=True)
 class SelectOptions:
-    include: tuple[str, ...] = ()         # host paths (files or whole trees) always kept
+    include: tuple[str, ...] = ()         # paths (files or whole trees) always kept
     exclude: tuple[str, ...] = ()         # globs dropped after everything else
-    host_root: str = "/"
     extra_excluded_paths: tuple[str, ...] = ()   # e.g. the trace file itself
     use_closure: bool = True
 
 
 @dataclass
 class FileSet:
-    wanted: dict[str, list[str]] = field(default_factory=dict)   # host path -> reasons
+    wanted: dict[str, list[str]] = field(default_factory=dict)   # path -> reasons
     dirs_only: set[str] = field(default_factory=set)            # only stat'ed/listed directories
     excluded: list[tuple[str, str]] = field(default_factory=list)   # (path, rule)
-    vanished: list[str] = field(default_factory=list)           # traced, gone from the host now
+    vanished: list[str] = field(default_factory=list)           # traced, gone from the root now
     unresolved: list[tuple[str, str]] = field(default_factory=list)  # (library name, needed by)
     closure_errors: list[str] = field(default_factory=list)
+    # Credentials and key files kept only because --include named them: their modes stay as
+    # they are (never opened up to the image user).
+    secrets: set[str] = field(default_factory=set)
 
     def want(self, path: str, reason: str) -> None:
         reasons = self.wanted.setdefault(path, [])
@@ -55,45 +52,54 @@ class FileSet:
             reasons.append(reason)
 
 
-def is_sensitive(path: str) -> bool:
-    name_hit = any(fnmatch.fnmatchcase(path, g) for g in SENSITIVE_GLOBS)
-    if name_hit:
-        return True
-    if path.endswith((".pem", ".crt", ".der")) or "/private/" in path:
+class Judge:
+    """Decides whether a resolved path may enter the image; remembers content checks."""
+
+    def __init__(self, root: Root, include_exact: Iterable[str] = (), self_paths: Iterable[str] = ()) -> None:
+        self.root = root
+        self.include_exact = frozenset(include_exact)
+        self.self_paths = tuple(self_paths)
+        self._keys: dict[str, str | None] = {}
+        self.secrets: set[str] = set()     # canonical paths kept by --include although sensitive
+
+    @staticmethod
+    def runtime_rule(spelled: str) -> str | None:
+        for top in RUNTIME_DIRS:
+            if under(spelled, top):
+                return RUNTIME_RULE.format(top)
+        return None
+
+    def rule(self, spelled: str, res: Resolution) -> str | None:
+        """The rule that leaves `spelled` (normal form) out, given what it resolves to; None keeps it."""
+        runtime = self.runtime_rule(spelled)
+        if runtime:
+            return runtime
+        canonical = [h.path for h in res.hops]
+        if any(under(p, s) for s in self.self_paths for p in [spelled, *canonical]):
+            return SELF_RULE
+        for p in dict.fromkeys([spelled, *canonical]):
+            if sensitive.sensitive_name(p):
+                if p not in self.include_exact:
+                    return SENSITIVE_RULE
+                self.secrets.add(p)
+        if res.ok and res.node is not None and res.node.kind is NodeKind.FILE and self.private_key(res):
+            if res.path not in self.include_exact:
+                return f"holds {self.private_key(res)}; --include its real path to keep it"
+            self.secrets.add(res.path)
+        return None
+
+    def private_key(self, res: Resolution) -> str | None:
+        """What private key the file `res` reaches holds (first bytes only), or None."""
+        if res.path in self._keys:
+            return self._keys[res.path]
+        assert res.node is not None
         try:
-            with open(path, "rb") as f:
-                return bool(_PRIVATE_KEY.search(f.read(65536)))
-        except OSError:
-            return False
-    return False
-
-
-def under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
-
-
-def host_normalize(path: str) -> tuple[str, list[str]]:
-    """Resolve `.`, `..` and `//` the way the kernel would on the host.
-
-    Returns the normalised path and the prefixes that were walked through before a `..`
-    (their symlinks must be kept so the program's own spelling still works in the image).
-    """
-    parts = path.split("/")
-    current = ""
-    via: list[str] = []
-    for part in parts:
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if current:
-                via.append(current)
-                real = os.path.realpath(current)
-                current = os.path.dirname(real) if real != "/" else ""
-                if current == "/":
-                    current = ""
-            continue
-        current = f"{current}/{part}"
-    return current or "/", via
+            head = self.root.read_head(res.path, sensitive.HEAD_BYTES, res.node.identity)
+            found = sensitive.private_key_in(head, res.node.st.st_size)
+        except (OSError, SourceChanged):
+            found = None   # unreadable or changing: staging opens it again and checks it then
+        self._keys[res.path] = found
+        return found
 
 
 def _matches_any(path: str, globs: Iterable[str]) -> str | None:
@@ -103,71 +109,69 @@ def _matches_any(path: str, globs: Iterable[str]) -> str | None:
     return None
 
 
-def select(trace: tr.Trace, options: SelectOptions = SelectOptions()) -> FileSet:
+def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root | None = None) -> FileSet:
+    root = root or Root("/")
     fs = FileSet()
     includes = [os.path.normpath(os.path.abspath(p)) for p in options.include]
-    self_dir = os.path.dirname(os.path.abspath(__file__))
-    extra_excluded = {os.path.abspath(p) for p in options.extra_excluded_paths}
+    self_paths: list[str] = []
+    if root.is_host:
+        self_paths.append(os.path.realpath(os.path.dirname(os.path.abspath(__file__))))
+        self_paths.extend(os.path.realpath(p) for p in options.extra_excluded_paths)
+    judge = Judge(root, includes, self_paths)
 
-    def included_by_name(path: str) -> bool:
-        return any(under(path, inc) for inc in includes)
-
-    def consider(path: str, reason: str, *, dir_only: bool = False) -> None:
-        for top in VIRTUAL_ROOTS:
-            if under(path, top):
-                fs.excluded.append((path, f"{top} is provided by the container runtime"))
-                return
-        if under(path, self_dir) or path in extra_excluded:
-            fs.excluded.append((path, "tracejail itself / the trace"))
-            return
-        if is_sensitive(path) and not included_by_name(path):
-            fs.excluded.append((path, "sensitive file (credentials, keys, history); --include it to keep"))
-            return
+    def consider(path: str, reason: str, res: Resolution | None = None, *, dir_only: bool = False) -> bool:
+        rule = judge.rule(path, res if res is not None else root.resolve(path))
+        if rule is not None:
+            fs.excluded.append((path, rule))
+            return False
         if dir_only:
             fs.dirs_only.add(path)
         fs.want(path, reason)
+        return True
 
     for rec in trace.files.values():
         if not rec.ok:
             continue
-        path, via = host_normalize(rec.path)
+        path, via = root.normalize(rec.path)
         if rec.created_by_run:
             fs.excluded.append((path, "created by the recorded run"))
             continue
-        if not os.path.lexists(path):
+        runtime = judge.runtime_rule(path)
+        if runtime:
+            fs.excluded.append((path, runtime))
+            continue
+        # Judged as spelled in the trace: the hops then include the symlinks before each `..`.
+        res = root.resolve(rec.path)
+        # (A path that leads into a runtime directory is kept up to there: plan keeps its links.)
+        if res.status is not Status.RUNTIME and not root.lexists(path):
             if rec.removed_by_run:
                 fs.excluded.append((path, "removed by the recorded run"))
             else:
                 fs.vanished.append(path)
             continue
-        kinds = rec.kinds
         if rec.added_by:
             reason = f"added by {rec.added_by}: {rec.reason or ''}".strip()
         else:
-            reason = "traced:" + ",".join(sorted(kinds))
-        try:
-            is_dir = stat_mod.S_ISDIR(os.stat(path).st_mode)
-        except OSError:
-            is_dir = False
-        consider(path, reason, dir_only=is_dir)
+            reason = "traced:" + ",".join(sorted(rec.kinds))
+        if not consider(path, reason, res, dir_only=res.ok and res.kind is NodeKind.DIR):
+            continue
         for prefix in via:
             consider(prefix, f"on the way to {rec.path}", dir_only=True)
 
     for inc in includes:
-        if not os.path.lexists(inc):
+        top = root.resolve(inc)
+        if not root.lexists(inc):
             fs.vanished.append(inc)
             continue
-        if os.path.isdir(inc) and not os.path.islink(inc):
-            for dirpath, dirnames, filenames in os.walk(inc):
-                fs.want(dirpath, "--include")
-                for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-                    fs.want(os.path.join(dirpath, name), "--include")
+        if top.ok and top.kind is NodeKind.DIR and not root.lstat_is_link(inc):
+            for rel in root.walk_tree(inc):
+                consider(inc + rel if inc != "/" else (rel or "/"), "--include")
         else:
-            fs.want(inc, "--include")
+            consider(inc, "--include", top)
 
     if options.use_closure:
-        _add_closure(trace, fs)
-    _add_python_companions(fs)
+        _add_closure(trace, fs, root, consider)
+    _add_python_companions(fs, root, consider)
 
     if options.exclude:
         for path in list(fs.wanted):
@@ -178,33 +182,35 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions()) -> FileSet
                 fs.excluded.append((path, f"--exclude {g}"))
     fs.excluded.sort()
     fs.vanished = sorted(set(fs.vanished))
+    fs.secrets = judge.secrets
     return fs
 
 
-def _add_closure(trace: tr.Trace, fs: FileSet) -> None:
+Consider = Callable[..., bool]
+
+
+def _add_closure(trace: tr.Trace, fs: FileSet, root: Root, consider: Consider) -> None:
     from tracejail import closure
 
     env = trace.runs[0].environment if trace.runs else {}
     loader_env = closure.LoaderEnv(ld_library_path=env.get("LD_LIBRARY_PATH"), path=env.get("PATH"),
                                    ld_preload=env.get("LD_PRELOAD"),
-                                   cwd=trace.runs[0].cwd if trace.runs else None)
+                                   cwd=trace.runs[0].cwd if trace.runs else None, root=root.path)
     # Scripts count only when executed: Python's stdlib has executable files with a `#!` line
     # (base64.py, cgi.py ...) that a program merely imports.
-    executed = {host_normalize(p)[0] for p, r in trace.files.items() if "exec" in r.kinds}
+    executed = {root.normalize(p)[0] for p, r in trace.files.items() if "exec" in r.kinds}
     roots = []
     for path in fs.wanted:
         if path in fs.dirs_only:
             continue
-        try:
-            st = os.stat(path)
-        except OSError:
+        res = root.resolve(path)
+        if not res.ok or res.kind is not NodeKind.FILE:
             continue
-        if not stat_mod.S_ISREG(st.st_mode):
-            continue
-        if closure.is_elf(path) or (path in executed and _has_shebang(path)):
+        head = _head(root, res, 4)
+        if head.startswith(closure.ELFMAG) or (path in executed and head.startswith(b"#!")):
             roots.append(path)
     triggers = [p for p, r in trace.files.items() if r.ok]
-    result = closure.resolve(sorted(roots), loader_env, strict=False, runtime_triggers=triggers)
+    result = closure.resolve(sorted(roots), loader_env, strict=False, runtime_triggers=triggers, root=root)
     fs.closure_errors.extend(result.errors)
     for dep in result.deps:
         rule = dep.rule + (" via $ORIGIN" if getattr(dep, "via_origin", False) else "")
@@ -212,26 +218,28 @@ def _add_closure(trace: tr.Trace, fs: FileSet) -> None:
         if dep.reason:
             why += f": {dep.reason}"
         # $ORIGIN/../lib spellings: keep what ld.so walks through, store the normal form
-        path, via = host_normalize(dep.path)
-        fs.want(path, why)
+        path, via = root.normalize(dep.path)
+        if not consider(path, why, root.resolve(dep.path)):
+            continue
         fs.dirs_only.discard(path)
         for prefix in via:
-            if prefix not in fs.wanted:
-                fs.want(prefix, f"on the way to {dep.path}")
+            if prefix not in fs.wanted and consider(prefix, f"on the way to {dep.path}"):
                 fs.dirs_only.add(prefix)
     for u in result.unresolved:
         fs.unresolved.append((u.name, u.needed_by))
 
 
-def _has_shebang(path: str) -> bool:
+def _head(root: Root, res: Resolution, n: int) -> bytes:
+    """The first `n` bytes of the regular file `res` reaches (b"" when unreadable)."""
+    if res.node is None:
+        return b""
     try:
-        with open(path, "rb") as f:
-            return f.read(2) == b"#!"
-    except OSError:
-        return False
+        return root.read_head(res.path, n, res.node.identity)
+    except (OSError, SourceChanged):
+        return b""
 
 
-def _add_python_companions(fs: FileSet) -> None:
+def _add_python_companions(fs: FileSet, root: Root, consider: Consider) -> None:
     """Python validates a cached .pyc against its .py, and reads .pth and dist-info metadata."""
     site_dirs: set[str] = set()
     for path in list(fs.wanted):
@@ -239,34 +247,27 @@ def _add_python_companions(fs: FileSet) -> None:
         if os.path.basename(directory) == "__pycache__" and name.endswith(".pyc"):
             module = name.split(".", 1)[0]
             source = os.path.join(os.path.dirname(directory), module + ".py")
-            if os.path.exists(source) and source not in fs.wanted:
-                fs.want(source, f"source of the kept {path} (Python stats it to validate the cache)")
+            if source not in fs.wanted and root.exists(source):
+                consider(source, f"source of the kept {path} (Python stats it to validate the cache)")
         m = re.match(r"(.*/(?:site|dist)-packages)(/|$)", path)
         if m:
             site_dirs.add(m.group(1))
     for site in sorted(site_dirs):
-        try:
-            names = os.listdir(site)
-        except OSError:
-            continue
+        names = root.listdir(site)
         kept_tops = {_top_name(p[len(site) + 1:]) for p in fs.wanted if p.startswith(site + "/")}
-        for name in sorted(names):
+        for name in names:
             full = os.path.join(site, name)
             if name.endswith(".pth"):
-                fs.want(full, "a .pth file of a kept site-packages (run at interpreter start)")
-            elif name.endswith(".dist-info") and os.path.isdir(full):
-                tops = _distribution_tops(full)
+                consider(full, "a .pth file of a kept site-packages (run at interpreter start)")
+            elif name.endswith(".dist-info") and root.resolve(full).kind is NodeKind.DIR:
+                tops = _distribution_tops(root, full)
                 if tops & kept_tops:
-                    fs.want(full, "dist-info of a kept distribution")
+                    why = "dist-info of a kept distribution"
+                    consider(full, why)
                     fs.dirs_only.discard(full)
-                    for f in sorted(os.listdir(full)):
-                        sub = os.path.join(full, f)
-                        if os.path.isfile(sub):
-                            fs.want(sub, "dist-info of a kept distribution")
-                        elif os.path.isdir(sub):
-                            for dp, _dn, fns in os.walk(sub):
-                                for fn in fns:
-                                    fs.want(os.path.join(dp, fn), "dist-info of a kept distribution")
+                    for rel in root.walk_tree(full):
+                        if rel and root.resolve(full + rel).kind is NodeKind.FILE:
+                            consider(full + rel, why)
 
 
 def _top_name(rel: str) -> str:
@@ -279,15 +280,11 @@ def _top_name(rel: str) -> str:
     return first
 
 
-def _distribution_tops(dist_info: str) -> set[str]:
+def _distribution_tops(root: Root, dist_info: str) -> set[str]:
     """Top-level names (packages, modules, .libs folders) a distribution installed."""
     tops: set[str] = set()
-    try:
-        with open(os.path.join(dist_info, "RECORD"), encoding="utf-8", errors="replace") as f:
-            for line in f:
-                rel = line.split(",", 1)[0]
-                if rel and not rel.startswith("..") and ".dist-info" not in rel.split("/", 1)[0]:
-                    tops.add(_top_name(rel))
-    except OSError:
-        pass
+    for line in (root.read_text(dist_info + "/RECORD") or "").splitlines():
+        rel = line.split(",", 1)[0]
+        if rel and not rel.startswith("..") and ".dist-info" not in rel.split("/", 1)[0]:
+            tops.add(_top_name(rel))
     return tops

@@ -20,6 +20,7 @@ import platform
 import re
 import secrets
 import shutil
+import stat
 import tarfile
 import zlib
 from collections import deque
@@ -31,6 +32,7 @@ from typing import BinaryIO, Callable, Iterator, Union
 
 from tracejail import rootfs
 from tracejail.errors import TracejailError
+from tracejail.root import SourceChanged
 
 LAYER_MEDIA_TYPE_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_MEDIA_TYPE_TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -253,16 +255,30 @@ def iter_layer_tar(
     *,
     mtime_of: Callable[[rootfs.Entry], int],
     progress: Callable[[int], None] | None = None,
+    on_changed: rootfs.OnChanged | None = None,
 ) -> Iterator[bytes]:
-    """Yield the layer tar for parents-first `entries` (see rootfs.ordered_entries)."""
+    """Yield the layer tar for parents-first `entries` (see rootfs.ordered_entries).
+
+    A file that is no longer the node planned raises SourceChanged, or, given `on_changed`, is
+    reported to it and left out with its hard links (see rootfs.open_entry)."""
+    left_out: set[str] = set()
     for e in entries:
         if e.path == "/":
             continue  # the root is the container's, not the layer's
+        if e.kind == "hardlink" and e.link_target in left_out:
+            continue
         info = _entry_info(e, mtime_of(e))
         if e.kind != "file":
             yield _tar_header(info)
             continue
-        fd = rootfs.open_source(e.source or "")
+        try:
+            fd = rootfs.open_entry(e)
+        except SourceChanged as err:
+            if on_changed is None:
+                raise
+            on_changed(e, err)
+            left_out.add(e.path)
+            continue
         try:
             # The size in the header must be known first: take it from the open file, then
             # insist on getting exactly that many bytes.
@@ -395,6 +411,7 @@ def write_layer(
     preserve_mtimes: bool = False,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
+    on_changed: rootfs.OnChanged | None = None,
 ) -> LayerInfo:
     """Stream the layer blob for `source` (a Plan or a staged rootfs dir) into `write`.
 
@@ -419,7 +436,7 @@ def write_layer(
         gz = _GzipWriter(emit, compress_level, workers or os.cpu_count() or 1)
     sink = gz.write if gz else emit
     try:
-        for chunk in iter_layer_tar(entries, mtime_of=mtime_of, progress=progress):
+        for chunk in iter_layer_tar(entries, mtime_of=mtime_of, progress=progress, on_changed=on_changed):
             if not chunk:
                 continue
             diff_hash.update(chunk)
@@ -588,6 +605,7 @@ def write_archive(
     mtime_clamp: int | None = None,
     preserve_mtimes: bool = False,
     workers: int | None = None,
+    on_changed: rootfs.OnChanged | None = None,
 ) -> ImageResult:
     """Write the image archive `out` atomically from a Plan or a staged rootfs directory.
 
@@ -602,7 +620,8 @@ def write_archive(
         header_at = f.tell()
         f.write(b"\0" * _BLOCK)  # layer header placeholder: its name (digest) and size come last
         layer = write_layer(source, f.write, compress_level=compress_level, mtime_clamp=mtime_clamp,
-                            preserve_mtimes=preserve_mtimes, progress=progress, workers=workers)
+                            preserve_mtimes=preserve_mtimes, progress=progress, workers=workers,
+                            on_changed=on_changed)
         f.write(_pad(layer.size))
         end = f.tell()
         f.seek(header_at)
@@ -636,6 +655,7 @@ def write_oci_dir(
     mtime_clamp: int | None = None,
     preserve_mtimes: bool = False,
     workers: int | None = None,
+    on_changed: rootfs.OnChanged | None = None,
 ) -> ImageResult:
     """Write an OCI image layout directory (plus manifest.json) atomically.
 
@@ -657,7 +677,8 @@ def write_oci_dir(
         layer_tmp = os.path.join(blobs, ".layer.tmp")
         with open(layer_tmp, "wb", buffering=_READ_CHUNK) as f:
             layer = write_layer(source, f.write, compress_level=compress_level, mtime_clamp=mtime_clamp,
-                                preserve_mtimes=preserve_mtimes, progress=progress, workers=workers)
+                                preserve_mtimes=preserve_mtimes, progress=progress, workers=workers,
+                                on_changed=on_changed)
             f.flush()
             os.fsync(f.fileno())
         os.rename(layer_tmp, os.path.join(tmp, _blob_path(layer.digest)))
@@ -700,9 +721,13 @@ def _quote(value: str, what: str) -> str:
 _USER = re.compile(r"[A-Za-z0-9_.-]+(?::[A-Za-z0-9_.-]+)?\Z")
 
 
+# The first line of every Dockerfile tracejail writes: only a file that starts with it is replaced.
+DOCKERFILE_MARKER = "# Written by tracejail."
+
+
 def dockerfile_text(rootfs_name: str, config: ImageConfig) -> str:
     # JSON form of COPY: the directory name may hold spaces.
-    lines = ["# Written by tracejail. Build with: docker build -t NAME .", "FROM scratch",
+    lines = [f"{DOCKERFILE_MARKER} Build with: docker build -t NAME .", "FROM scratch",
              "COPY " + json.dumps([rootfs_name, "/"])]
     for item in config.env:
         key, sep, value = item.partition("=")
@@ -728,6 +753,29 @@ def dockerfile_text(rootfs_name: str, config: ImageConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dockerfile_path(rootfs_dir: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(rootfs_dir)), "Dockerfile")
+
+
+def check_dockerfile_slot(rootfs_dir: str) -> None:
+    """Refuse, before anything is staged, to overwrite a Dockerfile that tracejail did not write."""
+    path = dockerfile_path(rootfs_dir)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise TracejailError(f"{path} exists and cannot be read ({err.strerror}); move it, or choose "
+                             "another --rootfs directory") from None
+    try:
+        head = os.read(fd, len(DOCKERFILE_MARKER)) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    finally:
+        os.close(fd)
+    if head != DOCKERFILE_MARKER.encode():
+        raise TracejailError(f"{path} exists and was not written by tracejail; move it, or choose "
+                             "another --rootfs directory (the Dockerfile goes beside it)")
+
+
 def write_dockerfile(rootfs_dir: str, config: ImageConfig) -> str:
     """Write `Dockerfile` beside `rootfs_dir` (FROM scratch, COPY <rootfs> /, ...); return its path.
 
@@ -737,8 +785,8 @@ def write_dockerfile(rootfs_dir: str, config: ImageConfig) -> str:
     rootfs_dir = os.path.abspath(rootfs_dir)
     if not os.path.isdir(rootfs_dir):
         raise TracejailError(f"rootfs {rootfs_dir} is not a directory; stage it first")
-    parent = os.path.dirname(rootfs_dir)
-    path = os.path.join(parent, "Dockerfile")
+    check_dockerfile_slot(rootfs_dir)
+    path = dockerfile_path(rootfs_dir)
     text = dockerfile_text(os.path.basename(rootfs_dir), config)
     with _atomic_file(path) as f:
         f.write(text.encode())

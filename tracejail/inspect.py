@@ -16,6 +16,8 @@ from typing import Any
 from tracejail import fileset as fsel
 from tracejail import rootfs
 from tracejail import trace as tr
+from tracejail.root import Root, is_runtime_path
+from tracejail.units import human
 
 # Kinds of image files, in display order.
 FILE_KINDS = ("elf-executable", "shared-library", "python-extension", "python-module",
@@ -57,9 +59,8 @@ def classify(path: str, host_path: str | None = None) -> str:
     if path.startswith("/etc/") or name.endswith(_CONFIG_SUFFIXES):
         return "config"
     try:
-        with open(source, "rb") as f:
-            if f.read(2) == b"#!":
-                return "script"
+        if closure.read_file(source, 2) == b"#!":
+            return "script"
     except OSError:
         pass
     return "data"
@@ -203,7 +204,7 @@ class Miss:
 
 def _miss_group(path: str, found: dict[str, str]) -> tuple[str, str | None]:
     parts = path.split("/")
-    if any(fsel.under(path, top) for top in fsel.VIRTUAL_ROOTS):
+    if is_runtime_path(path):
         return "runtime", None
     name = parts[-1]
     if _PY_INIT_RE.search(path) or _PY_LANDMARKS.search(path):
@@ -253,16 +254,17 @@ def _raw_misses(trace: tr.Trace) -> list[Miss]:
     return out
 
 
-def grouped_misses(trace: tr.Trace) -> list[Miss]:
+def grouped_misses(trace: tr.Trace, root: Root | None = None) -> list[Miss]:
     """Every failed lookup of the recorded runs with its group (NOISE_GROUPS, SHOWN_GROUPS)."""
+    root = root or Root("/")
     found: dict[str, str] = {}
     for path in sorted(trace.files):
         if trace.files[path].ok:
-            norm = fsel.host_normalize(path)[0]
+            norm = root.normalize(path)[0]
             found.setdefault(os.path.basename(norm), norm)
     misses = _raw_misses(trace)
     for m in misses:
-        m.group, m.found_at = _miss_group(fsel.host_normalize(m.path)[0], found)
+        m.group, m.found_at = _miss_group(root.normalize(m.path)[0], found)
     return misses
 
 
@@ -312,17 +314,6 @@ def report(trace_path: str, trace: tr.Trace, files: fsel.FileSet, plan: rootfs.P
 
 # --------------------------------------------------------------------------------------------
 # Text
-
-
-def human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
 
 
 def _argv(argv: list[str], width: int = 100) -> str:

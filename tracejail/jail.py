@@ -102,37 +102,6 @@ def strip_root(path: str, root: str) -> str:
     return path
 
 
-def resolve_in_root(root: str, path: str, max_hops: int = 40) -> str | None:
-    """Host path of the node `path` names inside the tree `root`, following symlinks the way the
-    kernel would after chroot(root) (absolute targets restart at root; `..` never leaves it).
-    None when a component is missing or the chain loops."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    done: list[str] = []
-    hops = 0
-    while parts:
-        name = parts.pop(0)
-        if name == "..":
-            if done:
-                done.pop()
-            continue
-        host = os.path.join(root, *done, name)
-        try:
-            st = os.lstat(host)
-        except OSError:
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            hops += 1
-            if hops > max_hops:
-                return None
-            target = os.readlink(host)
-            if target.startswith("/"):
-                done = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        done.append(name)
-    return os.path.join(root, *done)
-
-
 # -- host side ---------------------------------------------------------------------------------
 
 def launcher_argv(spec: JailSpec) -> list[str]:

@@ -12,12 +12,15 @@ The lookup in :meth:`LdCache.lookup` follows glibc 2.36's ``search_cache``
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from tracejail.root import Root, Status
 
 CACHE_MAGIC_NEW = b"glibc-ld.so.cache1.1"
 CACHE_MAGIC_OLD = b"ld.so-1.7.0"
@@ -208,30 +211,41 @@ def parse_ld_so_cache(data: bytes) -> LdCache:
 # --- ld.so.conf -----------------------------------------------------------
 
 
-def parse_ld_so_conf(root: str, path: str = "/etc/ld.so.conf") -> list[str]:
+def parse_ld_so_conf(root: Root, path: str = "/etc/ld.so.conf") -> list[str]:
     """Directories named by ld.so.conf and its includes, in ldconfig's order.
 
-    `path` is inside `root`; included globs are resolved inside `root` too,
-    relative ones against the including file's directory (as ldconfig does).
-    Missing files yield nothing.
+    `path` is inside `root`; included globs are matched inside `root` too (never through a
+    symlink out of it), relative ones against the including file's directory (as ldconfig
+    does). Missing files yield nothing.
     """
     dirs: list[str] = []
     _read_conf(root, path, dirs, set())
     return dirs
 
 
-def _in_root(root: str, path: str) -> str:
-    return path if root in ("", "/") else os.path.join(root, path.lstrip("/"))
+def _glob_in_root(root: Root, pattern: str) -> list[str]:
+    """glob.glob for an absolute pattern, each component matched inside `root`."""
+    matches = ["/"]
+    for part in [p for p in pattern.split("/") if p]:
+        found: list[str] = []
+        for base in matches:
+            if glob.has_magic(part):
+                found += [os.path.join(base, n) for n in root.listdir(base)
+                          if fnmatch.fnmatchcase(n, part) and (part.startswith(".") or not n.startswith("."))]
+            else:
+                candidate = os.path.join(base, part)
+                if root.resolve(candidate).status is Status.OK:
+                    found.append(candidate)
+        matches = found
+    return sorted(matches)
 
 
-def _read_conf(root: str, path: str, dirs: list[str], seen: set[str]) -> None:
+def _read_conf(root: Root, path: str, dirs: list[str], seen: set[str]) -> None:
     if path in seen:  # include loops
         return
     seen.add(path)
-    try:
-        with open(_in_root(root, path), encoding="utf-8", errors="surrogateescape") as fh:
-            text = fh.read()
-    except OSError:
+    text = root.read_text(path)
+    if text is None:
         return
     for raw in text.splitlines():
         line = raw.split("#", 1)[0].strip()
@@ -242,10 +256,8 @@ def _read_conf(root: str, path: str, dirs: list[str], seen: set[str]) -> None:
             for pattern in rest.split():
                 if not pattern.startswith("/"):
                     pattern = os.path.join(os.path.dirname(path), pattern)
-                host_pattern = _in_root(root, pattern)
-                for match in sorted(glob.glob(host_pattern)):
-                    inner = match if root in ("", "/") else "/" + os.path.relpath(match, root)
-                    _read_conf(root, inner, dirs, seen)
+                for match in _glob_in_root(root, pattern):
+                    _read_conf(root, match, dirs, seen)
         elif word.lower() == "hwcap" and rest.strip():
             continue  # obsolete; ignored by current ldconfig
         else:

@@ -13,22 +13,22 @@ This module turns both into one structured answer per image path:
 * `explain` answers for any path, in the image or not (excluded by which rule, a failed
   lookup, never touched).
 
-The walk below repeats the kernel's resolution the way rootfs.plan does (same rules, host root
-"/"), because the plan keeps only the nodes, not which wanted path led to each.
+Paths are resolved by the same root.Root the build used (the plan keeps only the nodes, not
+which wanted path led to each), so explain and build agree on what every spelling reaches.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import stat as stat_mod
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from tracejail import __version__
 from tracejail import fileset as fsel
-from tracejail import rootfs
+from tracejail import rootfs, sensitive
 from tracejail import trace as tr
+from tracejail.root import Hop, NodeKind, Resolution, Root, Status
 
 FORMAT = "tracejail-provenance/1"
 IMAGE_PATH = "/.tracejail/provenance.json"
@@ -160,7 +160,7 @@ def _needed_text(r: Reason) -> str:
     return f"needed (DT_NEEDED {name}) by {_some(by)}, found through {how}"
 
 
-def merge_needed(reasons: list[Reason]) -> list[Reason]:
+def merge_needed(reasons: list[Reason], root: Root | None = None) -> list[Reason]:
     """One reason per (kind, rule, name, $ORIGIN, why) with every object that needs it."""
     out: list[Reason] = []
     index: dict[tuple[Any, ...], Reason] = {}
@@ -179,14 +179,14 @@ def merge_needed(reasons: list[Reason]) -> list[Reason]:
     for r in out:
         if "needed_by" in r.data:
             if r.data.get("via_origin") and r.data["rule"] in ("rpath", "runpath"):
-                search = _search_path(r.data["needed_by"], r.data["rule"])
+                search = _search_path(root or Root("/"), r.data["needed_by"], r.data["rule"])
                 if search:
                     r.data["search_path"] = search
             r.text = _needed_text(r)
     return out
 
 
-def _search_path(objects: list[str], rule: str) -> str | None:
+def _search_path(root: Root, objects: list[str], rule: str) -> str | None:
     """The DT_RPATH / DT_RUNPATH text of the first needing object that has one ($ORIGIN/...).
 
     With DT_RPATH the entry may come from an object further up the load chain; then the first
@@ -194,8 +194,11 @@ def _search_path(objects: list[str], rule: str) -> str | None:
     from tracejail import closure
 
     for obj in objects:
+        res = root.resolve(obj)
+        if not res.ok:
+            continue
         try:
-            facts = closure.read_elf_facts(os.path.normpath(obj))
+            facts = closure.read_elf_facts(root.host(res.path))
         except Exception:   # unreadable now: the sentence just leaves the value out
             continue
         value = facts and (facts.rpath if rule == "rpath" else facts.runpath)
@@ -224,18 +227,19 @@ class TraceIndex:
 
     records: dict[str, list[tr.PathRecord]]
     processes: dict[int, tr.ProcessInfo]
+    root: Root
 
     @classmethod
-    def of(cls, trace: tr.Trace) -> TraceIndex:
+    def of(cls, trace: tr.Trace, root: Root) -> TraceIndex:
         records: dict[str, list[tr.PathRecord]] = {}
         for rec in trace.files.values():
-            norm = fsel.host_normalize(rec.path)[0]
+            norm = root.normalize(rec.path)[0]
             records.setdefault(norm, []).append(rec)
         procs: dict[int, tr.ProcessInfo] = {}
         for run in trace.runs:
             for p in run.processes:
                 procs.setdefault(p.pid, p)
-        return cls(records, procs)
+        return cls(records, procs, root)
 
     def command(self, pid: int, width: int = 80) -> str:
         p = self.processes.get(pid)
@@ -282,90 +286,11 @@ def traced_reason(records: list[tr.PathRecord], index: TraceIndex) -> Reason:
     if who:
         text += f" by {', '.join(who)}{more}"
     data: dict[str, Any] = {"access": kinds, "syscalls": syscalls, "pids": pids, "runs": sorted(runs)}
-    other = [s for s in spellings if fsel.host_normalize(s)[0] != s]
+    other = [s for s in spellings if index.root.normalize(s)[0] != s]
     if other:
         text += f", spelled {_some(other)}"
         data["spelled"] = other
     return Reason(TRACED, text, data)
-
-
-# --------------------------------------------------------------------------------------------
-# The plan side: resolving wanted paths through symlinks
-
-
-@dataclass(frozen=True)
-class Hop:
-    path: str            # image path of a node met while resolving
-    kind: str            # "symlink" | "dir" | "file"
-    target: str | None   # symlink target as stored
-
-
-class Walker:
-    """Resolve paths like rootfs._Planner.walk (kernel rules, host root "/"), with a cache."""
-
-    def __init__(self, host_root: str = "/") -> None:
-        self.host_root = os.path.abspath(host_root)
-        self._lstat: dict[str, os.stat_result | None] = {}
-        self._link: dict[str, str] = {}
-
-    def _host(self, path: str) -> str:
-        return self.host_root if path == "/" else os.path.join(self.host_root, path[1:])
-
-    def lstat(self, path: str) -> os.stat_result | None:
-        if path not in self._lstat:
-            try:
-                self._lstat[path] = os.lstat(self._host(path))
-            except OSError:
-                self._lstat[path] = None
-        return self._lstat[path]
-
-    def readlink(self, path: str) -> str:
-        if path not in self._link:
-            self._link[path] = os.readlink(self._host(path))
-        return self._link[path]
-
-    def walk(self, path: str) -> tuple[str | None, list[Hop]]:
-        """(the node `path` leads to or None, every symlink and directory met on the way)."""
-        todo = list(reversed(path.split("/")[1:]))
-        cur = "/"
-        hops: list[Hop] = []
-        n_links = 0
-        while todo:
-            name = todo.pop()
-            if name in ("", "."):
-                continue
-            if name == "..":
-                cur = rootfs.parent_of(cur)
-                continue
-            cand = "/" + name if cur == "/" else f"{cur}/{name}"
-            if rootfs.is_runtime_path(cand):
-                return None, hops
-            st = self.lstat(cand)
-            if st is None:
-                return None, hops
-            last = not any(t not in ("", ".") for t in todo)
-            if stat_mod.S_ISLNK(st.st_mode):
-                try:
-                    target = self.readlink(cand)
-                except OSError:
-                    return None, hops
-                hops.append(Hop(cand, "symlink", target))
-                n_links += 1
-                if n_links > rootfs.MAX_SYMLINK_HOPS:
-                    return None, hops
-                if target.startswith("/"):
-                    cur = "/"
-                todo.extend(reversed(target.split("/")))
-                continue
-            if stat_mod.S_ISDIR(st.st_mode):
-                hops.append(Hop(cand, "dir", None))
-                cur = cand
-                continue
-            if not last:
-                return None, hops
-            hops.append(Hop(cand, "file", None))
-            return cand, hops
-        return cur, hops
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +323,8 @@ class Provenance:
     wanted: dict[str, list[Reason]]              # host path as kept -> its own reasons
     excluded: list[tuple[str, str]]
     index: TraceIndex
-    resolved: dict[str, tuple[str | None, list[Hop]]]   # wanted path -> walk result
+    resolved: dict[str, Resolution]              # wanted path -> what it reaches
+    root: Root
 
     def to_json(self, trace_digest: str | None = None, *, parents: bool = False) -> dict[str, Any]:
         """The document written to /.tracejail/provenance.json.
@@ -422,26 +348,29 @@ class Provenance:
         }
 
 
-def _is_shared_object(path: str) -> bool:
+def _is_shared_object(path: str, root: Root) -> bool:
     """An ELF ET_DYN that is not a PIE executable: what dlopen() loads."""
     from tracejail import closure
 
     if not re.search(r"\.so(\.[0-9.]+)?$", path):
         return False
+    res = root.resolve(path)
+    if not res.ok:
+        return False
     try:
-        facts = closure.read_elf_facts(path)
+        facts = closure.read_elf_facts(root.host(res.path))
     except Exception:   # corrupt ELF: not our question here; closure reports it
         return False
     return facts is not None and facts.e_type == closure.ET_DYN and not facts.flags_1 & closure.DF_1_PIE
 
 
-def _derived(path: str, reasons: list[Reason], wanted: dict[str, list[str]]) -> list[Reason]:
+def _derived(path: str, reasons: list[Reason], wanted: dict[str, list[str]], root: Root) -> list[Reason]:
     """Reasons fileset does not state but the evidence shows: dlopen, a stat-only .py."""
     kinds = {r.kind for r in reasons}
     out: list[Reason] = []
     traced = next((r for r in reasons if r.kind == TRACED), None)
     if traced and "read" in traced.data.get("access", ()) and not kinds & {NEEDED, INTERP, RUNTIME, PRELOAD} \
-            and _is_shared_object(path):
+            and _is_shared_object(path, root):
         out.append(Reason(DLOPEN, "loaded at run time with dlopen(): a process opened it, and no kept "
                           "ELF names it in DT_NEEDED (ldd would not show it)"))
     if path.endswith(".py") and PYTHON not in kinds:
@@ -461,25 +390,31 @@ def wanted_reasons(path: str, raws: list[str], index: TraceIndex, wanted: dict[s
         if r.kind == TRACED:
             r = traced_reason(index.records.get(path, []), index) if index.records.get(path) else r
         reasons.append(r)
-    reasons = merge_needed(reasons)
-    return reasons + _derived(path, reasons, wanted)
+    reasons = merge_needed(reasons, index.root)
+    return reasons + _derived(path, reasons, wanted, index.root)
 
 
-def compute(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, walker: Walker | None = None) -> Provenance:
+def _final(res: Resolution) -> str | None:
+    """The node a wanted path reaches (a special file counts), None when it reaches nothing."""
+    return res.path if res.status in (Status.OK, Status.SPECIAL) else None
+
+
+def compute(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, root: Root | None = None) -> Provenance:
     """Provenance of every plan entry (entries added after planning come from `generated`)."""
-    walker = walker or Walker()
-    index = TraceIndex.of(trace)
+    root = root or Root("/")
+    index = TraceIndex.of(trace, root)
     wanted = {p: wanted_reasons(p, raws, index, files.wanted) for p, raws in files.wanted.items()}
-    resolved: dict[str, tuple[str | None, list[Hop]]] = {}
+    resolved: dict[str, Resolution] = {}
     via_link: dict[str, list[str]] = {}     # symlink -> wanted paths that resolve through it
     reached: dict[str, list[str]] = {}      # final node -> wanted paths (other spellings)
     holds: dict[str, int] = {}              # directory -> kept paths below it
     for w in sorted(set(files.wanted) | files.dirs_only):
-        final, hops = resolved[w] = walker.walk(w)
-        for hop in hops:
-            if hop.kind == "symlink":
+        res = resolved[w] = root.resolve(w)
+        final = _final(res)
+        for hop in res.hops:
+            if hop.kind is NodeKind.SYMLINK:
                 via_link.setdefault(hop.path, []).append(w)
-            elif hop.kind == "dir" and hop.path != final:
+            elif hop.kind is NodeKind.DIR and hop.path != final:
                 holds[hop.path] = holds.get(hop.path, 0) + 1
         if final is not None and final != w:
             reached.setdefault(final, []).append(w)
@@ -493,7 +428,7 @@ def compute(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, walker: Wal
                                      "but for other kept paths) so the lookup still succeeds"))
         for w in reached.get(path, []):
             ep.reached_as.append(w)
-            links = [h for h in resolved[w][1] if h.kind == "symlink"]
+            links = resolved[w].symlinks
             chain = ", ".join(f"{h.path} -> {h.target}" for h in links)
             ep.reasons.append(Reason(TARGET, f"kept as {w}, which resolves here through {chain}",
                                      {"as": w, "symlinks": [h.path for h in links]}))
@@ -511,7 +446,7 @@ def compute(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, walker: Wal
         if not ep.reasons:   # not expected: every node the plan holds was met by some walk
             ep.reasons.append(Reason(OTHER, "in the plan without a recorded reason"))
         entries[path] = ep
-    return Provenance(entries, wanted, list(files.excluded), index, resolved)
+    return Provenance(entries, wanted, list(files.excluded), index, resolved, root)
 
 
 def add_generated(prov: Provenance, path: str, kind: str, text: str, size: int = 0) -> None:
@@ -554,15 +489,19 @@ class Selection:
     trace: tr.Trace
     files: fsel.FileSet
     plan: rootfs.Plan
+    root: Root
 
 
-def select_and_plan(trace_path: str, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> Selection:
+def select_and_plan(trace_path: str, include: Iterable[str] = (), exclude: Iterable[str] = (),
+                    root: Root | None = None) -> Selection:
     """Load a trace and choose its files and nodes as `tracejail build` would (same options)."""
     trace = tr.load(trace_path)
+    root = root or Root("/")
     files = fsel.select(trace, fsel.SelectOptions(
-        include=tuple(include), exclude=tuple(exclude), extra_excluded_paths=(os.path.abspath(trace_path),)))
-    plan = rootfs.plan(sorted(files.wanted), dirs_only=sorted(files.dirs_only))
-    return Selection(trace, files, plan)
+        include=tuple(include), exclude=tuple(exclude), extra_excluded_paths=(os.path.abspath(trace_path),)),
+        root)
+    plan = rootfs.plan(sorted(files.wanted), root=root, dirs_only=sorted(files.dirs_only))
+    return Selection(trace, files, plan, root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -587,8 +526,8 @@ class Explanation:
             "path": self.path, "in_image": self.in_image, "status": self.status,
             "summary": self.summary, "image_path": self.image_path, "entry_kind": self.entry_kind,
             "reasons": [r.to_json() for r in self.reasons],
-            "resolves_through": [{"path": h.path, "kind": h.kind, "target": h.target}
-                                 for h in self.resolves_through if h.kind == "symlink"],
+            "resolves_through": [{"path": h.path, "kind": h.kind.value, "target": h.target}
+                                 for h in self.resolves_through if h.kind is NodeKind.SYMLINK],
             "package": self.package,
         }
 
@@ -603,16 +542,16 @@ def _failed_text(records: list[tr.PathRecord], index: TraceIndex) -> str:
     return "; ".join(parts[:4])
 
 
-def explain(path: str, prov: Provenance, files: fsel.FileSet, plan: rootfs.Plan,
-            walker: Walker | None = None) -> Explanation:
+def explain(path: str, prov: Provenance, files: fsel.FileSet, plan: rootfs.Plan) -> Explanation:
     """Why `path` is, or is not, in the image described by `files` and `plan`."""
-    walker = walker or Walker()
+    root = prov.root
     asked = os.path.abspath(path)
-    norm = fsel.host_normalize(asked)[0]
+    norm = root.normalize(asked)[0]
     index = prov.index
     ep = prov.entries.get(norm)
-    final, hops = prov.resolved.get(norm) or walker.walk(norm)
-    links = [h for h in hops if h.kind == "symlink"]
+    res = prov.resolved.get(norm) or root.resolve(norm)
+    final = _final(res)
+    links = list(res.symlinks)
 
     if ep is not None:
         reasons = list(ep.reasons)
@@ -659,16 +598,17 @@ def explain(path: str, prov: Provenance, files: fsel.FileSet, plan: rootfs.Plan,
         return Explanation(asked, False, "vanished", "not in the image: the run used it, but it no longer "
                            "exists on the host (record again, or restore it)")
     records = index.records.get(norm, [])
-    sensitive = [Reason("excluded", "it would be left out anyway: sensitive file (credentials, keys, "
-                        "history); --include it to keep", {"rule": "sensitive"})] if fsel.is_sensitive(norm) else []
+    secret = [Reason("excluded", "it would be left out anyway: sensitive file (credentials, keys, "
+                     "history); --include it to keep", {"rule": "sensitive"})] \
+        if any(sensitive.sensitive_name(p) for p in [norm, *(h.path for h in res.hops)]) else []
     if records and not any(r.ok for r in records):
         return Explanation(asked, False, "failed-lookup",
                            "not in the image: the run looked for it and did not get it; the image "
                            "reproduces that absence",
-                           [Reason("failed-lookup", _failed_text(records, index))] + sensitive)
+                           [Reason("failed-lookup", _failed_text(records, index))] + secret)
     why = "not in the image: no recorded run touched it and no kept file needs it"
-    extra: list[Reason] = list(sensitive)
-    if os.path.lexists(norm):
+    extra: list[Reason] = list(secret)
+    if root.lexists(norm):
         extra.append(Reason(OTHER, "to add it: --include it at build time, or exercise the code path "
                             "that uses it while recording"))
     else:
@@ -732,24 +672,27 @@ def _add_file(plan: rootfs.Plan, workdir: str, path: str, content: bytes) -> Non
 
 def add_build_metadata(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, workdir: str, *,
                        package_metadata: bool = True, write_provenance: bool = False,
-                       trace_digest: str | None = None, host_root: str = "/") -> BuildMetadata:
+                       trace_digest: str | None = None, root: Root | None = None) -> BuildMetadata:
     """Called by `build` after its own generated entries: add dpkg status.d stanzas and
     /etc/os-release (package_metadata), and /.tracejail/provenance.json (write_provenance),
-    as files in `workdir`; return the provenance of every entry and the image's packages."""
+    as files in `workdir`; return the provenance of every entry and the image's packages.
+    Package databases and /etc/os-release are read from `root` (the host's / by default)."""
     from tracejail import dpkg, sbom
 
-    prov = compute(trace, files, plan)
+    root = root or Root("/")
+    prov = compute(trace, files, plan, root)
     meta = BuildMetadata(prov)
     for path, e in plan.entries.items():
         # build.py's own additions: no host source (dirs) or content written in its workdir.
         if e.source is None or (e.source != path and e.source.startswith(workdir + os.sep)):
             add_generated(prov, path, e.kind, generated_note(path) or "written by `tracejail build`", e.size)
 
-    db = dpkg.read_database(host_root)
+    db = dpkg.read_database(root)
     if db is not None:
-        ownership = dpkg.owners(db, sbom.owned_candidates(plan))
-        os_release = tr.read_os_release(os.path.join(host_root, "etc/os-release"))
-        meta.packages.extend(sbom.debian_packages(db, ownership, os_release))
+        ownership = dpkg.owners(db, sbom.owned_candidates(plan, root))
+        os_release_text = root.read_text("/etc/os-release") or ""
+        os_release = tr.parse_os_release(os_release_text)
+        meta.packages.extend(sbom.debian_packages(db, ownership, os_release, root))
         status_files = dpkg.status_d_files(db, ownership)
         if package_metadata and status_files:
             if not _add_dirs(plan, dpkg.STATUS_D + "/x"):
@@ -759,10 +702,10 @@ def add_build_metadata(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, 
                     _add_file(plan, workdir, path, text.encode())
                     add_generated(prov, path, "file", generated_note(path) or "", len(text.encode()))
                     meta.generated.append(path)
-                host_release = os.path.join(host_root, "etc/os-release")
-                if "/etc/os-release" not in plan.entries and os.path.exists(host_release):
-                    with open(host_release, "rb") as f:
-                        _add_file(plan, workdir, "/etc/os-release", f.read())
+                release = os_release_text.encode("utf-8", "surrogateescape")
+                if "/etc/os-release" not in plan.entries and release \
+                        and not sensitive.private_key_in(release, len(release)):
+                    _add_file(plan, workdir, "/etc/os-release", release)
                     add_generated(prov, "/etc/os-release", "file", GENERATED_BY_BUILD["/etc/os-release"],
                                   plan.entries["/etc/os-release"].size)
                     meta.generated.append("/etc/os-release")

@@ -16,15 +16,22 @@ import stat
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
+from tracejail import sensitive
 from tracejail.errors import TracejailError
+from tracejail.units import human
+from tracejail.root import (Hop, Identity, NodeKind, Root, SourceChanged, Status, describe_special,
+                            open_no_symlinks, parent_of, under)
 
-# The container runtime mounts its own /proc, /sys and /dev over whatever the image holds, so
-# nothing below them is ever copied; symlinks that point there (/etc/mtab -> ../proc/self/mounts)
-# are kept as symlinks.
-RUNTIME_DIRS = ("/proc", "/sys", "/dev")
+# The container runtime mounts its own /proc, /sys, /dev and /run over whatever the image holds
+# (root.RUNTIME_DIRS), so nothing below them is ever copied; symlinks that point there
+# (/etc/mtab -> ../proc/self/mounts) are kept as symlinks.
 
-# Linux gives up after 40 symlinks while resolving one path (ELOOP); do the same.
-MAX_SYMLINK_HOPS = 40
+# Refused unless raised with --max-file-size: a traced path may name a huge file.
+DEFAULT_MAX_FILE_SIZE = 4 << 30
+# A file this big whose allocated blocks cover less than 1/SPARSE_RATIO of it is refused: staging
+# would write every hole out (a 1 TiB sparse file is 4 KiB on disk).
+SPARSE_MIN_SIZE = 16 << 20
+SPARSE_RATIO = 8
 
 KINDS = ("file", "dir", "symlink", "hardlink")
 
@@ -40,6 +47,9 @@ class StageOptions:
     keep_modes: bool = False
     image_uid: int = 65532
     image_gid: int = 65532
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    # Kept credentials (fileset.FileSet.secrets): never opened up, whatever their name.
+    secrets: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ class Entry:
     uid: int
     gid: int
     mtime: int = 0  # integer host mtime; the layer writer clamps it (SOURCE_DATE_EPOCH)
+    # The node planned (files): content is read only from this very file (see open_entry).
+    identity: Identity | None = None
 
 
 @dataclass
@@ -66,6 +78,8 @@ class Plan:
     # Wanted paths deliberately left out, with the reason: under /proc, /sys or /dev (the runtime
     # provides them), or sockets/FIFOs/devices, which cannot be copied into an image.
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Files left out while writing because they were no longer the node planned (see open_entry).
+    changed: list[tuple[str, str]] = field(default_factory=list)
 
     def files_size(self) -> int:
         """Bytes of file content the plan copies: the total that `progress` callbacks add up to."""
@@ -102,25 +116,12 @@ def sort_key(path: str) -> tuple[str, ...]:
     return tuple(path.split("/"))
 
 
-def parent_of(path: str) -> str:
-    head = path.rsplit("/", 1)[0]
-    return head or "/"
-
-
 def _ancestors(path: str) -> Iterator[str]:
     """Proper ancestors of `path`, nearest first, excluding "/"."""
     p = parent_of(path)
     while p != "/":
         yield p
         p = parent_of(p)
-
-
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top + "/")
-
-
-def is_runtime_path(path: str) -> bool:
-    return any(_under(path, d) for d in RUNTIME_DIRS)
 
 
 def _join(parent: str, name: str) -> str:
@@ -143,12 +144,13 @@ def _access_shift(owner_uid: int, owner_gid: int, image_uid: int, image_gid: int
 
 
 def policy_mode(
-    kind: str, mode: int, role: str, uid: int, gid: int, options: StageOptions
+    kind: str, mode: int, role: str, uid: int, gid: int, options: StageOptions, *, secret: bool = False
 ) -> tuple[int, list[str], bool]:
     """Apply setuid and access policy to one node's permission bits.
 
     `role` is "traverse" (a directory on the way), "list" (a directory the program listed or
-    stat'ed) or "keep" (a kept file). Returns (new mode, reasons for access changes, setuid dropped).
+    stat'ed) or "keep" (a kept file). A `secret` node (a credential kept with --include) keeps its
+    access bits. Returns (new mode, reasons for access changes, setuid dropped).
     """
     new = mode
     dropped = False
@@ -157,7 +159,7 @@ def policy_mode(
         dropped = True
     reasons: list[str] = []
     shift = _access_shift(uid, gid, options.image_uid, options.image_gid)
-    if options.keep_modes or shift is None or kind not in ("file", "dir"):
+    if options.keep_modes or secret or shift is None or kind not in ("file", "dir"):
         return new, reasons, dropped
     user = f"image user {options.image_uid}:{options.image_gid}"
     needs: list[tuple[int, str]] = []
@@ -182,141 +184,91 @@ def policy_mode(
 # Planning
 
 
-class _Planner:
-    """Walks wanted paths through the host tree component by component, recording nodes."""
-
-    def __init__(self, host_root: str, options: StageOptions) -> None:
-        self.host_root = os.path.abspath(host_root)
-        self.options = options
-        self.nodes: dict[str, tuple[str, os.stat_result, str | None]] = {}  # path -> kind, st, target
-        self.roles: dict[str, str] = {}
-        self.lstat_cache: dict[str, os.stat_result | OSError] = {}
-
-    def host(self, image_path: str) -> str:
-        if image_path == "/":
-            return self.host_root
-        return os.path.join(self.host_root, image_path[1:])
-
-    def lstat(self, image_path: str) -> os.stat_result | OSError:
-        hit = self.lstat_cache.get(image_path)
-        if hit is None:
-            try:
-                hit = os.lstat(self.host(image_path))
-            except OSError as err:
-                hit = err
-            self.lstat_cache[image_path] = hit
-        return hit
-
-    def record(self, path: str, kind: str, st: os.stat_result, target: str | None, role: str) -> None:
-        if path not in self.nodes:
-            self.nodes[path] = (kind, st, target)
-        # "list" beats "traverse": a directory both listed and walked through needs r and x.
-        if role == "list" or path not in self.roles:
-            self.roles[path] = role
-
-    def walk(self, path: str, final_role: str) -> tuple[str, str | None]:
-        """Resolve `path` like the kernel would inside the image, recording every node met.
-
-        Returns ("ok", resolved path), ("missing", None), ("runtime", None) or
-        ("special", description).
-        """
-        todo = list(reversed(path.split("/")[1:]))
-        cur = "/"
-        hops = 0
-        while todo:
-            name = todo.pop()
-            if name in ("", "."):
-                continue
-            if name == "..":
-                cur = parent_of(cur)  # physical: cur is always a real directory here
-                continue
-            cand = _join(cur, name)
-            if is_runtime_path(cand):
-                return "runtime", None
-            st = self.lstat(cand)
-            if isinstance(st, OSError):
-                if st.errno in (errno.ENOENT, errno.ENOTDIR):
-                    return "missing", None
-                raise TracejailError(f"cannot inspect {self.host(cand)}: {st.strerror}; check permissions")
-            last = not any(t not in ("", ".") for t in todo)
-            if stat.S_ISLNK(st.st_mode):
-                try:
-                    target = os.readlink(self.host(cand))
-                except OSError as err:
-                    raise TracejailError(f"cannot read symlink {self.host(cand)}: {err.strerror}") from None
-                self.record(cand, "symlink", st, target, "keep")
-                hops += 1
-                if hops > MAX_SYMLINK_HOPS:
-                    return "missing", None  # a loop: the program saw ELOOP, so does the image
-                if target.startswith("/"):
-                    cur = "/"
-                todo.extend(reversed(target.split("/")))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                self.record(cand, "dir", st, None, final_role if last else "traverse")
-                cur = cand
-                continue
-            if not last:
-                return "missing", None  # ENOTDIR
-            if stat.S_ISREG(st.st_mode):
-                self.record(cand, "file", st, None, "keep")
-                return "ok", cand
-            return "special", _describe_special(st.st_mode)
-        return "ok", cur
+_KIND_NAMES = {NodeKind.DIR: "dir", NodeKind.FILE: "file", NodeKind.SYMLINK: "symlink"}
 
 
-def _describe_special(mode: int) -> str:
-    if stat.S_ISSOCK(mode):
-        return "a socket cannot be copied into an image"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO cannot be copied into an image"
-    return "a device node cannot be copied into an image"
+def _check_size(path: str, st: os.stat_result, options: StageOptions) -> None:
+    """Refuse a file too big to stage, or a sparse one (it would be written out in full)."""
+    if st.st_size > options.max_file_size:
+        raise TracejailError(f"refusing {path}: {human(st.st_size)} is over the {human(options.max_file_size)} "
+                             "limit; --exclude it, or raise --max-file-size")
+    allocated = st.st_blocks * 512
+    if st.st_size >= SPARSE_MIN_SIZE and allocated * SPARSE_RATIO < st.st_size:
+        raise TracejailError(f"refusing {path}: a sparse file ({human(st.st_size)} long, {human(allocated)} "
+                             "allocated) would be written out in full; --exclude it")
 
 
 def plan(
     wanted: Iterable[str],
     *,
-    host_root: str = "/",
+    root: Root | str = "/",
     options: StageOptions = StageOptions(),
     dirs_only: Iterable[str] = (),
 ) -> Plan:
     """Work out every node the image needs to hold `wanted` (and `dirs_only` as empty dirs).
 
-    Paths are image paths; they are read from under `host_root` (absolute symlink targets are
-    resolved inside `host_root`, as in a chroot). Raises TracejailError for a non-normalised path.
+    Paths are image paths, resolved inside `root` by root.Root (absolute symlink targets
+    restart at the root, as in a chroot); every hop is kept. Raises TracejailError for a
+    non-normalised path, an unreadable one, or a file over the size limits.
     """
-    planner = _Planner(host_root, options)
+    tree = root if isinstance(root, Root) else Root(root)
+    nodes: dict[str, Hop] = {}
+    roles: dict[str, str] = {}
+
+    def record(hop: Hop, role: str) -> None:
+        nodes.setdefault(hop.path, hop)
+        # "list" beats "traverse": a directory both listed and walked through needs r and x.
+        if role == "list" or hop.path not in roles:
+            roles[hop.path] = role
+
     missing: list[str] = []
     skipped: list[tuple[str, str]] = []
     # Wanted directories and dirs_only alike were opened, listed or stat'ed by the program: they
     # become empty directories (holding only what else is wanted) that the image user can list.
     requests = [check_image_path(p) for p in wanted] + [check_image_path(p) for p in dirs_only]
     for path in dict.fromkeys(requests):
-        outcome, detail = planner.walk(path, "list")
-        if outcome == "missing":
+        res = tree.resolve(path)
+        for hop in res.hops:
+            if hop.kind is NodeKind.SPECIAL:
+                continue
+            final = res.node is not None and hop.path == res.node.path
+            record(hop, "list" if final and hop.kind is NodeKind.DIR else
+                   "traverse" if hop.kind is NodeKind.DIR else "keep")
+        if res.status is Status.OK:
+            if res.node is not None and res.node.kind is NodeKind.FILE:
+                _check_size(tree.host(res.path), res.node.st, options)
+        elif res.status in (Status.MISSING, Status.NOT_A_DIRECTORY, Status.LOOP):
             missing.append(path)
-        elif outcome == "runtime":
+        elif res.status is Status.RUNTIME:
             skipped.append((path, "provided by the container runtime"))
-        elif outcome == "special":
-            skipped.append((path, detail or "special file"))
+        elif res.status is Status.SPECIAL:
+            assert res.node is not None
+            skipped.append((path, describe_special(res.node.st.st_mode)))
+        else:
+            why = os.strerror(res.error) if res.error else "permission denied"
+            raise TracejailError(f"cannot inspect {tree.host(res.path)}: {why}; check permissions")
 
-    root_st = planner.lstat("/")
+    root_st = tree.lstat("/")
     if isinstance(root_st, OSError):
-        raise TracejailError(f"host root {planner.host_root} is not readable: {root_st.strerror}")
-    planner.record("/", "dir", root_st, None, "traverse")
+        raise TracejailError(f"host root {tree.path} is not readable: {root_st.strerror}")
+    nodes["/"] = Hop("/", NodeKind.DIR, None, root_st)
+    roles.setdefault("/", "traverse")
 
     result = Plan(entries={}, missing=sorted(set(missing), key=sort_key), skipped=sorted(set(skipped)))
     # Hard links: the first path (in sort order) of each (dev, inode) carries the content.
     first_of_inode: dict[tuple[int, int], str] = {}
-    for path in sorted(planner.nodes, key=sort_key):
-        kind, st, target = planner.nodes[path]
-        source = planner.host(path)
+    for path in sorted(nodes, key=sort_key):
+        hop = nodes[path]
+        st, kind = hop.st, _KIND_NAMES[hop.kind]
+        source = tree.host(path)
         mtime = int(st.st_mtime)
         if kind == "symlink":
-            entry = Entry(path, "symlink", 0o777, source, target, 0, 0, 0, mtime)
+            entry = Entry(path, "symlink", 0o777, source, hop.target, 0, 0, 0, mtime)
         else:
             old = stat.S_IMODE(st.st_mode)
-            new, reasons, dropped = policy_mode(kind, old, planner.roles.get(path, "keep"), 0, 0, options)
+            new, reasons, dropped = policy_mode(kind, old, roles.get(path, "keep"), 0, 0, options,
+                                                secret=path in options.secrets
+                                                or sensitive.sensitive_name(path) is not None)
             if dropped:
                 result.dropped_setuid.append(path)
             if reasons:
@@ -329,7 +281,8 @@ def plan(
                 if first != path:
                     entry = Entry(path, "hardlink", new, source, first, 0, 0, 0, mtime)
                 else:
-                    entry = Entry(path, "file", new, source, None, st.st_size, 0, 0, mtime)
+                    entry = Entry(path, "file", new, source, None, st.st_size, 0, 0, mtime,
+                                  identity=Identity.of(st))
         result.entries[path] = entry
     # /tmp must exist and be world-writable with the sticky bit; programs expect it.
     if "/tmp" not in result.entries:
@@ -380,17 +333,19 @@ def plan_from_rootfs(rootfs: str) -> Plan:
             elif stat.S_ISLNK(st.st_mode):
                 result.entries[path] = Entry(path, "symlink", 0o777, host, os.readlink(host), 0, uid, gid, mtime)
             elif stat.S_ISREG(st.st_mode):
-                result.entries[path] = Entry(path, "file", mode, host, None, st.st_size, uid, gid, mtime)
+                result.entries[path] = Entry(path, "file", mode, host, None, st.st_size, uid, gid, mtime,
+                                             identity=Identity.of(st))
                 if st.st_nlink > 1:
                     inodes[path] = (st.st_dev, st.st_ino)
             else:
-                result.skipped.append((path, _describe_special(st.st_mode)))
+                result.skipped.append((path, describe_special(st.st_mode)))
     # Same rule as plan(): the first path in sort order of each inode carries the content.
     first_of_inode: dict[tuple[int, int], str] = {}
     for path in sorted(inodes, key=sort_key):
         first = first_of_inode.setdefault(inodes[path], path)
         if first != path:
-            result.entries[path] = replace(result.entries[path], kind="hardlink", link_target=first, size=0)
+            result.entries[path] = replace(result.entries[path], kind="hardlink", link_target=first, size=0,
+                                           identity=None)
     result.skipped.sort()
     return result
 
@@ -484,7 +439,7 @@ class _DirCursor:
         self.chain: list[tuple[str, int]] = []  # (image dir, fd), outermost first
 
     def fd_for(self, image_dir: str) -> int:
-        while self.chain and not _under(image_dir, self.chain[-1][0]):
+        while self.chain and not under(image_dir, self.chain[-1][0]):
             os.close(self.chain.pop()[1])
         base_path, base_fd = self.chain[-1] if self.chain else ("/", self.root_fd)
         if base_path == image_dir:
@@ -533,74 +488,153 @@ def _copy_content(src_fd: int, dst_fd: int, progress: Callable[[int], None] | No
                 progress(len(chunk))
 
 
-def open_source(path: str) -> int:
+_SOURCE_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def open_entry(e: Entry) -> int:
+    """Open a file entry's content for copying.
+
+    A planned host file (it has an `identity`) is opened following no symlink in any component
+    (its source path is canonical: the plan recorded every symlink as a node of its own), and
+    must still be that node, unchanged: otherwise SourceChanged. A file that build wrote itself
+    (no identity) is opened with O_NOFOLLOW.
+    """
+    path = e.source or ""
+    if e.identity is not None:
+        try:
+            fd = open_no_symlinks(path, _SOURCE_FLAGS)
+        except FileNotFoundError:
+            raise SourceChanged(f"{path} vanished since it was planned") from None
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+                raise SourceChanged(f"{path} changed since it was planned: a component is now a "
+                                    "symlink or not a directory") from None
+            raise TracejailError(f"cannot read {path}: {err.strerror}") from None
+    else:
+        try:
+            fd = os.open(path, _SOURCE_FLAGS)
+        except FileNotFoundError:
+            raise TracejailError(f"{path} vanished since it was traced; run the build again") from None
+        except OSError as err:
+            raise TracejailError(f"cannot read {path}: {err.strerror}") from None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise TracejailError(f"{path} vanished since it was traced; run the build again") from None
-    except OSError as err:
-        raise TracejailError(f"cannot read {path}: {err.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceChanged(f"{path} is no longer a regular file")
+        why = e.identity.mismatch(st) if e.identity is not None else None
+        if why is not None:
+            raise SourceChanged(f"{path} changed since it was planned: {why}")
+    except BaseException:
         os.close(fd)
-        raise TracejailError(f"{path} is no longer a regular file since it was traced; run the build again")
+        raise
     return fd
 
 
-def _prepare_dest(dest: str) -> tuple[int, bool]:
-    """Open dest (creating it if absent); return (fd, created). Dest must be an empty real dir."""
-    created = False
-    try:
-        os.mkdir(dest, 0o755)
-        created = True
-    except FileExistsError:
-        pass
-    except OSError as err:
-        raise TracejailError(f"cannot create {dest}: {err.strerror}") from None
-    try:
-        fd = os.open(dest, _DIR_FLAGS)
-    except OSError as err:
-        raise TracejailError(f"{dest} is not a directory (or is a symlink): {err.strerror}; choose another path") from None
-    if os.listdir(fd):
-        os.close(fd)
-        raise TracejailError(f"{dest} is not empty; pass an empty or new directory")
-    return fd, created
+def read_entry(e: Entry) -> bytes:
+    """A file entry's whole content, read through open_entry (SourceChanged when it changed)."""
+    with os.fdopen(open_entry(e), "rb") as f:
+        return f.read()
 
 
-def _clear(dest: str, dest_fd: int, created: bool) -> None:
-    """Undo a failed stage: shutil.rmtree never follows symlinks (it uses fd-based walking)."""
-    try:
-        if created:
-            shutil.rmtree(dest)
-        else:
-            for name in os.listdir(dest_fd):
-                full = os.path.join(dest, name)
-                if os.path.isdir(full) and not os.path.islink(full):
-                    shutil.rmtree(full)
-                else:
-                    os.unlink(full)
-    except OSError:
-        pass  # best effort; the original error is what the user needs to see
+OnChanged = Callable[[Entry, SourceChanged], None]
 
 
-def stage(plan: Plan, dest: str, *, progress: Callable[[int], None] | None = None) -> None:
-    """Write the Plan's tree into `dest` (which must be empty or absent).
+class _Dest:
+    """The staging directory, and what to undo when staging fails or is interrupted.
+
+    A directory goes on the `created` list just *before* it is made, so a signal that lands
+    between a mkdir and the line after it still finds it there."""
+
+    def __init__(self, dest: str) -> None:
+        self.path = os.path.abspath(dest)
+        self.missing: list[str] = []           # outermost first: parents dest needs, then dest
+        d = self.path
+        while not os.path.lexists(d):
+            self.missing.insert(0, d)
+            d = os.path.dirname(d)
+        self.created: list[str] = []
+        self.fd: int | None = None
+
+    def open(self) -> int:
+        """Create dest (and parents) if absent, open it; it must be an empty real directory."""
+        for d in self.missing:
+            self.created.append(d)
+            try:
+                os.mkdir(d, 0o755)
+            except FileExistsError:
+                self.created.pop()         # someone else's now: never ours to remove
+            except OSError as err:
+                self.created.pop()
+                raise TracejailError(f"cannot create {d}: {err.strerror}") from None
+        try:
+            fd = os.open(self.path, _DIR_FLAGS)
+        except OSError as err:
+            raise TracejailError(f"{self.path} is not a directory (or is a symlink): {err.strerror}; "
+                                 "choose another path") from None
+        if os.listdir(fd):
+            os.close(fd)
+            raise TracejailError(f"{self.path} is not empty; pass an empty or new directory")
+        self.fd = fd
+        return fd
+
+    def undo(self) -> None:
+        """Remove what staging wrote, and the directories it created. shutil.rmtree never
+        follows symlinks (it walks with fds)."""
+        try:
+            if self.path in self.created:
+                shutil.rmtree(self.path, ignore_errors=True)
+            elif self.fd is not None:
+                for name in os.listdir(self.fd):
+                    full = os.path.join(self.path, name)
+                    if os.path.isdir(full) and not os.path.islink(full):
+                        shutil.rmtree(full)
+                    else:
+                        os.unlink(full)
+            for d in reversed(self.created):
+                if d != self.path:
+                    os.rmdir(d)
+        except OSError:
+            pass  # best effort; the original error is what the user needs to see
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def stage(plan: Plan, dest: str, *, progress: Callable[[int], None] | None = None,
+          on_changed: OnChanged | None = None) -> None:
+    """Write the Plan's tree into `dest` (which must be empty or absent; missing parents are
+    created).
 
     `progress` is called with the number of content bytes just copied; they add up to
-    `plan.files_size()` (unless files changed since planning). On failure the partial tree is
-    removed and TracejailError raised.
+    `plan.files_size()`. A file that is no longer the node planned (see open_entry) raises
+    SourceChanged, or, given `on_changed`, is reported to it and left out (with its hard links).
+    On failure the partial tree is removed and TracejailError raised.
     """
     entries = ordered_entries(plan)
-    dest_fd, created = _prepare_dest(dest)
+    target = _Dest(dest)
     as_root = os.geteuid() == 0
-    cursor = _DirCursor(dest_fd)
+    left_out: set[str] = set()
     try:
+        dest_fd = target.open()
+        cursor = _DirCursor(dest_fd)
         try:
             for e in entries:
                 if e.path == "/":
                     continue
+                if e.kind == "hardlink" and e.link_target in left_out:
+                    continue
                 parent, name = parent_of(e.path), e.path.rsplit("/", 1)[1]
                 pfd = cursor.fd_for(parent)
-                _write_entry(e, name, pfd, dest_fd, as_root, progress)
+                try:
+                    _write_entry(e, name, pfd, dest_fd, as_root, progress)
+                except SourceChanged as err:
+                    if on_changed is None:
+                        raise
+                    on_changed(e, err)
+                    left_out.add(e.path)
             # Directory modes last and deepest first, so a 0555 directory is still writable
             # while its children are created, and child writes do not bump parent mtimes.
             for e in reversed(entries):
@@ -615,14 +649,12 @@ def stage(plan: Plan, dest: str, *, progress: Callable[[int], None] | None = Non
         finally:
             cursor.close()
     except OSError as err:
-        _clear(dest, dest_fd, created)
-        os.close(dest_fd)
+        target.undo()
         raise TracejailError(os_error_message(f"cannot stage into {dest}", err)) from None
     except BaseException:
-        _clear(dest, dest_fd, created)
-        os.close(dest_fd)
+        target.undo()
         raise
-    os.close(dest_fd)
+    target.close()
 
 
 def os_error_message(what: str, err: OSError) -> str:
@@ -665,7 +697,7 @@ def _write_entry(
         finally:
             os.close(tfd)
     else:
-        src = open_source(e.source or "")
+        src = open_entry(e)
         try:
             dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                           0o600, dir_fd=pfd)

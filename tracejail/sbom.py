@@ -24,6 +24,7 @@ from tracejail import __version__
 from tracejail import dpkg as dpkg_mod
 from tracejail import rootfs
 from tracejail.errors import TracejailError
+from tracejail.root import NodeKind, Root
 
 FORMATS = ("spdx", "cyclonedx")
 
@@ -186,31 +187,29 @@ def purl_pypi(name: str, version: str) -> str:
     return f"pkg:pypi/{quote(normal, safe='.-_')}@{quote(version, safe='.-_~+')}"
 
 
-def owned_candidates(plan: rootfs.Plan) -> list[str]:
-    """Plan paths that a package can own: host files and symlinks, not directories (every
+def owned_candidates(plan: rootfs.Plan, root: Root) -> list[str]:
+    """Plan paths that a package can own: files and symlinks of `root`, not directories (every
     package lists its directories), not generated files, not symlinks to directories (/lib)."""
     out = []
     for path, e in plan.entries.items():
-        if e.kind not in ("file", "hardlink", "symlink") or e.source != path:
+        if e.kind not in ("file", "hardlink", "symlink") or e.source != root.host(path):
             continue
-        if e.kind == "symlink" and os.path.isdir(path):
+        if e.kind == "symlink" and root.resolve(path).kind is NodeKind.DIR:
             continue
         out.append(path)
     return out
 
 
 def debian_packages(db: dpkg_mod.DpkgDatabase, ownership: dpkg_mod.Ownership,
-                    os_release: dict[str, str], doc_root: str = "/usr/share/doc") -> list[Package]:
+                    os_release: dict[str, str], root: Root) -> list[Package]:
     distro = (os_release.get("ID") or "debian").lower()
     kept = [db.packages[k] for k in sorted(ownership.files) if k in db.packages]
     out = []
     for pkg in kept:
         license_expr = declared = None
-        try:
-            with open(os.path.join(doc_root, pkg.name, "copyright"), encoding="utf-8", errors="replace") as f:
-                license_expr, declared = debian_license(f.read())
-        except OSError:
-            pass
+        text = root.read_text(f"/usr/share/doc/{pkg.name}/copyright", errors="replace")
+        if text is not None:
+            license_expr, declared = debian_license(text)
         out.append(Package(
             ecosystem="deb", name=pkg.name, version=pkg.version,
             purl=purl_deb(distro, pkg.name, pkg.version, pkg.architecture, os_release.get("VERSION_ID")),
@@ -228,33 +227,35 @@ def python_packages(plan: rootfs.Plan) -> list[Package]:
     for path in sorted(entries):
         if not (path.endswith(".dist-info/METADATA") and entries[path].kind == "file"):
             continue
-        e = entries[path]
-        try:
-            with open(e.source or path, encoding="utf-8", errors="replace") as f:
-                meta = email.parser.Parser().parse(f, headersonly=True)
-        except OSError:
+        text = _entry_text(entries[path])
+        if text is None:
             continue
+        meta = email.parser.Parser().parsestr(text, headersonly=True)
         name, version = meta.get("Name"), meta.get("Version")
         if not name or not version:
             continue
         dist_info = os.path.dirname(path)
         site = os.path.dirname(dist_info)
         files = [path]
-        try:
-            with open(os.path.join(os.path.dirname(e.source or path), "RECORD"), encoding="utf-8",
-                      errors="replace") as f:
-                for line in f:
-                    rel = line.split(",", 1)[0].strip()
-                    full = os.path.normpath(os.path.join(site, rel)) if rel else ""
-                    if full and full in entries and entries[full].kind in ("file", "hardlink") and full not in files:
-                        files.append(full)
-        except OSError:
-            pass
+        record = entries.get(dist_info + "/RECORD")
+        for line in (_entry_text(record) or "").splitlines() if record and record.kind == "file" else []:
+            rel = line.split(",", 1)[0].strip()
+            full = os.path.normpath(os.path.join(site, rel)) if rel else ""
+            if full and full in entries and entries[full].kind in ("file", "hardlink") and full not in files:
+                files.append(full)
         license_expr, declared = python_license(meta)
         out.append(Package(ecosystem="pypi", name=name, version=version, purl=purl_pypi(name, version),
                            files=sorted(files), license=license_expr, license_declared=declared,
                            homepage=meta.get("Home-page"), metadata_path=path))
     return out
+
+
+def _entry_text(e: rootfs.Entry) -> str | None:
+    """A kept file's text, read from the very file the plan holds (None if unreadable)."""
+    try:
+        return rootfs.read_entry(e).decode("utf-8", "replace")
+    except (TracejailError, OSError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ def digest_files(plan: rootfs.Plan) -> list[FileDigest]:
             continue
         h1, h256, size = hashlib.sha1(), hashlib.sha256(), 0
         try:
-            with open(e.source or "", "rb") as f:
+            with os.fdopen(rootfs.open_entry(e), "rb") as f:
                 while chunk := f.read(1 << 20):
                     h1.update(chunk)
                     h256.update(chunk)

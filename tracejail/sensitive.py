@@ -12,8 +12,10 @@ follows it.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 import struct
+from typing import Callable
 
 # Never copied unless their real path is named with --include: credentials, keys, histories.
 SENSITIVE_GLOBS = (
@@ -47,14 +49,29 @@ _OID_KEY_BAGS = (bytes.fromhex("2a864886f70d010c0a0101"),   # keyBag
                  bytes.fromhex("2a864886f70d010c0a0102"))   # pkcs8ShroudedKeyBag
 
 
-_ANY_SENSITIVE = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in SENSITIVE_GLOBS))
+def _matcher(glob: str) -> Callable[[str], bool]:
+    """A plain string test for the usual glob shapes (fnmatch costs ~6 µs a call, and every hop
+    of every candidate path is judged); fnmatch for the rest."""
+    inner = glob.strip("*")
+    if not any(c in inner for c in "*?["):
+        if glob.startswith("*/") and glob.endswith("/*"):
+            return lambda p: inner in p                       # */.ssh/*
+        if glob.startswith("*"):
+            return lambda p: p.endswith(inner)                # */.netrc, *.key
+        if glob.endswith("/*"):
+            return lambda p: p.startswith(inner)              # /etc/sudoers.d/*
+        if "*" not in glob:
+            return lambda p: p == glob
+    return lambda p: fnmatch.fnmatchcase(p, glob)
 
 
+_MATCHERS = tuple((g, _matcher(g)) for g in SENSITIVE_GLOBS)
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def sensitive_name(path: str) -> str | None:
     """The glob that marks a canonical path as a credential, or None."""
-    if not _ANY_SENSITIVE.match(path):
-        return None
-    return next(g for g in SENSITIVE_GLOBS if fnmatch.fnmatchcase(path, g))
+    return next((g for g, matches in _MATCHERS if matches(path)), None)
 
 
 def private_key_in(head: bytes, size: int) -> str | None:

@@ -346,15 +346,19 @@ def host_info() -> dict[str, Any]:
 
 
 def read_os_release(path: str = "/etc/os-release") -> dict[str, str]:
-    out: dict[str, str] = {}
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                m = re.match(r"^([A-Z0-9_]+)=(.*)$", line.strip())
-                if m:
-                    out[m.group(1)] = m.group(2).strip().strip('"').strip("'")
+            return parse_os_release(f.read())
     except OSError:
-        pass
+        return {}
+
+
+def parse_os_release(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        m = re.match(r"^([A-Z0-9_]+)=(.*)$", line.strip())
+        if m:
+            out[m.group(1)] = m.group(2).strip().strip('"').strip("'")
     return out
 
 

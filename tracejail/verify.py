@@ -48,6 +48,7 @@ from tracejail import jail
 from tracejail import trace as tr
 from tracejail.errors import TraceFormatError, TracejailError, UsageError
 from tracejail.record import listening_ports, run_exercise, spawn_captured
+from tracejail.root import NodeKind, Root, is_runtime_path
 
 NOT_FOUND = ("ENOENT", "ENOTDIR")
 # A lookup no syscall shows: the program listed a directory and did not find a name in it (Python's
@@ -56,7 +57,6 @@ LISTING = "listing"
 DENIED = ("EACCES", "EPERM")
 FIXED_BY = "verify --fix"
 # Paths the runtime provides (Docker, the jail); fileset never copies them either.
-VIRTUAL_ROOTS = ("/proc", "/sys", "/dev", "/run")
 DIFF_LINES = 24
 STDERR_TAIL_LINES = 12
 DOCKER_TIMEOUT = 60.0
@@ -196,10 +196,6 @@ def _short(argv: list[str], limit: int = 60) -> str:
 def _who(argv: list[str]) -> str:
     """A process for a report line: the program's name and its arguments (what tells runs apart)."""
     return _short([os.path.basename(argv[0]), *argv[1:]] if argv else [])
-
-
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top + "/")
 
 
 def _main_failure(accesses: list[tr.Access]) -> tr.Access:
@@ -610,14 +606,16 @@ def _interpreter_misses(view: dict[str, list[tr.Access]], rootfs: str) -> dict[s
     program is in the tree names a missing interpreter. No syscall shows it; look it up."""
     from tracejail.tracer import elf_interpreter, shebang_interpreter
 
+    tree = Root(rootfs)
     found: dict[str, tuple[str, list[tr.Access]]] = {}
     for path, accesses in view.items():
         failed = [a for a in accesses if a.kind == "exec" and a.result == "ENOENT"]
-        host = jail.resolve_in_root(rootfs, path) if failed else None
-        if not host or not os.path.isfile(host):
+        res = tree.resolve(path) if failed else None
+        if res is None or res.kind is not NodeKind.FILE:
             continue
+        host = tree.host(res.path)
         for interp, how in ((elf_interpreter(host), "kernel:interp"), (shebang_interpreter(host), "kernel:shebang")):
-            if interp and jail.resolve_in_root(rootfs, interp) is None:
+            if interp and not tree.exists(interp):
                 acc = [tr.Access("exec", how, "ENOENT", a.count, list(a.pids)) for a in failed]
                 found.setdefault(interp, (how, []))[1].extend(acc)
     return found
@@ -631,11 +629,12 @@ def _listing_misses(host: tr.Trace, view: dict[str, list[tr.Access]], rootfs: st
     found: dict[str, list[tr.Access]] = {}
     if not listed:
         return found
+    tree = Root(rootfs)
     for path, rec in host.files.items():
         parent = os.path.dirname(path)
         if parent not in listed or path in view or not rec.ok or rec.created_by_run:
             continue
-        if jail.resolve_in_root(rootfs, path) is None:
+        if not tree.exists(path):
             found[path] = [tr.Access("list", LISTING, "ENOENT", a.count, list(a.pids)) for a in listed[parent]]
     return found
 
@@ -658,21 +657,22 @@ def jail_misses(host: tr.Trace, view: dict[str, list[tr.Access]], processes: lis
                     process=_who(who.argv) if who else "?", run=run_index,
                     exists_on_host=True, in_trace=in_trace)
 
-    misses: dict[str, Miss] = {}   # host realpath -> the best spelling
+    source = Root("/")   # where the trace's files come from
+    misses: dict[str, Miss] = {}   # canonical path in the source -> the best spelling
     denied: list[Miss] = []
     for path in sorted(view):
         accesses = view[path]
-        if any(a.ok for a in accesses) or any(_under(path, v) for v in VIRTUAL_ROOTS):
+        if any(a.ok for a in accesses) or is_runtime_path(path):
             continue
         rec = host.files.get(path)
         if rec is not None and (rec.failed or rec.created_by_run):
             continue   # failed on the host too (noise), or the run makes it itself
-        if not os.path.lexists(path):
+        if not source.lexists(source.normalize(path)[0]):
             continue
         not_found = [a for a in accesses if a.result in NOT_FOUND]
         if not_found:
             m = make(path, not_found, rec is not None)
-            key = os.path.realpath(path)
+            key = source.realpath(path)
             # One file, many spellings (ld.so tries /lib/... and /usr/lib/...): keep the traced one.
             if key not in misses or (m.in_trace and not misses[key].in_trace):
                 misses[key] = m
