@@ -435,6 +435,54 @@ def test_secrets_redacted_and_library_api(tmp_path: Path) -> None:
     assert set(data["host"]) >= {"arch", "kernel", "libc", "os_release"}
 
 
+GH_TOKEN_VALUE = "ghp_" + "Q9w8" * 9
+
+
+def test_secret_values_never_reach_the_trace_or_the_image(tmp_path: Path) -> None:
+    """Scanned by value, not only by name: environment, command line, output. Then built: the
+    image's Env, Entrypoint and provenance hold none of them, and the build says so loudly."""
+    key = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n-----END PRIVATE KEY-----"
+    env = dict(os.environ, DATABASE_URL="postgres://app:hunter2@db/app",
+               SENTRY_DSN="https://deadbeefcafe@o1.ingest.sentry.io/7", GREETING=key,
+               JAVA_OPTS="-Ddb.password=hunter3", NODE_GREETING=GH_TOKEN_VALUE, LANG="C.UTF-8")
+    out = tmp_path / "t.json"
+    proc = run_tj("record", "-o", str(out), "--", "sh", "-c", 'echo "token: $NODE_GREETING"; cat /etc/hostname',
+                  "prog", "--db-password=hunter4", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "the command line holds a secret (argument 4)" in proc.stderr
+    assert "environment: 5 secret value(s) stored as <redacted>" in proc.stderr
+    text = out.read_text()
+    for secret in ("hunter2", "deadbeefcafe", "MIIEvQIBADAN", "hunter3", GH_TOKEN_VALUE, "hunter4"):
+        assert secret not in text, secret
+    run = tr.load(str(out)).runs[0]
+    assert run.environment["LANG"] == "C.UTF-8" and run.environment["DATABASE_URL"] == tr.REDACTED
+    assert run.stdout.startswith(f"token: {tr.REDACTED}\n")
+    assert run.argv[-1] == f"--db-password={tr.REDACTED}"
+
+    from tracejail import build as tjbuild
+
+    img = tmp_path / "i.tar"
+    built = run_tj("build", str(out), "-o", str(img), "--provenance", "--no-compress", "--env", "EXTRA_TOKEN=zzz")
+    assert built.returncode == 0, built.stderr
+    assert "WARNING: the image's Entrypoint holds <redacted> (argument 4)" in built.stderr
+    assert "WARNING: --env EXTRA_TOKEN holds a secret" in built.stderr
+    data = img.read_bytes()
+    for secret in ("hunter2", "deadbeefcafe", "MIIEvQIBADAN", "hunter3", GH_TOKEN_VALUE, "hunter4"):
+        assert secret.encode() not in data, secret
+    result = tjbuild.build(str(out), tjbuild.BuildOptions(output=str(tmp_path / "j.tar"), load=False,
+                                                          entrypoint=["/bin/sh", "-c", "x", "--token", "abc"]))
+    assert any("Entrypoint holds a secret (argument 4)" in a for a in result.alerts)
+    assert not any(e.startswith(("DATABASE_URL", "SENTRY_DSN", "JAVA_OPTS", "NODE_GREETING"))
+                   for e in result.config.env)
+
+
+def test_keep_argv_keeps_the_command_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    proc = run_tj("record", "-o", str(out), "--keep-argv", "--", "sh", "-c", "true", "prog", "--token=t0k3n")
+    assert proc.returncode == 0 and "--keep-argv keeps it" in proc.stderr
+    assert tr.load(str(out)).runs[0].argv[-1] == "--token=t0k3n"
+
+
 def test_exact_mode_and_plain_ptrace_fallback_agree(tmp_path: Path) -> None:
     script = tmp_path / "probe.py"
     script.write_text("import os\n"

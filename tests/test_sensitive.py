@@ -106,3 +106,55 @@ def test_no_false_positive_on_this_machines_binaries_and_trust_stores() -> None:
             assert private_key_in(head, os.path.getsize(path)) is None, path
             checked += 1
     assert checked >= 2
+
+
+# --- secrets in values -------------------------------------------------------------------------
+
+from tracejail.sensitive import REDACTED, redact_argv, redact_environment, redact_text, secret_in_variable  # noqa: E402
+
+GH = "ghp_" + "A1b2" * 9
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.c2lnbmF0dXJlLXNpZw"
+
+
+@pytest.mark.parametrize("name,value", [
+    ("DATABASE_URL", "postgres://app:hunter2@db:5432/app"),
+    ("SENTRY_DSN", "https://0123456789abcdef@o1.ingest.sentry.io/42"),
+    ("GREETING_TEXT", "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0B\n-----END PRIVATE KEY-----\n"),
+    ("JAVA_OPTS", "-Xmx1g -Dspring.datasource.password=hunter2"),
+    ("APP_CONFIG", "mode=prod;secret=abc"),
+    ("NODE_EXTRA", GH),
+    ("PYTHONSTARTUP_HINT", JWT),
+    ("CI_VAR", "glpat-" + "x" * 20),
+    ("HOOK", "xoxb-1234567890-abcdefghij"),
+    ("AWS_REGION_AND_ID", "AKIAIOSFODNN7EXAMPLE"),
+    ("BILLING", "sk_live_" + "a" * 24),
+    ("API_TOKEN", "anything"),
+])
+def test_secret_values_are_found_whatever_the_name(name: str, value: str) -> None:
+    assert secret_in_variable(name, value)
+    env, names = redact_environment({name: value, "PATH": "/usr/bin:/bin"})
+    assert env == {name: REDACTED, "PATH": "/usr/bin:/bin"} and names == [name]
+    assert redact_environment({name: value}, keep=[name])[0] == {name: value}
+
+
+@pytest.mark.parametrize("name,value", [("PATH", "/usr/local/bin:/usr/bin"), ("LANG", "C.UTF-8"),
+                                        ("JAVA_OPTS", "-Xmx1g -Dfile.encoding=UTF-8"),
+                                        ("PIP_INDEX_URL", "https://pypi.org/simple"),
+                                        ("NODE_OPTIONS", "--max-old-space-size=4096")])
+def test_ordinary_values_are_kept(name: str, value: str) -> None:
+    assert secret_in_variable(name, value) is None
+
+
+def test_command_lines_lose_secrets_not_their_shape() -> None:
+    argv = ["/srv/app", "--db-password=hunter2", "--token", "t0k", "--port", "80", "--author=bob",
+            "--keyfile", "k.pem", "postgres://u:pw@h/db", f"--header=Authorization: {JWT}"]
+    out, changed = redact_argv(argv)
+    assert out == ["/srv/app", f"--db-password={REDACTED}", "--token", REDACTED, "--port", "80", "--author=bob",
+                   "--keyfile", "k.pem", f"postgres://u:{REDACTED}@h/db", f"--header=Authorization: {REDACTED}"]
+    assert changed == [1, 3, 9, 10]
+
+
+def test_output_keeps_its_text_and_loses_its_tokens() -> None:
+    text, found = redact_text(f"login ok\ntoken={GH}\nurl=https://me:pw@example.com/x\n")
+    assert text == f"login ok\ntoken={REDACTED}\nurl=https://me:{REDACTED}@example.com/x\n"
+    assert found == ["a password in a URL", "a GitHub token"]

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from tracejail import __version__
 from tracejail import fileset as fsel
-from tracejail import image, rootfs
+from tracejail import image, rootfs, sensitive
 from tracejail import trace as tr
 from tracejail.errors import TracejailError, UsageError
 from tracejail.root import Root, SourceChanged
@@ -73,6 +73,7 @@ class BuildResult:
     rootfs_dir: str | None = None
     dockerfile: str | None = None
     warnings: list[str] = field(default_factory=list)
+    alerts: list[str] = field(default_factory=list)   # said loudly: a secret in the image's config
     metadata: Any = None                  # provenance.BuildMetadata: why each entry is there, packages
     sbom: str | None = None
 
@@ -114,6 +115,7 @@ class BuildResult:
             "user": self.config.user,
             "exposed_ports": self.config.exposed_ports,
             "warnings": self.warnings,
+            "alerts": self.alerts,
             "sbom": self.sbom,
             "packages": [{"ecosystem": p.ecosystem, "name": p.name, "version": p.version}
                          for p in (self.metadata.packages if self.metadata else [])],
@@ -131,9 +133,11 @@ def parse_user(user: str) -> tuple[int, int]:
 
 
 def image_env(run: tr.Run, extra: list[str]) -> list[str]:
+    """The image's Env: allowed recorded variables whose values hold no secret (whatever the
+    trace says: it may be old or foreign), then --env."""
     env: dict[str, str] = {}
     for name, value in run.environment.items():
-        if ENV_ALLOW.match(name) and value != tr.REDACTED and not tr.is_secret_name(name):
+        if ENV_ALLOW.match(name) and tr.REDACTED not in value and not sensitive.secret_in_variable(name, value):
             env[name] = value
     for item in extra:
         if "=" not in item:
@@ -141,6 +145,28 @@ def image_env(run: tr.Run, extra: list[str]) -> list[str]:
         k, v = item.split("=", 1)
         env[k] = v
     return [f"{k}={v}" for k, v in sorted(env.items())]
+
+
+def secret_alerts(entrypoint: list[str], extra_env: list[str]) -> list[str]:
+    """What in the image's config holds a secret, or stands where the recorded one held one."""
+    alerts = []
+    placeholders = [i for i, w in enumerate(entrypoint) if tr.REDACTED in w]
+    if placeholders:
+        alerts.append(f"the image's Entrypoint holds {tr.REDACTED} (argument {', '.join(map(str, placeholders))}) "
+                      "where the recorded command had a secret, so the image cannot run it as recorded: give "
+                      "the command with --entrypoint, or have the program read the secret from its "
+                      "environment at run time (docker run -e)")
+    _, held = sensitive.redact_argv(entrypoint)
+    held = [i for i in held if i not in placeholders]
+    if held:
+        alerts.append(f"the image's Entrypoint holds a secret (argument {', '.join(map(str, held))}): anyone who "
+                      "can pull the image can read it; pass it at run time instead (docker run -e)")
+    for item in extra_env:
+        name, _, value = item.partition("=")
+        if sensitive.secret_in_variable(name, value):
+            alerts.append(f"--env {name} holds a secret and is in the image's config, readable by anyone who "
+                          "can pull the image; pass it at run time instead (docker run -e)")
+    return alerts
 
 
 def trace_digest(path: str) -> str:
@@ -251,6 +277,7 @@ def build(trace_path: str, options: BuildOptions,
         warn_or_fail(f"{len(plan.missing)} file(s) vanished while planning, first: {plan.missing[0]}")
 
     entrypoint = options.entrypoint or [run.executable, *run.argv[1:]]
+    alerts = secret_alerts(entrypoint, options.env)
     ports = sorted({p for r in trace.runs for p in r.listening_ports})
     labels = {LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)}
     cfg = image.ImageConfig(
@@ -267,7 +294,7 @@ def build(trace_path: str, options: BuildOptions,
             write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST], root=root)
         notes += metadata.notes
         result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings,
-                             metadata=metadata)
+                             alerts=alerts, metadata=metadata)
         total = plan.files_size()
 
         def step(name: str) -> Callable[[int], None] | None:

@@ -18,13 +18,25 @@ import click
 
 from tracejail import __version__
 from tracejail.errors import TracejailError
+from tracejail.text import shown
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"tracejail: {message}", err=True)
+    click.echo(f"tracejail: {shown(message)}", err=True)
     sys.exit(code)
+
+
+def say(text: str) -> None:
+    """Print a report (several lines) on stdout: paths, argv and program output in it come from
+    traces and programs, so control characters are written out (see text.shown)."""
+    click.echo(shown(text, block=True), nl=not text.endswith("\n"))
+
+
+def tell(kind: str, message: str) -> None:
+    """One line on stderr: `tracejail: KIND: message`."""
+    click.echo(f"tracejail: {kind}{': ' if kind else ''}{shown(message)}", err=True)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -73,7 +85,7 @@ def _interactive() -> bool:
 
 def _note(message: str) -> None:
     if _interactive():
-        click.echo(f"tracejail: {message}", err=True)
+        tell("", message)
 
 
 class _LazyGroup(click.Group):
@@ -128,11 +140,14 @@ def main() -> None:
                    "program is serialized.")
 @click.option("--keep-env", multiple=True, metavar="NAME",
               help="Keep this secret-looking environment value unredacted (repeatable).")
+@click.option("--keep-argv", is_flag=True,
+              help="Keep a secret on the command line (--password=X) in the trace instead of redacting "
+                   "it: images built from the trace then carry it in their Entrypoint.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARG...]")
 @handle_errors
 def record(output: str, exercises: tuple[str, ...], ready_port: int | None, ready_delay: float | None,
            ready_timeout: float, stop_timeout: float, timeout: float | None, append: bool,
-           exact: bool, no_seccomp: bool, pin_cpu: bool, keep_env: tuple[str, ...],
+           exact: bool, no_seccomp: bool, pin_cpu: bool, keep_env: tuple[str, ...], keep_argv: bool,
            command: tuple[str, ...]) -> None:
     """Run COMMAND under the tracer and record every file its process tree touches.
 
@@ -153,10 +168,11 @@ def record(output: str, exercises: tuple[str, ...], ready_port: int | None, read
     previous = tr.load(output) if append and os.path.exists(output) else None
     opts = RecordOptions(exercises=list(exercises), ready_port=ready_port, ready_delay=ready_delay,
                          ready_timeout=ready_timeout, stop_timeout=stop_timeout, timeout=timeout,
-                         use_seccomp=not no_seccomp, exact=exact, pin_cpu=pin_cpu, keep_env=keep_env)
+                         use_seccomp=not no_seccomp, exact=exact, pin_cpu=pin_cpu, keep_env=keep_env,
+                         keep_argv=keep_argv)
     rec = do_record(list(command), opts, progress=_note)
     for w in rec.warnings:
-        click.echo(f"tracejail: warning: {w}", err=True)
+        tell("warning", w)
     result = rec.trace
     if previous is not None:
         previous.merge(rec.trace)
@@ -245,7 +261,7 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
     from tracejail.build import BuildOptions
     from tracejail.build import build as do_build
     from tracejail.errors import UsageError
-    from tracejail.units import human, parse_size
+    from tracejail.text import human, parse_size
 
     try:
         size_limit = parse_size(max_file_size)
@@ -266,11 +282,13 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
     finally:
         bar.close()
     summary = result.summary()
+    for alert in result.alerts:
+        tell("WARNING", alert)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
     for w in result.warnings:
-        click.echo(f"tracejail: note: {w}", err=True)
+        tell("note", w)
     lines = [f"{summary['files']} files, {human(summary['bytes'])} on disk"]
     if summary["image_size"] is not None:
         lines.append(f"image {human(summary['image_size'])} compressed -> {summary['archive'] or oci_dir}")
@@ -281,14 +299,14 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
     if result.sbom:
         lines.append(f"SBOM ({sbom_format}) -> {result.sbom}")
     lines.append("biggest directories:")
-    lines += [f"  {human(d['bytes']):>9}  {d['path']}" for d in summary["biggest_directories"]]
+    lines += [f"  {human(d['bytes']):>9}  {shown(d['path'])}" for d in summary["biggest_directories"]]
     if summary["left_out"]:
         lines.append("left out:")
-        lines += [f"  {v['count']:>5}  {rule}" for rule, v in summary["left_out"].items()]
+        lines += [f"  {v['count']:>5}  {shown(rule)}" for rule, v in summary["left_out"].items()]
     if summary["mode_changes"]:
         lines.append(f"opened up for uid {user}: {len(summary['mode_changes'])} path(s), e.g. "
-                     + ", ".join(f"{m['path']} {m['old']}->{m['new']}" for m in summary["mode_changes"][:3]))
-    click.echo("\n".join(lines))
+                     + ", ".join(f"{shown(m['path'])} {m['old']}->{m['new']}" for m in summary["mode_changes"][:3]))
+    say("\n".join(lines))
 
 
 @main.command(context_settings=CONTEXT)
@@ -309,7 +327,7 @@ def deps(files: tuple[str, ...], as_json: bool, ld_library_path: str | None) -> 
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
-        click.echo(closure.format_tree(result), nl=False)
+        say(closure.format_tree(result))
     if result.unresolved:
         sys.exit(1)
 

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from tracejail.cli import CONTEXT, handle_errors
+from tracejail.cli import CONTEXT, handle_errors, say
 
 
 @click.command(context_settings=CONTEXT)
@@ -34,7 +34,7 @@ def inspect(trace_file: str, as_json: bool, misses: bool, top: int, include: tup
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
-        click.echo(ins.format_report(report))
+        say(ins.format_report(report))
 
 
 @click.command(context_settings=CONTEXT)
@@ -73,7 +73,7 @@ def explain(trace_file: str, paths: tuple[str, ...], as_json: bool, include: tup
     if as_json:
         click.echo(json.dumps([ex.to_json() for ex in results], indent=2, sort_keys=True))
     else:
-        click.echo("\n".join(prov.format_explanation(ex) for ex in results))
+        say("\n".join(prov.format_explanation(ex) for ex in results))
 
 
 # Typed names for cli.py, which imports this module while it is itself being imported.

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from tracejail.cli import CONTEXT, _note, handle_errors
+from tracejail.cli import CONTEXT, _note, handle_errors, say
 
 
 @click.command("verify", context_settings=CONTEXT)
@@ -62,6 +62,6 @@ def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
-        click.echo(format_report(report), nl=False)
+        say(format_report(report))
     sys.exit(0 if report.passed else 1)
 

@@ -198,7 +198,8 @@ def _add_closure(trace: tr.Trace, fs: FileSet, root: Root, consider: Consider) -
                                    cwd=trace.runs[0].cwd if trace.runs else None, root=root.path)
     # Scripts count only when executed: Python's stdlib has executable files with a `#!` line
     # (base64.py, cgi.py ...) that a program merely imports.
-    executed = {root.normalize(p)[0] for p, r in trace.files.items() if "exec" in r.kinds}
+    executed = {root.normalize(p)[0] for p, r in trace.files.items()
+                if any(a.kind == "exec" and a.result == tr.OK for a in r.accesses)}
     roots = []
     for path in fs.wanted:
         if path in fs.dirs_only:

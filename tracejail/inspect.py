@@ -17,7 +17,7 @@ from tracejail import fileset as fsel
 from tracejail import rootfs
 from tracejail import trace as tr
 from tracejail.root import Root, is_runtime_path
-from tracejail.units import human
+from tracejail.text import human, shown
 
 # Kinds of image files, in display order.
 FILE_KINDS = ("elf-executable", "shared-library", "python-extension", "python-module",
@@ -317,7 +317,7 @@ def report(trace_path: str, trace: tr.Trace, files: fsel.FileSet, plan: rootfs.P
 
 
 def _argv(argv: list[str], width: int = 100) -> str:
-    text = " ".join(argv)
+    text = " ".join(shown(w) for w in argv)
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
@@ -344,7 +344,7 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  listened on: {', '.join(str(p) for p in run['listening_ports'])}")
         for e in run["exercises"]:
             mark = "ok" if e["ok"] else ("timed out" if e["timed_out"] else f"FAILED exit {e['exit_code']}")
-            lines.append(f"  exercise: {e['command']}  [{mark}, {e['duration']:.2f}s]")
+            lines.append(f"  exercise: {shown(e['command'])}  [{mark}, {e['duration']:.2f}s]")
         tree: list[str] = []
         _tree_lines(run["processes"], 2, tree)
         lines.append("  processes:")
@@ -357,16 +357,16 @@ def format_report(r: dict[str, Any]) -> str:
                  f"({r['paths_recorded']} paths recorded, {r['failed_lookups']} failed lookups)")
     lines.append("files by kind:")
     for kind, v in img["by_kind"].items():
-        lines.append(f"  {kind:<17} {v['count']:>6}  {human(v['bytes']):>9}   e.g. {v['examples'][0]}")
+        lines.append(f"  {kind:<17} {v['count']:>6}  {human(v['bytes']):>9}   e.g. {shown(v['examples'][0])}")
     lines.append("largest files:")
-    lines += [f"  {human(f['bytes']):>9}  {f['path']}" for f in img["largest_files"]]
+    lines += [f"  {human(f['bytes']):>9}  {shown(f['path'])}" for f in img["largest_files"]]
     lines.append("largest directories (everything below them):")
-    lines += [f"  {human(d['bytes']):>9}  {d['path']}  ({d['files']} files)" for d in img["largest_directories"]]
+    lines += [f"  {human(d['bytes']):>9}  {shown(d['path'])}  ({d['files']} files)" for d in img["largest_directories"]]
     if r["left_out"]:
         lines.append("left out:")
-        lines += [f"  {v['count']:>5}  {rule}  (e.g. {v['examples'][0]})" for rule, v in r["left_out"].items()]
+        lines += [f"  {v['count']:>5}  {shown(rule)}  (e.g. {shown(v['examples'][0])})" for rule, v in r["left_out"].items()]
     if r["vanished"]:
-        lines.append(f"vanished from the host since recording: {len(r['vanished'])}, e.g. {r['vanished'][0]}")
+        lines.append(f"vanished from the host since recording: {len(r['vanished'])}, e.g. {shown(r['vanished'][0])}")
     if r["unresolved_libraries"]:
         u = r["unresolved_libraries"][0]
         lines.append(f"unresolved libraries: {len(r['unresolved_libraries'])}, e.g. {u['name']} needed by {u['needed_by']}")

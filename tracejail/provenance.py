@@ -29,6 +29,7 @@ from tracejail import fileset as fsel
 from tracejail import rootfs, sensitive
 from tracejail import trace as tr
 from tracejail.root import Hop, NodeKind, Resolution, Root, Status
+from tracejail.text import shown
 
 FORMAT = "tracejail-provenance/1"
 IMAGE_PATH = "/.tracejail/provenance.json"
@@ -245,7 +246,7 @@ class TraceIndex:
         p = self.processes.get(pid)
         if p is None:
             return f"pid {pid}"
-        words = " ".join(p.argv) if p.argv else (p.exe or "?")
+        words = " ".join(sensitive.redact_argv(p.argv)[0]) if p.argv else (p.exe or "?")
         if len(words) > width:
             words = words[:width - 3] + "..."
         return f"pid {pid} `{words}`"
@@ -335,7 +336,9 @@ class Provenance:
         entries = {p: e.to_json() for p, e in sorted(self.entries.items(), key=lambda kv: rootfs.sort_key(kv[0]))
                    if parents or any(r.kind != PARENT for r in e.reasons)}
         pids = sorted({pid for e in self.entries.values() for r in e.reasons for pid in r.data.get("pids", ())})
-        procs = {str(pid): {"argv": self.index.processes[pid].argv, "exe": self.index.processes[pid].exe,
+        # (argv through redact_argv: a trace from an older or other recorder may hold a secret there)
+        procs = {str(pid): {"argv": sensitive.redact_argv(self.index.processes[pid].argv)[0],
+                            "exe": self.index.processes[pid].exe,
                             "ppid": self.index.processes[pid].ppid, "run": self.index.processes[pid].run}
                  for pid in pids if pid in self.index.processes}
         return {
@@ -617,11 +620,11 @@ def explain(path: str, prov: Provenance, files: fsel.FileSet, plan: rootfs.Plan)
 
 
 def format_explanation(ex: Explanation) -> str:
-    lines = [f"{ex.path}: {ex.summary}"]
+    lines = [f"{shown(ex.path)}: {shown(ex.summary)}"]
     if ex.package:
-        lines.append(f"  package: {ex.package}")
+        lines.append(f"  package: {shown(ex.package)}")
     for r in ex.reasons:
-        lines.append(f"  - {r.text}")
+        lines.append(f"  - {shown(r.text)}")
     return "\n".join(lines)
 
 

@@ -38,6 +38,7 @@ class RecordOptions:
     exact: bool = False               # stop at syscall exit too and keep the kernel's results
     pin_cpu: bool = False             # tracer and program on one CPU: faster stops, no parallelism
     keep_env: Sequence[str] = ()      # environment names to keep unredacted (asked by name)
+    keep_argv: bool = False           # keep a secret on the command line verbatim (warned)
     passthrough: bool = True          # copy the target's output to our stdout/stderr
     env: dict[str, str] | None = None # environment for the command (default: ours)
     cwd: str | None = None
@@ -321,7 +322,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
     duration = time.monotonic() - started
     run = tr.Run(
         argv=list(argv), executable=executable, cwd=cwd, uid=os.getuid(), gid=os.getgid(),
-        environment=tr.redact_environment(env, opts.keep_env), started=started_at,
+        environment=dict(env), started=started_at,
         duration=round(duration, 3), exit_code=result["exit_code"], exit_signal=result["exit_signal"],
         stop_reason=state.stop_reason or ("interrupted" if result["interrupted_by"] else "exited"),
         stdout=tees[0].text(), stderr=tees[1].text(),
@@ -335,9 +336,11 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
                  **({"ready_port": opts.ready_port, "ready_delay": opts.ready_delay}
                     if opts.exercises else {})},
     )
+    # Nothing secret is stored: environment values, command lines, captured output.
+    said = tr.scrub_run(run, opts.keep_env, opts.keep_argv)
     trace = tr.Trace(runs=[run], host=tr.host_info())
     _fill_files(trace, result, run_index=0)
-    return Recording(trace=trace, run=run, warnings=warnings, ready_error=ready_error)
+    return Recording(trace=trace, run=run, warnings=warnings + said, ready_error=ready_error)
 
 
 def _fill_files(trace: tr.Trace, result: dict, run_index: int) -> None:

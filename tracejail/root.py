@@ -391,6 +391,8 @@ class Root:
         Also returns the spelled prefixes walked before each `..`: a program that spells
         `a/b/../c` needs `a/b` (and its symlinks) in the image as well.
         """
+        if "/." not in path and "//" not in path and not path.endswith("/"):
+            return path, []          # already normal (the common case: called for every traced path)
         parts = path.split("/")
         last_up = max((i for i, p in enumerate(parts) if p == ".."), default=-1)
         if last_up < 0:

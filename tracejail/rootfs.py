@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 
 from tracejail import sensitive
 from tracejail.errors import TracejailError
-from tracejail.units import human
+from tracejail.text import human
 from tracejail.root import (Hop, Identity, NodeKind, Root, SourceChanged, Status, describe_special,
                             open_no_symlinks, parent_of, under)
 

@@ -15,7 +15,7 @@ import fnmatch
 import functools
 import re
 import struct
-from typing import Callable
+from typing import Callable, Iterable
 
 # Never copied unless their real path is named with --include: credentials, keys, histories.
 SENSITIVE_GLOBS = (
@@ -159,3 +159,120 @@ def _java_keystore_key(head: bytes) -> str | None:
     except struct.error:
         return None   # ran past the bytes read: no key entry among those
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets in values: environment, command lines, captured output
+
+REDACTED = "<redacted>"
+
+# Variable names whose values are never kept (asked for by name: --keep-env NAME keeps one).
+SECRET_NAME_PARTS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH",
+                     "COOKIE", "SESSION")
+
+# Shapes of secrets wherever they appear. Each pattern's group 1 (or the whole match) is what is
+# replaced, so `postgres://app:pw@db/x` keeps its user and host and loses only the password.
+_TOKEN_SHAPES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("a password in a URL", re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s/?#@:'\"]*:([^\s/?#@'\"]+)@")),
+    ("a private key", re.compile(r"-----BEGIN (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----"
+                                 r"(?:.|\n){0,8192}?-----END (?:[A-Z0-9]+ ){0,3}PRIVATE KEY(?: BLOCK)?-----")),
+    ("a GitHub token", re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b")),
+    ("a GitLab token", re.compile(r"\bglpat-[A-Za-z0-9_-]{20,}\b")),
+    ("a Slack token", re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b")),
+    ("an AWS access key", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")),
+    ("a Stripe key", re.compile(r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}\b")),
+    ("a JSON web token", re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")),
+)
+# Command-line options that carry a secret, by the words of their name: `--password=X`,
+# `--db-token X`, `--api-key X`, `--basic-auth X` (not `--author`, not `--keyfile`).
+_SECRET_WORDS = frozenset({"password", "passwd", "pwd", "pass", "passphrase", "secret", "token", "apikey",
+                           "credential", "credentials", "auth"})
+_SECRET_PAIRS = frozenset({("api", "key"), ("private", "key"), ("access", "key"), ("secret", "key")})
+
+
+def _secret_option(name: str) -> bool:
+    if not name.startswith("-") or len(name) < 3:
+        return False
+    words = [w for w in re.split(r"[-_.]+", name.lstrip("-").lower()) if w]
+    return any(w in _SECRET_WORDS for w in words) or any(p in _SECRET_PAIRS for p in zip(words, words[1:]))
+# Free-form option strings (JAVA_OPTS, *CONFIG*, *DSN*) that set a password.
+_SECRET_SETTING = re.compile(r"(?:passw(?:or)?d|pass|pwd|secret)\s*[=:]", re.I)
+
+
+def is_secret_name(name: str) -> bool:
+    upper = name.upper()
+    return any(part in upper for part in SECRET_NAME_PARTS)
+
+
+def find_secret(text: str) -> str | None:
+    """What kind of secret `text` holds (the first found), or None."""
+    for what, pattern in _TOKEN_SHAPES:
+        if pattern.search(text):
+            return what
+    return None
+
+
+def redact_text(text: str) -> tuple[str, list[str]]:
+    """`text` with every secret shape replaced by <redacted>, and the kinds found."""
+    found: list[str] = []
+    for what, pattern in _TOKEN_SHAPES:
+        def repl(m: re.Match[str]) -> str:
+            if m.lastindex:
+                return m.group(0)[:m.start(1) - m.start(0)] + REDACTED + m.group(0)[m.end(1) - m.start(0):]
+            return REDACTED
+        text, n = pattern.subn(repl, text)
+        if n and what not in found:
+            found.append(what)
+    return text, found
+
+
+def secret_in_variable(name: str, value: str) -> str | None:
+    """Why an environment variable's value must not be kept, or None."""
+    if is_secret_name(name):
+        return f"its name ({name}) says it holds a secret"
+    upper = name.upper()
+    if (upper.endswith("_OPTS") or "CONFIG" in upper or "DSN" in upper) and _SECRET_SETTING.search(value):
+        return f"{name} sets a password"
+    if "DSN" in upper and re.search(r"://[^\s/@]+@", value):
+        return f"{name} holds a key in its URL"
+    return find_secret(value)
+
+
+def redact_environment(env: dict[str, str], keep: Iterable[str] = ()) -> tuple[dict[str, str], list[str]]:
+    """Environment values that may be kept: secrets (by name or by value) become <redacted>,
+    unless their name is in `keep`. Returns the environment and the names redacted."""
+    kept = set(keep)
+    out, redacted = {}, []
+    for k, v in sorted(env.items()):
+        if k not in kept and secret_in_variable(k, v):
+            out[k] = REDACTED
+            redacted.append(k)
+        else:
+            out[k] = v
+    return out, redacted
+
+
+def redact_argv(argv: list[str]) -> tuple[list[str], list[int]]:
+    """A command line with secret values replaced: `--password=X`, `--token X` (the next word)
+    and any word holding a secret shape. Returns the new argv and the indices changed."""
+    out, changed = list(argv), []
+    for i, word in enumerate(argv):
+        if i == 0:
+            continue
+        name, eq, value = word.partition("=")
+        if _secret_option(name):
+            if eq and value:
+                out[i] = f"{name}={REDACTED}"
+                changed.append(i)
+                continue
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                out[i + 1] = REDACTED
+                changed.append(i + 1)
+                continue
+        if i in changed:
+            continue
+        new, found = redact_text(word)
+        if found:
+            out[i] = new
+            changed.append(i)
+    return out, sorted(set(changed))

@@ -15,14 +15,15 @@ Every field is documented on the dataclasses below; README.md has the reader's v
 from __future__ import annotations
 
 import errno as errno_mod
+import gc
 import json
 import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from tracejail import __version__
+from tracejail import __version__, sensitive
 from tracejail.errors import TraceFormatError, TracejailError
 
 FORMAT = "tracejail-trace/1"
@@ -32,27 +33,14 @@ ACCESS_KINDS = ("exec", "read", "write", "stat", "readlink", "list")
 
 OK = "ok"
 
-# Environment variable names whose values never enter a trace or an image.
-SECRET_NAME_PARTS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH",
-                     "COOKIE", "SESSION")
-REDACTED = "<redacted>"
+REDACTED = sensitive.REDACTED
+is_secret_name = sensitive.is_secret_name
 
 # Bounded copies of output kept in the trace (verify compares against them).
 OUTPUT_LIMIT = 1 << 20
 
 
-def is_secret_name(name: str) -> bool:
-    upper = name.upper()
-    return any(part in upper for part in SECRET_NAME_PARTS)
-
-
-def redact_environment(env: dict[str, str], keep: Iterable[str] = ()) -> dict[str, str]:
-    """Replace secret-looking values; names in `keep` (asked for by name) are kept verbatim."""
-    kept = set(keep)
-    return {k: (v if k in kept or not is_secret_name(k) else REDACTED) for k, v in sorted(env.items())}
-
-
-@dataclass
+@dataclass(slots=True)
 class Access:
     """One kind of access to a path, aggregated: `count` calls of `syscall` with `result`."""
 
@@ -67,7 +55,7 @@ class Access:
         return self.result == OK
 
 
-@dataclass
+@dataclass(slots=True)
 class PathRecord:
     """Everything the runs did with one path, as the program spelled it (made absolute)."""
 
@@ -82,11 +70,14 @@ class PathRecord:
     @property
     def ok(self) -> bool:
         """True when at least one access found the path (it exists, or existed, on the host)."""
-        return any(a.ok for a in self.accesses) or self.added_by is not None
+        for a in self.accesses:   # a loop, not any(): this runs for every path of big traces
+            if a.result == OK:
+                return True
+        return self.added_by is not None
 
     @property
     def kinds(self) -> set[str]:
-        return {a.kind for a in self.accesses if a.ok}
+        return {a.kind for a in self.accesses if a.result == OK}
 
     @property
     def failed(self) -> bool:
@@ -157,6 +148,41 @@ class Run:
         return self.exit_code or 0
 
 
+def scrub_run(run: Run, keep_env: Iterable[str] = (), keep_argv: bool = False) -> list[str]:
+    """Take secrets out of a run before it is stored: environment values (by name and by value,
+    except names in `keep_env`), command lines (`--password=X`, tokens, URL passwords; the run's
+    own argv is kept with `keep_argv`) and captured output. Returns what to tell the user."""
+    said: list[str] = []
+    run.environment, names = sensitive.redact_environment(run.environment, keep_env)
+    if names:
+        said.append(f"environment: {len(names)} secret value(s) stored as {REDACTED} ({', '.join(names[:6])}"
+                    f"{', ...' if len(names) > 6 else ''}); --keep-env NAME keeps one")
+    argv, changed = sensitive.redact_argv(run.argv)
+    if changed and not keep_argv:
+        run.argv = argv
+        said.append(f"the command line holds a secret (argument {', '.join(map(str, changed))}): stored as "
+                    f"{REDACTED}, so an image built from this trace cannot run it as recorded; pass the "
+                    "secret at run time (docker run -e, or --env at build) or give the command at build "
+                    "with --entrypoint (--keep-argv keeps it in the trace)")
+    elif changed:
+        said.append(f"the command line holds a secret (argument {', '.join(map(str, changed))}) and "
+                    "--keep-argv keeps it: it is in the trace, and in the Entrypoint of any image built from it")
+    for p in run.processes:
+        if not (keep_argv and p.argv == run.argv):
+            p.argv = sensitive.redact_argv(p.argv)[0]
+    found: list[str] = []
+    run.stdout, f1 = sensitive.redact_text(run.stdout)
+    run.stderr, f2 = sensitive.redact_text(run.stderr)
+    found += f1 + f2
+    for e in run.exercises:
+        e.stdout, f1 = sensitive.redact_text(e.stdout)
+        e.stderr, f2 = sensitive.redact_text(e.stderr)
+        found += f1 + f2
+    if found:
+        said.append(f"captured output held {', '.join(dict.fromkeys(found))}: stored as {REDACTED}")
+    return said
+
+
 @dataclass
 class Trace:
     runs: list[Run] = field(default_factory=list)
@@ -210,26 +236,376 @@ class Trace:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "trace") -> Trace:
-        if not isinstance(data, dict) or "format" not in data:
-            raise TraceFormatError(f"{source} is not a tracejail trace (no \"format\" field)")
-        fmt = data["format"]
-        if fmt != FORMAT:
-            if isinstance(fmt, str) and fmt.startswith("tracejail-trace/"):
-                raise TraceFormatError(
-                    f"{source} has format {fmt!r}, this tracejail {__version__} reads {FORMAT!r}: "
-                    "record it again or use a matching tracejail version")
-            raise TraceFormatError(f"{source} is not a tracejail trace (format {fmt!r})")
+        """The trace in `data` (parsed JSON), every field checked against the schema (README,
+        "The trace format"). The first bad field raises TraceFormatError naming it."""
+        _check_format(data, source)
         try:
-            runs = [_run_from_json(r) for r in data["runs"]]
-            files = {}
-            for f in data["files"]:
-                rec = _record_from_json(f)
-                files[rec.path] = rec
-            return cls(runs=runs, files=files, host=dict(data.get("host", {})),
-                       tool_version=str(data.get("tool", {}).get("version", "?")), format=fmt)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise TraceFormatError(f"{source} is damaged ({type(exc).__name__}: {exc}); "
-                                   "record it again") from None
+            runs = _runs_from_json(_key(data, "runs", ""))
+            raw = _list(_key(data, "files", ""), "files", MAX_FILES)
+            return cls._assemble(data, runs, _files_from_json(iter(raw), len(runs)))
+        except _Bad as bad:
+            raise TraceFormatError(f"{source} is not a valid trace: {bad}") from None
+
+    @classmethod
+    def _assemble(cls, data: dict[str, Any], runs: list[Run], files: dict[str, PathRecord]) -> Trace:
+        tool = _dict(data.get("tool", {}), "tool")
+        return cls(runs=runs, files=files, host=_host_from_json(data.get("host", {})),
+                   tool_version=_str(tool.get("version", "?"), "tool.version", 64), format=FORMAT)
+
+
+def _check_format(data: Any, source: str) -> None:
+    if not isinstance(data, dict) or "format" not in data:
+        raise TraceFormatError(f"{source} is not a tracejail trace (no \"format\" field)")
+    fmt = data["format"]
+    if fmt != FORMAT:
+        if isinstance(fmt, str) and fmt.startswith("tracejail-trace/"):
+            raise TraceFormatError(
+                f"{source} has format {fmt!r}, this tracejail {__version__} reads {FORMAT!r}: "
+                "record it again or use a matching tracejail version")
+        raise TraceFormatError(f"{source} is not a tracejail trace (format {str(fmt)[:40]!r})")
+
+
+def _runs_from_json(v: Any) -> list[Run]:
+    return [_run_from_json(r, f"runs[{n}]") for n, r in enumerate(_list(v, "runs", MAX_RUNS))]
+
+
+def _files_from_json(items: Iterator[Any], n_runs: int) -> dict[str, PathRecord]:
+    files: dict[str, PathRecord] = {}
+    seen: dict[Any, str] = {}
+    for n, item in enumerate(items):
+        if n >= MAX_FILES:
+            raise _Bad("files", f"a list of at most {MAX_FILES} paths", raw=True)
+        rec = _record_from_json(item, n, n_runs, seen)
+        files[rec.path] = rec
+    return files
+
+
+# --- reading a trace file without holding its parsed JSON and its model at once -----------------
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+class _Stream:
+    """The top-level object of a trace, read key by key with json's raw_decode. The "files"
+    array, a million entries in a big trace, is turned into the model one element at a time,
+    so the parsed JSON of all of them never exists at once (that halved the peak memory of
+    loading a 1e6-path trace). Used when "format" and "runs" come before "files", as tracejail
+    writes them; anything else is read whole."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.at = 0
+        self.decoder = json.JSONDecoder()
+
+    def skip(self) -> str:
+        self.at = _WS.match(self.text, self.at).end()  # type: ignore[union-attr]
+        return self.text[self.at:self.at + 1]
+
+    def expect(self, char: str) -> None:
+        if self.skip() != char:
+            raise json.JSONDecodeError(f"expected {char!r}", self.text, self.at)
+        self.at += 1
+
+    def value(self) -> Any:
+        self.skip()
+        value, self.at = self.decoder.raw_decode(self.text, self.at)
+        return value
+
+    def elements(self) -> Iterator[Any]:
+        self.expect("[")
+        if self.skip() == "]":
+            self.at += 1
+            return
+        while True:
+            yield self.value()
+            if self.skip() == ",":
+                self.at += 1
+                continue
+            self.expect("]")
+            return
+
+    def trace(self, source: str) -> Trace | None:
+        """The trace, or None when its layout is not the streamable one."""
+        self.expect("{")
+        top: dict[str, Any] = {}
+        files: dict[str, PathRecord] | None = None
+        runs: list[Run] | None = None
+        while self.skip() != "}":
+            if top or files is not None:
+                self.expect(",")
+            key = self.value()
+            if type(key) is not str:
+                raise json.JSONDecodeError("expected a key", self.text, self.at)
+            self.expect(":")
+            if key == "files" and "format" in top and "runs" in top and files is None:
+                _check_format(top, source)
+                try:
+                    runs = _runs_from_json(top["runs"])
+                    files = _files_from_json(self.elements(), len(runs))
+                except _Bad as bad:
+                    raise TraceFormatError(f"{source} is not a valid trace: {bad}") from None
+                continue
+            if key == "files":
+                return None
+            top[key] = self.value()
+        self.at += 1
+        if self.skip():
+            raise json.JSONDecodeError("extra data", self.text, self.at)
+        if files is None or runs is None:
+            _check_format(top, source)
+            raise TraceFormatError(f"{source} is not a valid trace: field files must be present")
+        try:
+            return Trace._assemble(top, runs, files)
+        except _Bad as bad:
+            raise TraceFormatError(f"{source} is not a valid trace: {bad}") from None
+
+
+# --- the schema, checked field by field (README: "The trace format") ---------------------------
+
+# Bounds on what a trace may hold: a trace may come from someone else.
+MAX_TRACE_BYTES = 1 << 30
+MAX_RUNS = 10_000
+MAX_FILES = 20_000_000
+MAX_ITEMS = 1_000_000        # processes, exercises, argv words, pids, ports... in one list
+MAX_PATH = 1 << 16
+STOP_REASONS = ("exited", "stopped", "interrupted", "timeout")
+_ERRNO_NAME = re.compile(r"E[A-Z0-9]{1,15}\Z")
+_SYSCALL = re.compile(r"[a-z0-9_:]{1,40}\Z")
+
+
+class _Bad(Exception):
+    """A field that does not fit the schema: where it is and what it should be."""
+
+    def __init__(self, where: str, want: str, value: Any = None, *, raw: bool = False) -> None:
+        got = "" if raw else f", not {_describe(value)}"
+        super().__init__(f"field {where} must be {want}{got}")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"[:60]
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _key(d: dict[str, Any], name: str, where: str) -> Any:
+    if name not in d:
+        raise _Bad(f"{where}.{name}" if where else name, "present", raw=True)
+    return d[name]
+
+
+def _str(v: Any, where: str, limit: int = MAX_TRACE_BYTES) -> str:
+    if type(v) is not str:
+        raise _Bad(where, "a string", v)
+    if len(v) > limit:
+        raise _Bad(where, f"at most {limit} characters", raw=True)
+    return v
+
+
+def _ostr(v: Any, where: str) -> str | None:
+    return None if v is None else _str(v, where)
+
+
+def _int(v: Any, where: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise _Bad(where, f"an integer from {lo} to {hi}", v)
+    return v
+
+
+def _oint(v: Any, where: str, lo: int = -(1 << 31), hi: int = 1 << 31) -> int | None:
+    return None if v is None else _int(v, where, lo, hi)
+
+
+def _num(v: Any, where: str) -> float:
+    if type(v) not in (int, float) or not 0 <= v < 1e12:
+        raise _Bad(where, "a non-negative number", v)
+    return float(v)
+
+
+def _bool(v: Any, where: str) -> bool:
+    if type(v) is not bool:
+        raise _Bad(where, "true or false", v)
+    return v
+
+
+def _list(v: Any, where: str, limit: int = MAX_ITEMS) -> list[Any]:
+    if type(v) is not list:
+        raise _Bad(where, "a list", v)
+    if len(v) > limit:
+        raise _Bad(where, f"a list of at most {limit} items", raw=True)
+    return v
+
+
+def _dict(v: Any, where: str) -> dict[str, Any]:
+    if type(v) is not dict:
+        raise _Bad(where, "an object", v)
+    return v
+
+
+def _strs(v: Any, where: str) -> list[str]:
+    return [_str(x, f"{where}[{n}]") for n, x in enumerate(_list(v, where))]
+
+
+def _abs_path(v: Any, where: str) -> str:
+    path = _str(v, where, MAX_PATH)
+    if not path.startswith("/") or "\0" in path:
+        raise _Bad(where, "an absolute path without NUL bytes", raw=True)
+    return path
+
+
+def _scalars(v: Any, where: str) -> dict[str, Any]:
+    """A free-form object of scalars (or lists of scalars): tracing details, host facts."""
+    out = {}
+    for k, x in _dict(v, where).items():
+        if type(x) is list:
+            for n, y in enumerate(_list(x, f"{where}.{k}")):
+                if type(y) not in (str, int, float, bool) and y is not None:
+                    raise _Bad(f"{where}.{k}[{n}]", "a string, number, true, false or null", y)
+        elif type(x) not in (str, int, float, bool) and x is not None:
+            raise _Bad(f"{where}.{k}", "a string, number, true, false, null or a list of those", x)
+        out[k] = x
+    return out
+
+
+def _host_from_json(v: Any) -> dict[str, Any]:
+    host = dict(_dict(v, "host"))
+    release = host.pop("os_release", {})
+    out = _scalars(host, "host")
+    out["os_release"] = {k: _str(x, f"host.os_release.{k}") for k, x in _dict(release, "host.os_release").items()}
+    return out
+
+
+_KINDS = {k: k for k in ACCESS_KINDS}
+
+
+def _record_from_json(d: Any, n: int, n_runs: int, seen: dict[Any, str]) -> PathRecord:
+    """One files[] entry. This runs once per path (a million times for a big trace), so the
+    checks are inline and the message is built only on failure; `seen` holds the syscall names
+    and results already checked, and interns them: a million records share a few strings."""
+    if type(d) is not dict:
+        raise _Bad(f"files[{n}]", "an object", d)
+    path = d.get("path")
+    if type(path) is not str or not path.startswith("/") or "\0" in path or len(path) > MAX_PATH:
+        raise _Bad(f"files[{n}].path", "an absolute path without NUL bytes", path)
+    raw = d.get("accesses")
+    if type(raw) is not list or len(raw) > 4096:
+        raise _Bad(f"files[{n}].accesses", "a list of at most 4096 accesses", raw)
+    accesses = []
+    for m, a in enumerate(raw):
+        if type(a) is not dict:
+            raise _Bad(f"files[{n}].accesses[{m}]", "an object", a)
+        kind, syscall, result, count = a.get("kind"), a.get("syscall"), a.get("result"), a.get("count")
+        kind = _KINDS.get(kind) if type(kind) is str else None
+        if kind is None:
+            raise _Bad(f"files[{n}].accesses[{m}].kind", "one of " + ", ".join(ACCESS_KINDS), a.get("kind"))
+        if type(syscall) is not str:
+            raise _Bad(f"files[{n}].accesses[{m}].syscall", "a system call name", syscall)
+        checked = seen.get(syscall)
+        if checked is None:
+            if not _SYSCALL.match(syscall):
+                raise _Bad(f"files[{n}].accesses[{m}].syscall", "a system call name", syscall)
+            checked = seen[syscall] = syscall
+        syscall = checked
+        if type(result) is not str:
+            raise _Bad(f"files[{n}].accesses[{m}].result", '"ok" or an errno name', result)
+        checked = seen.get(result)
+        if checked is None:
+            if result != OK and not _ERRNO_NAME.match(result):
+                raise _Bad(f"files[{n}].accesses[{m}].result", '"ok" or an errno name', result)
+            checked = seen[result] = result
+        result = checked
+        if type(count) is not int or count < 0:
+            raise _Bad(f"files[{n}].accesses[{m}].count", "a non-negative integer", count)
+        pids = a.get("pids", [])
+        if type(pids) is not list or len(pids) > MAX_ITEMS:
+            raise _Bad(f"files[{n}].accesses[{m}].pids", "a list of process ids", pids)
+        for p in pids:
+            if type(p) is not int or p < 0:
+                raise _Bad(f"files[{n}].accesses[{m}].pids", "a list of process ids", p)
+        accesses.append(Access(kind, syscall, result, count, pids))
+    runs = d.get("runs", [])
+    if type(runs) is not list:
+        raise _Bad(f"files[{n}].runs", "a list of run indices", runs)
+    for r in runs:
+        if type(r) is not int or not 0 <= r < n_runs:
+            raise _Bad(f"files[{n}].runs", f"a list of run indices below {n_runs}", r)
+    created, removed = d.get("created_by_run", False), d.get("removed_by_run", False)
+    if type(created) is not bool:
+        raise _Bad(f"files[{n}].created_by_run", "true or false", created)
+    if type(removed) is not bool:
+        raise _Bad(f"files[{n}].removed_by_run", "true or false", removed)
+    added_by, reason = d.get("added_by"), d.get("reason")
+    if added_by is not None or reason is not None:
+        _ostr(added_by, f"files[{n}].added_by")
+        _ostr(reason, f"files[{n}].reason")
+    return PathRecord(path, accesses, runs, created, removed, added_by, reason)
+
+
+def _exercise_from_json(d: Any, where: str) -> ExerciseResult:
+    d = _dict(d, where)
+    return ExerciseResult(
+        command=_str(_key(d, "command", where), f"{where}.command"),
+        exit_code=_oint(_key(d, "exit_code", where), f"{where}.exit_code", 0, 255),
+        stdout=_str(d.get("stdout", ""), f"{where}.stdout"),
+        stderr=_str(d.get("stderr", ""), f"{where}.stderr"),
+        stdout_truncated=_bool(d.get("stdout_truncated", False), f"{where}.stdout_truncated"),
+        stderr_truncated=_bool(d.get("stderr_truncated", False), f"{where}.stderr_truncated"),
+        duration=_num(d.get("duration", 0.0), f"{where}.duration"),
+        timed_out=_bool(d.get("timed_out", False), f"{where}.timed_out"))
+
+
+def _process_from_json(d: Any, where: str) -> ProcessInfo:
+    d = _dict(d, where)
+    return ProcessInfo(
+        pid=_int(_key(d, "pid", where), f"{where}.pid"),
+        ppid=_oint(d.get("ppid"), f"{where}.ppid", 0, 1 << 62),
+        argv=_strs(d.get("argv", []), f"{where}.argv"),
+        exe=_ostr(d.get("exe"), f"{where}.exe"),
+        run=_int(d.get("run", 0), f"{where}.run", 0, MAX_RUNS),
+        exit_code=_oint(d.get("exit_code"), f"{where}.exit_code", 0, 255),
+        exit_signal=_oint(d.get("exit_signal"), f"{where}.exit_signal", 0, 127))
+
+
+def _run_from_json(d: Any, where: str) -> Run:
+    d = _dict(d, where)
+    argv = _strs(_key(d, "argv", where), f"{where}.argv")
+    if not argv:
+        raise _Bad(f"{where}.argv", "a non-empty list of strings", raw=True)
+    stop_reason = d.get("stop_reason", "exited")
+    if stop_reason not in STOP_REASONS:
+        raise _Bad(f"{where}.stop_reason", "one of " + ", ".join(STOP_REASONS), stop_reason)
+    env = _dict(_key(d, "environment", where), f"{where}.environment")
+    return Run(
+        argv=argv,
+        executable=_abs_path(_key(d, "executable", where), f"{where}.executable"),
+        cwd=_abs_path(_key(d, "cwd", where), f"{where}.cwd"),
+        uid=_int(_key(d, "uid", where), f"{where}.uid", 0, (1 << 32) - 1),
+        gid=_int(_key(d, "gid", where), f"{where}.gid", 0, (1 << 32) - 1),
+        environment={_str(k, f"{where}.environment"): _str(v, f"{where}.environment.{k}") for k, v in env.items()},
+        started=_str(_key(d, "started", where), f"{where}.started", 64),
+        duration=_num(d.get("duration", 0.0), f"{where}.duration"),
+        exit_code=_oint(d.get("exit_code"), f"{where}.exit_code", 0, 255),
+        exit_signal=_oint(d.get("exit_signal"), f"{where}.exit_signal", 0, 127),
+        stop_reason=stop_reason,
+        stdout=_str(d.get("stdout", ""), f"{where}.stdout"),
+        stderr=_str(d.get("stderr", ""), f"{where}.stderr"),
+        stdout_truncated=_bool(d.get("stdout_truncated", False), f"{where}.stdout_truncated"),
+        stderr_truncated=_bool(d.get("stderr_truncated", False), f"{where}.stderr_truncated"),
+        exercises=[_exercise_from_json(e, f"{where}.exercises[{n}]")
+                   for n, e in enumerate(_list(d.get("exercises", []), f"{where}.exercises"))],
+        listening_ports=[_int(p, f"{where}.listening_ports[{n}]", 1, 65535)
+                         for n, p in enumerate(_list(d.get("listening_ports", []), f"{where}.listening_ports"))],
+        processes=[_process_from_json(p, f"{where}.processes[{n}]")
+                   for n, p in enumerate(_list(d.get("processes", []), f"{where}.processes"))],
+        tracing=_scalars(d.get("tracing", {}), f"{where}.tracing"),
+    )
 
 
 def _record_to_json(rec: PathRecord) -> dict[str, Any]:
@@ -245,47 +621,43 @@ def _record_to_json(rec: PathRecord) -> dict[str, Any]:
     return out
 
 
-def _record_from_json(d: dict[str, Any]) -> PathRecord:
-    path = d["path"]
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise ValueError(f"path {path!r} is not absolute")
-    return PathRecord(
-        path=path,
-        accesses=[Access(str(a["kind"]), str(a["syscall"]), str(a["result"]), int(a["count"]),
-                         [int(p) for p in a.get("pids", [])]) for a in d["accesses"]],
-        runs=[int(r) for r in d.get("runs", [])],
-        created_by_run=bool(d.get("created_by_run", False)),
-        removed_by_run=bool(d.get("removed_by_run", False)),
-        added_by=d.get("added_by"),
-        reason=d.get("reason"),
-    )
-
-
-def _run_from_json(d: dict[str, Any]) -> Run:
-    d = dict(d)
-    d["exercises"] = [ExerciseResult(**e) for e in d.get("exercises", [])]
-    d["processes"] = [ProcessInfo(**p) for p in d.get("processes", [])]
-    known = set(Run.__dataclass_fields__)
-    return Run(**{k: v for k, v in d.items() if k in known})
-
-
 # --- files ---------------------------------------------------------------------------------
 
 def load(path: str) -> Trace:
+    """Read and check a trace file: one line and exit 65 for anything that is not a trace."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_TRACE_BYTES:
+                raise TraceFormatError(f"{path} is {size} bytes; a trace is at most {MAX_TRACE_BYTES} "
+                                       "(1 GiB)")
+            raw = f.read(MAX_TRACE_BYTES + 1)
     except FileNotFoundError:
         raise TraceFormatError(f"trace not found: {path} (make one with `tracejail record`)") from None
     except IsADirectoryError:
         raise TraceFormatError(f"{path} is a directory, not a trace file") from None
     except OSError as exc:
         raise TraceFormatError(f"cannot read trace {path}: {exc.strerror}") from None
+    if len(raw) > MAX_TRACE_BYTES:
+        raise TraceFormatError(f"{path} holds more than {MAX_TRACE_BYTES} bytes; a trace is at most 1 GiB")
+    # Millions of small objects: the cyclic collector would rescan them again and again (it
+    # doubled the load time of a 1e6-path trace); nothing here makes cycles.
+    gc_was = gc.isenabled()
+    gc.disable()
     try:
-        data = json.loads(raw)
+        text = raw.decode("utf-8")
+        del raw
+        trace = _Stream(text).trace(path)
+        if trace is None:
+            trace = Trace.from_json(json.loads(text), source=path)
+        return trace
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TraceFormatError(f"{path} is not valid JSON ({exc}); is it a tracejail trace?") from None
-    return Trace.from_json(data, source=path)
+        raise TraceFormatError(f"{path} is not valid JSON ({str(exc)[:200]}); is it a tracejail trace?") from None
+    except RecursionError:
+        raise TraceFormatError(f"{path} is nested too deeply to be a trace") from None
+    finally:
+        if gc_was:
+            gc.enable()
 
 
 def check_writable(path: str) -> None:

@@ -44,11 +44,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from tracejail import build as tjbuild
-from tracejail import jail
+from tracejail import jail, sensitive
 from tracejail import trace as tr
 from tracejail.errors import TraceFormatError, TracejailError, UsageError
 from tracejail.record import listening_ports, run_exercise, spawn_captured
 from tracejail.root import NodeKind, Root, is_runtime_path
+from tracejail.text import shown
 
 NOT_FOUND = ("ENOENT", "ENOTDIR")
 # A lookup no syscall shows: the program listed a directory and did not find a name in it (Python's
@@ -189,7 +190,7 @@ def _processes(trace: tr.Trace) -> dict[tuple[int, int], tr.ProcessInfo]:
 
 
 def _short(argv: list[str], limit: int = 60) -> str:
-    text = " ".join(argv) if argv else "?"
+    text = " ".join(shown(w) for w in argv) if argv else "?"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -538,10 +539,15 @@ def _tail(text: str) -> str:
     return "\n".join(text.rstrip().splitlines()[-STDERR_TAIL_LINES:])
 
 
+def _scrubbed(text: str) -> str:
+    """Output as record stores it (secrets redacted), so that a replay compares like for like."""
+    return sensitive.redact_text(text)[0]
+
+
 def compare(index: int, run: tr.Run, outcome: Outcome) -> RunCheck:
     command = [run.executable, *run.argv[1:]]
     if not run.exercises:
-        diff = _diff(run.stdout, outcome.stdout)
+        diff = _diff(run.stdout, _scrubbed(outcome.stdout))
         passed = outcome.error is None and outcome.status == run.status and not diff
         check = RunCheck(index=index, command=command, passed=passed, expected_status=run.status,
                          status=outcome.status, diff=diff, error=outcome.error)
@@ -553,7 +559,7 @@ def compare(index: int, run: tr.Run, outcome: Outcome) -> RunCheck:
                 checks.append(ExerciseCheck(ex.command, False, ex.exit_code, None,
                                             note="not run: " + (outcome.error or "the command was gone")))
                 continue
-            diff = _diff(ex.stdout, got.stdout)
+            diff = _diff(ex.stdout, _scrubbed(got.stdout))
             ok = got.exit_code == ex.exit_code and not diff and not got.timed_out
             checks.append(ExerciseCheck(ex.command, ok, ex.exit_code, got.exit_code, diff=diff,
                                         stderr="" if ok else _tail(got.stderr),
@@ -1098,7 +1104,7 @@ def format_report(report: VerifyReport) -> str:
         if rnd.rebuilt:
             if rnd.added:
                 out.append(f"  added {len(rnd.added)} path(s) to {report.trace} (added_by \"{FIXED_BY}\"):\n")
-                out += [f"    + {p}\n" for p in rnd.added]
+                out += [f"    + {shown(p)}\n" for p in rnd.added]
             if rnd.kept:
                 out.append(f"  already in the trace, missing from the image only: {', '.join(rnd.kept)}\n")
             out.append(f"  {rnd.rebuilt}\n")
@@ -1130,7 +1136,7 @@ def _format_run(c: RunCheck) -> str:
         if c.error:
             out.append(f"  FAIL  {c.error}" + (f" (status {c.status})" if c.status is not None else "") + "\n")
         for i, e in enumerate(c.exercises, 1):
-            head = f"exercise {i}: {e.command}"
+            head = f"exercise {i}: {shown(e.command)}"
             if e.passed:
                 out.append(f"  PASS  {head}\n")
                 continue
@@ -1145,12 +1151,12 @@ def _format_run(c: RunCheck) -> str:
         out.append("  stderr (last lines):\n" + _indent(c.stderr, "        | "))
     if c.misses:
         out.append("  missing in the jail, present on the host:\n")
-        out += [f"    {m.describe()}" + (" [in the trace; left out of the image]" if m.in_trace else "") + "\n"
+        out += [f"    {shown(m.describe())}" + (" [in the trace; left out of the image]" if m.in_trace else "") + "\n"
                 for m in c.misses]
     elif c.traced and not c.passed:
         out.append("  no missing paths found in the traced replay\n")
     if c.denied:
         out.append("  found in the jail but denied to the user:\n")
-        out += [f"    {m.describe()}\n" for m in c.denied]
+        out += [f"    {shown(m.describe())}\n" for m in c.denied]
     out += [f"  note: {n}\n" for n in c.notes]
     return "".join(out)
