@@ -194,3 +194,66 @@ def docker_engine() -> Iterator[DockerEngine]:
         if problems:
             # Visible with -rA / in the terminal summary; a leak is a test bug worth seeing.
             print("docker_engine teardown: " + "; ".join(problems))
+
+
+# --- an ordinary user ------------------------------------------------------------------------
+
+NOBODY = 65534
+
+
+@dataclass
+class Unprivileged:
+    """Runs tracejail as uid/gid 65534 (nobody), with a Python that user can run: a venv made
+    from the system's /usr/bin/python3 (this machine's own python3 may live under a 0700 /root),
+    holding tracejail as it is in this checkout."""
+
+    python: str
+
+    def run(self, *args: str, cwd: str = "/", timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/"}
+        return subprocess.run([self.python, "-m", "tracejail", *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd, env=env, preexec_fn=_become_nobody)
+
+
+def _become_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+@pytest.fixture(scope="session")
+def unprivileged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Unprivileged]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a command as another user")
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("no /usr/bin/python3 for an ordinary user's venv")
+    venv = os.environ.get("TRACEJAIL_NOBODY_VENV", "/var/tmp/tracejail-test-nobody-venv")
+    if not os.path.exists(os.path.join(venv, "bin", "python")):
+        subprocess.run(["/usr/bin/python3", "-m", "venv", venv], check=True, capture_output=True)
+        subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "python-ptrace>=0.9.8",
+                        "pyelftools>=0.29", "click>=8.0", "psutil>=5.8"], check=True, capture_output=True)
+    # This checkout's tracejail, copied where nobody may read it (a checkout under /root may not be).
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tempfile.mkdtemp(prefix="tj-nobody-src-")
+    try:
+        shutil.copytree(os.path.join(repo, "tracejail"), os.path.join(src, "tracejail"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            shutil.copy(os.path.join(repo, name), src)
+        proc = subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--no-deps",
+                               "--force-reinstall", src], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot install tracejail for an ordinary user: {proc.stderr.strip()[-300:]}")
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    subprocess.run(["chmod", "-R", "a+rX", venv], check=True)
+    yield Unprivileged(os.path.join(venv, "bin", "python"))
+
+
+@pytest.fixture
+def public_dir() -> Iterator[str]:
+    """A directory nobody may enter and read (the tests' own temp dirs are 0700 root)."""
+    path = tempfile.mkdtemp(prefix="tj-public-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

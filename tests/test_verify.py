@@ -20,7 +20,7 @@ from tracejail import build as tjbuild
 from tracejail import jail
 from tracejail import trace as tr
 from tracejail import verify as tv
-from tracejail.errors import TraceFormatError, TracejailError, UsageError
+from tracejail.errors import TraceFormatError, UsageError
 from tracejail.record import RecordOptions, record
 
 TJ = [sys.executable, "-m", "tracejail"]
@@ -163,12 +163,13 @@ def port_free(name: str, timeout: float = 60.0) -> None:
 
 @needs_jail
 def test_jail_environment(recordings: Path, tmp_path: Path) -> None:
-    """New PID namespace, /proc, a minimal /dev, tmpfs /tmp, chroot, the image user, stdin /dev/null,
-    and the host path of the jail root is what the host's /proc shows (stripped for misses)."""
+    """The sandbox as the program sees it: PID 1 is init, the image user, stdin /dev/null, the six
+    devices, tmpfs /tmp, a read-only /proc, loopback only, no capabilities, no new privileges, a
+    user namespace whose root is not the host's; and the host sees the jail's root as "/"."""
     trace_path = trace_copy("python-cli", recordings, tmp_path)
     rootfs = stage(trace_path, tmp_path)
     run = tr.load(str(trace_path)).runs[0]
-    probe = ("import os, stat, sys, time\n"
+    probe = ("import os, socket, stat, sys, time\n"
              "print(os.getpid(), os.getuid(), os.getgid(), os.getcwd())\n"
              "print(sorted(os.listdir('/dev')))\n"
              "print(os.readlink('/dev/fd'), stat.S_ISCHR(os.stat('/dev/null').st_mode))\n"
@@ -176,6 +177,11 @@ def test_jail_environment(recordings: Path, tmp_path: Path) -> None:
              "print(os.path.exists('/proc/self/status'), repr(sys.stdin.read()))\n"
              "open('/tmp/x', 'w').write('ok')\n"
              "print(os.access('/', os.W_OK))\n"
+             "status = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+             "print(status['NoNewPrivs'].strip(), status['CapEff'].strip(), status['CapBnd'].strip())\n"
+             "print(' '.join(open('/proc/self/uid_map').read().split()))\n"
+             "print(sorted(n for _, n in socket.if_nameindex()), socket.gethostname())\n"
+             "try:\n    open('/proc/sys/kernel/hostname', 'w').write('x')\nexcept OSError as e:\n    print(e.errno)\n"
              "sys.stdout.flush(); time.sleep(30)\n")
     spec = jail.JailSpec(rootfs=str(rootfs), workdir=jail.make_workdir(), argv=[run.executable, "-c", probe],
                          env={"PATH": "/usr/bin"}, cwd=run.cwd, uid=65532, gid=65532)
@@ -183,16 +189,17 @@ def test_jail_environment(recordings: Path, tmp_path: Path) -> None:
     proc.start()
     try:
         deadline = time.monotonic() + 20
-        while proc.readers[0].kept.count(b"\n") < 6 and time.monotonic() < deadline and proc.running():
+        while proc.readers[0].kept.count(b"\n") < 11 and time.monotonic() < deadline and proc.running():
             time.sleep(0.05)
+        assert proc.running(), proc.output()
         import psutil
 
         target = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.uids().real == 65532]
         assert target, proc.output()
-        # What the tracer sees for a chrooted task in another mount namespace: the jail root's host path.
-        assert os.readlink(f"/proc/{target[0].pid}/root") == spec.root
-        assert os.readlink(f"/proc/{target[0].pid}/cwd") == spec.root + run.cwd
-        assert jail.strip_root(spec.root + run.cwd + "/x", spec.root) == run.cwd + "/x"
+        # The host sees the jail's root as "/": paths of a jailed task are jail paths already.
+        assert os.readlink(f"/proc/{target[0].pid}/root") == "/"
+        assert os.readlink(f"/proc/{target[0].pid}/cwd") == run.cwd
+        assert jail.netns_pid(proc.pid) is not None
     finally:
         proc.stop(5)   # also removes spec.workdir
     lines = proc.output()[0].splitlines()
@@ -203,6 +210,13 @@ def test_jail_environment(recordings: Path, tmp_path: Path) -> None:
     assert lines[3] == "0o1777 0o1777"
     assert lines[4] == "True ''"
     assert lines[5] == "False"   # the tree is not writable for the image user
+    assert lines[6] == "1 0000000000000000 0000000000000000"   # no new privileges, no capabilities at all
+    host_uid = jail.NAMESPACED_ROOT if os.geteuid() == 0 else os.geteuid()
+    assert lines[7].startswith("0 " if os.geteuid() == 0 else "65532 ") and str(host_uid) in lines[7]
+    assert " 0 0 " not in f" {lines[7]} "   # the host's root is not in the jail
+    assert lines[8] == "['lo'] tracejail"
+    assert lines[9] == "30"   # EROFS: /proc is read-only
+    assert not os.listdir(spec.workdir) if os.path.exists(spec.workdir) else True
     assert not (rootfs / "proc").exists() and not (rootfs / "dev").exists(), "overlay: the tree stays as staged"
 
 
@@ -520,11 +534,13 @@ def test_usage_errors(recordings: Path, tmp_path: Path) -> None:
     assert proc.stderr.count("\n") == 1   # one line, no traceback
 
 
-def test_rootfs_mode_needs_root(recordings: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_usage_errors_are_one_line(recordings: Path, tmp_path: Path) -> None:
     trace_path = trace_copy("c-plugin", recordings, tmp_path)
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(TracejailError, match="needs root.*-t IMAGE"):
-        tv.verify(str(trace_path), tv.VerifyOptions(rootfs=str(tmp_path)))
+    proc = run_cli(str(trace_path), "--rootfs", str(tmp_path), "--fix", "--no-trace-inside")
+    assert proc.returncode == 2 and "--fix needs" in proc.stderr
+    proc = run_cli(str(tmp_path / "missing.json"), "--rootfs", str(tmp_path))
+    assert proc.returncode == 65 and "trace not found" in proc.stderr
+    assert proc.stderr.count("\n") == 1   # one line, no traceback
 
 
 def test_no_docker_engine_suggests_rootfs(recordings: Path, tmp_path: Path) -> None:

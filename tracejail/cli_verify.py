@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from tracejail.cli import CONTEXT, _note, handle_errors, say
+from tracejail.cli import CONTEXT, _note, handle_errors, say, tell
 
 
 @click.command("verify", context_settings=CONTEXT)
@@ -14,7 +14,7 @@ from tracejail.cli import CONTEXT, _note, handle_errors, say
 @click.option("-t", "--tag", "image", metavar="IMAGE",
               help="Replay in this image with the Docker engine (DOCKER_HOST is honoured).")
 @click.option("--rootfs", "rootfs_dir", metavar="DIR",
-              help="Replay in this staged tree (build --rootfs DIR) in a chroot jail; needs root.")
+              help="Replay in this staged tree (build --rootfs DIR) in tracejail's sandbox.")
 @click.option("--user", metavar="UID:GID|root", help="Run as this user instead of the image's.")
 @click.option("--trace-inside/--no-trace-inside", default=None,
               help="Replay under tracejail's tracer in the jail and list misses (default: for "
@@ -27,19 +27,30 @@ from tracejail.cli import CONTEXT, _note, handle_errors, say
               help="Bound each replay.")
 @click.option("--ready-timeout", type=click.FloatRange(0), default=30.0, show_default=True, metavar="S",
               help="Give up waiting for a server to listen after this long.")
+@click.option("--trust-trace", is_flag=True,
+              help="Run the exercise commands of a trace that is not your own (they run on this host).")
+@click.option("--no-user-namespace", "no_userns", is_flag=True,
+              help="Jail without a user namespace, where the kernel refuses one (root only; weaker).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str | None,
            trace_inside: bool | None, fix: bool, max_rounds: int, timeout: float, ready_timeout: float,
-           as_json: bool) -> None:
+           trust_trace: bool, no_userns: bool, as_json: bool) -> None:
     """Replay every run of TRACE.json in the image (-t) or a staged tree (--rootfs) and compare.
 
     \b
     Plain runs: exit status and stdout must match the recording. Runs with exercises: the
-    server is started with its recorded ports on 127.0.0.1, the same exercises run on the host,
-    and each one's exit code and stdout must match. Failing runs are replayed once more in a jail
-    under the tracer to list misses: paths the program looked for there and did not find, that
-    exist on the host (noise that also failed in the recording is left out).
+    server is started (a container publishing its recorded ports on 127.0.0.1, or a jail with
+    a network of its own), the same exercises run on the host (in the jail's network), and each
+    one's exit code and stdout must match. Failing runs are replayed once more in a jail under
+    the tracer to list misses: paths the program looked for there and did not find, that exist
+    on the host (noise that also failed in the recording is left out).
+
+    \b
+    The jail is a sandbox: user, mount, PID, IPC, UTS and network namespaces, no new privileges,
+    nosuid/nodev mounts, a read-only /proc; it runs as an ordinary user too. The exercise
+    commands of a trace run on this host: only a trace of your own (owned by you, writable by no
+    one else) runs them without --trust-trace, and they are printed before they run.
 
     \b
     With --fix the misses are added to TRACE.json (added_by "verify --fix"), the image is rebuilt
@@ -48,8 +59,9 @@ def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str
 
     \b
     Exit status: 0 when every run passes, 1 when one fails (or verify cannot run: no engine,
-    no image, not root), 2 for usage errors, 65 when the trace and the image do not belong
-    together (the image's io.tracejail.trace.digest label is another trace's).
+    no image, no namespaces, a foreign trace with exercises), 2 for usage errors, 65 for a
+    malformed trace, or when the trace and the image do not belong together (the image's
+    io.tracejail.trace.digest label is another trace's).
     """
     from tracejail.verify import VerifyOptions, format_report
     from tracejail.verify import verify as do_verify
@@ -57,8 +69,9 @@ def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str
     # handle_errors makes SIGTERM end verify like Ctrl-C does: replays are stopped and containers
     # removed on the way out (a plain SIGTERM death would leave a running container behind).
     opts = VerifyOptions(image=image, rootfs=rootfs_dir, user=user, fix=fix, max_rounds=max_rounds,
-                         trace_inside=trace_inside, timeout=timeout, ready_timeout=ready_timeout)
-    report = do_verify(trace_file, opts, progress=_note)
+                         trace_inside=trace_inside, timeout=timeout, ready_timeout=ready_timeout,
+                         trust_trace=trust_trace, userns=not no_userns)
+    report = do_verify(trace_file, opts, progress=_note, announce=lambda m: tell("", m))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:

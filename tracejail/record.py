@@ -39,6 +39,7 @@ class RecordOptions:
     pin_cpu: bool = False             # tracer and program on one CPU: faster stops, no parallelism
     keep_env: Sequence[str] = ()      # environment names to keep unredacted (asked by name)
     keep_argv: bool = False           # keep a secret on the command line verbatim (warned)
+    exercise_netns: bool = False      # run exercises in the traced tree's own network namespace
     passthrough: bool = True          # copy the target's output to our stdout/stderr
     env: dict[str, str] | None = None # environment for the command (default: ours)
     cwd: str | None = None
@@ -135,7 +136,8 @@ def spawn_captured(argv: list[str], env: dict[str, str] | None, limit: int):   #
 
 
 def listening_ports(root_pid: int) -> set[int]:
-    """TCP ports that root_pid or any of its descendants listens on."""
+    """TCP ports that root_pid or any of its descendants listens on (in a network namespace of
+    their own, as in verify's jail: every port listening there)."""
     import psutil   # imported here: plain runs never pay for it
 
     ports: set[int] = set()
@@ -144,7 +146,13 @@ def listening_ports(root_pid: int) -> set[int]:
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return ports
+    mine = _netns_inode("self")
+    other_netns: dict[int, int] = {}
     for proc in procs:
+        netns = _netns_inode(str(proc.pid))
+        if netns is not None and netns != mine:
+            other_netns.setdefault(netns, proc.pid)
+            continue
         try:
             conns = proc.net_connections(kind="tcp")
         except psutil.Error:
@@ -152,7 +160,19 @@ def listening_ports(root_pid: int) -> set[int]:
         for c in conns:
             if c.status == psutil.CONN_LISTEN and c.laddr:
                 ports.add(c.laddr.port)
+    if other_netns:
+        from tracejail.jail import netns_listening
+
+        for pid in other_netns.values():
+            ports |= netns_listening(pid) or set()
     return ports
+
+
+def _netns_inode(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
 
 
 class _PortWatcher(threading.Thread):
@@ -297,7 +317,8 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
                         break
                     say(f"exercise: {cmd}")
                     exercise_results.append(run_exercise(cmd, opts.exercise_timeout, deadline,
-                                                          opts.exercise_cwd))
+                                                          opts.exercise_cwd, _netns_of(tracer_pid)
+                                                          if opts.exercise_netns else None))
                 if not state.finished.is_set() and not state.stop_reason:
                     state.stop_reason = "stopped"
             _stop_tree(state, opts.stop_timeout)
@@ -497,20 +518,40 @@ def _wait_ready(state: _RunState, watcher: _PortWatcher, opts: RecordOptions,
         state.finished.wait(0.05)
 
 
+def _netns_of(tree_pid: int) -> int | None:
+    from tracejail.jail import netns_pid
+
+    return netns_pid(tree_pid)
+
+
 def run_exercise(cmd: str, timeout: float, deadline: float | None,
-                  cwd: str | None = None) -> tr.ExerciseResult:
+                 cwd: str | None = None, netns_pid: int | None = None) -> tr.ExerciseResult:
+    """Run one exercise with /bin/sh on the host (in `netns_pid`'s network namespace when given:
+    a jailed server's)."""
     if deadline is not None:
         timeout = max(0.1, min(timeout, deadline - time.monotonic()))
     import subprocess   # here: plain records never pay for importing it
 
     t0 = time.monotonic()
     timed_out = False
+    enter = None
+    if netns_pid is not None:
+        from tracejail.jail import netns_entry
+
+        enter = netns_entry(netns_pid)
     try:
         proc = subprocess.run(["/bin/sh", "-c", cmd], stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout, cwd=cwd)
+                              timeout=timeout, cwd=cwd, preexec_fn=enter)
         code, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:
         code, out, err, timed_out = None, exc.stdout or b"", exc.stderr or b"", True
+    except subprocess.SubprocessError as exc:   # the namespace could not be entered
+        code, out, err = 126, b"", f"tracejail: {exc}\n".encode()
+    finally:
+        if enter is not None:
+            from tracejail.jail import close_entry
+
+            close_entry(enter)
     return tr.ExerciseResult(
         command=cmd, exit_code=code,
         stdout=out[:EXERCISE_OUTPUT_LIMIT].decode("utf-8", "replace"),

@@ -625,11 +625,16 @@ def _record_to_json(rec: PathRecord) -> dict[str, Any]:
 
 def load(path: str) -> Trace:
     """Read and check a trace file: one line and exit 65 for anything that is not a trace."""
+    return load_with_owner(path)[0]
+
+
+def load_with_owner(path: str) -> tuple[Trace, os.stat_result]:
+    """The trace and the stat of the very file it was read from (whose is it: see `foreign`)."""
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_TRACE_BYTES:
-                raise TraceFormatError(f"{path} is {size} bytes; a trace is at most {MAX_TRACE_BYTES} "
+            st = os.fstat(f.fileno())
+            if st.st_size > MAX_TRACE_BYTES:
+                raise TraceFormatError(f"{path} is {st.st_size} bytes; a trace is at most {MAX_TRACE_BYTES} "
                                        "(1 GiB)")
             raw = f.read(MAX_TRACE_BYTES + 1)
     except FileNotFoundError:
@@ -650,7 +655,7 @@ def load(path: str) -> Trace:
         trace = _Stream(text).trace(path)
         if trace is None:
             trace = Trace.from_json(json.loads(text), source=path)
-        return trace
+        return trace, st
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TraceFormatError(f"{path} is not valid JSON ({str(exc)[:200]}); is it a tracejail trace?") from None
     except RecursionError:
@@ -658,6 +663,17 @@ def load(path: str) -> Trace:
     finally:
         if gc_was:
             gc.enable()
+
+
+def foreign(st: os.stat_result) -> str | None:
+    """Why a trace file is not the invoking user's own (None when it is): commands in someone
+    else's trace are someone else's code."""
+    me = os.geteuid()
+    if st.st_uid != me:
+        return f"it belongs to uid {st.st_uid}, not to you (uid {me})"
+    if st.st_mode & 0o022:
+        return f"others can write it (mode {oct(st.st_mode & 0o777)})"
+    return None
 
 
 def check_writable(path: str) -> None:

@@ -181,6 +181,8 @@ class VerifyOptions:
     exercise_timeout: float = 60.0
     docker_env: Mapping[str, str] | None = None   # environment for the docker CLI (DOCKER_HOST)
     overlay: bool = True                  # jail: False forces the bind-mount fallback (tests)
+    trust_trace: bool = False             # run the exercise commands of a trace that is not ours
+    userns: bool = True                   # jail in a user namespace (False: --no-user-namespace, root)
 
 
 # --- what the recording says -------------------------------------------------------------------
@@ -273,9 +275,10 @@ def read_dockerfile(rootfs_dir: str) -> ImageInfo | None:
     it is the one for DIR (its COPY names DIR). None otherwise."""
     path = os.path.join(os.path.dirname(os.path.abspath(rootfs_dir)), "Dockerfile")
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError:
+        from tracejail.closure import read_file
+
+        lines = read_file(path, 1 << 20).decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
         return None
     info = ImageInfo(user="", env={}, entrypoint=[], working_dir="/", labels={})
     copies_dir = False
@@ -383,24 +386,6 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def netns_listening(pid: int) -> set[int] | None:
-    """TCP ports in LISTEN state in `pid`'s network namespace (a bridged container's own)."""
-    ports: set[int] = set()
-    found = False
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{name}", encoding="ascii", errors="replace") as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) > 3 and fields[3] == "0A":
-                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-            found = True
-        except OSError:
-            continue
-    return ports if found else None
-
-
 class DockerRunning:
     """`docker run --rm` attached (so a container that dies early still shows its output)."""
 
@@ -432,7 +417,7 @@ class DockerRunning:
         if pid is None:
             return None   # not started yet, or an engine on another machine
         # With the host's network the namespace is ours: ask for the container's own sockets.
-        return listening_ports(pid) if self.host_network else netns_listening(pid)
+        return listening_ports(pid) if self.host_network else jail.netns_listening(pid)
 
     def stop(self, stop_timeout: float) -> None:
         try:
@@ -490,10 +475,12 @@ def _check_ports_free(ports: tuple[int, ...], grace: float = 5.0) -> None:
                              "(stop what listens there and verify again)")
 
 
-def replay(start: Callable[[], Running], run: tr.Run, opts: VerifyOptions) -> Outcome:
-    """Run one replay to its end: plain runs until exit, runs with exercises until the exercises ran."""
+def replay(start: Callable[[], Running], run: tr.Run, opts: VerifyOptions, host_ports: bool = True) -> Outcome:
+    """Run one replay to its end: plain runs until exit, runs with exercises until the exercises ran.
+    `host_ports`: the server publishes on the host's ports (a container); else it is in a jail's
+    own network namespace, where the exercises run too."""
     rule = ready_rule(run)
-    if run.exercises:
+    if run.exercises and host_ports:
         _check_ports_free(rule.ports)
     proc = start()
     error = None
@@ -507,7 +494,8 @@ def replay(start: Callable[[], Running], run: tr.Run, opts: VerifyOptions) -> Ou
                 if not proc.running():
                     error = "the command exited during the exercises"
                     break
-                results.append(run_exercise(ex.command, opts.exercise_timeout, None, cwd))
+                netns = None if host_ports else jail.netns_pid(getattr(proc, "pid"))
+                results.append(run_exercise(ex.command, opts.exercise_timeout, None, cwd, netns))
             if not proc.running():
                 status = proc.wait(0)
         else:
@@ -516,7 +504,7 @@ def replay(start: Callable[[], Running], run: tr.Run, opts: VerifyOptions) -> Ou
                 error = f"still running after {opts.timeout:g}s (raise --timeout); stopped"
     finally:
         proc.stop(opts.stop_timeout)
-        if run.exercises:
+        if run.exercises and host_ports:
             _wait_ports_free(rule.ports)
     out, err, _ = proc.output()
     return Outcome(status=status, stdout=out, stderr=err, exercises=results, error=error)
@@ -693,16 +681,13 @@ def trace_inside(spec: jail.JailSpec, run: tr.Run, host: tr.Trace, run_index: in
     from tracejail.record import RecordOptions, record
 
     rule = ready_rule(run)
-    if run.exercises:
-        _check_ports_free(rule.ports)
     ropts = RecordOptions(
         exercises=[e.command for e in run.exercises], ready_port=rule.port, ready_delay=rule.delay,
         ready_timeout=opts.ready_timeout, stop_timeout=opts.stop_timeout, timeout=opts.timeout,
         exercise_timeout=opts.exercise_timeout, exact=True, passthrough=False, env=jail.launcher_env(),
-        cwd="/", exercise_cwd=run.cwd if os.path.isdir(run.cwd) else None, keep_unready=True)
+        cwd="/", exercise_cwd=run.cwd if os.path.isdir(run.cwd) else None, keep_unready=True,
+        exercise_netns=True)
     rec = record(jail.launcher_argv(spec), ropts)
-    if run.exercises:
-        _wait_ports_free(rule.ports)
     got = rec.run
     if got.stop_reason == "interrupted":
         raise KeyboardInterrupt   # record forwarded the Ctrl-C to the replay; now it is ours
@@ -751,11 +736,25 @@ class Target:
     def config(self) -> ImageInfo:
         return self.info or ImageInfo(user="", env={}, entrypoint=[], working_dir="/", labels={})
 
-    def jail_spec(self, run: tr.Run, first: bool, rootfs: str) -> jail.JailSpec:
+    def jail_user(self) -> tuple[int, int]:
+        """Who runs in the jail: --user, else the image's user, but never root by default (a
+        Dockerfile beside a tree or an image's config is as untrusted as the tree): root only
+        with an explicit --user root, and then the jail's namespaced root."""
         uid, gid = _numeric_user(self.user)
+        if uid == 0 and not self.opts.user:
+            self.notes.append(f"the image's user is root; the jail ran it as {tjbuild.DEFAULT_USER} "
+                              "(--user root runs it as the jail's own, namespaced root)")
+            return tjbuild.parse_user(tjbuild.DEFAULT_USER)
+        if uid == 0 and not self.opts.userns:
+            raise UsageError("--user root without a user namespace would be the host's root in a chroot; "
+                             "drop --no-user-namespace")
+        return uid, gid
+
+    def jail_spec(self, run: tr.Run, first: bool, rootfs: str) -> jail.JailSpec:
+        uid, gid = self.jail_user()
         return jail.JailSpec(rootfs=rootfs, workdir=jail.make_workdir(), argv=[run.executable, *run.argv[1:]],
                              env=run_env(self.config(), run, first), cwd=run.cwd, uid=uid, gid=gid,
-                             overlay=self.opts.overlay)
+                             overlay=self.opts.overlay, userns=self.opts.userns)
 
     def build_options(self, trace: tr.Trace) -> tjbuild.BuildOptions:
         """Build options that reproduce this image from the trace: its user, the environment beyond
@@ -884,28 +883,31 @@ def _is_image_id(ref: str) -> bool:
 
 def export_image(image: str, env: Mapping[str, str] | None) -> str:
     """The image's file system, unpacked to a temporary tree (`docker create` + `docker export`):
-    exactly what the image holds, whatever options built it."""
+    exactly what the image holds, whatever options built it, but unpacked safely (unpack.py):
+    no setuid bits, no device nodes, nothing written through a symlink or out of the tree."""
     from tracejail import docker_engine
+    from tracejail.unpack import unpack_tar
 
     created = _docker(["create", image], env)
     if created.returncode != 0:
         raise TracejailError(f"docker create {image} failed: {_last_line(created.stderr)}")
     cid = created.stdout.strip()
     top = tempfile.mkdtemp(prefix="tj-verify-export-")
+    os.chmod(top, 0o711)   # the jail's unprivileged ids pass through it to the tree
     dest = os.path.join(top, "rootfs")
     os.mkdir(dest, 0o755)
     try:
         cli = docker_engine.docker_cli(env) or "docker"
         exporter = subprocess.Popen([cli, "export", cid], env=dict(env) if env is not None else None,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        untar = subprocess.run(["tar", "-x", "--numeric-owner", "-C", dest, "-f", "-"], stdin=exporter.stdout,
-                               capture_output=True, timeout=EXPORT_TIMEOUT)
         assert exporter.stdout is not None
-        exporter.stdout.close()
-        export_err = exporter.communicate(timeout=EXPORT_TIMEOUT)[1]
-        if exporter.returncode != 0 or untar.returncode != 0:
-            raise TracejailError(f"cannot export {image}: "
-                                 f"{_last_line((export_err or b'').decode() + untar.stderr.decode())}")
+        try:
+            unpack_tar(exporter.stdout, dest)
+        finally:
+            exporter.stdout.close()
+            export_err = exporter.communicate(timeout=EXPORT_TIMEOUT)[1]
+        if exporter.returncode != 0:
+            raise TracejailError(f"cannot export {image}: {_last_line((export_err or b'').decode())}")
     except BaseException:
         shutil.rmtree(top, ignore_errors=True)
         raise
@@ -922,9 +924,11 @@ class RootfsTarget(Target):
         if not os.path.isdir(self.rootfs):
             raise TracejailError(f"rootfs {rootfs} is not a directory; stage one with "
                                  f"`tracejail build {trace_path} --rootfs {rootfs}`")
-        problem = jail.check_available()
+        problem = jail.check_available(opts.userns)
         if problem:
-            raise TracejailError(f"--rootfs cannot run here: {problem}; verify the image with -t IMAGE instead")
+            hint = ("; --no-user-namespace runs the jail without one, as root" if opts.userns and os.geteuid() == 0
+                    else "; verify the image with -t IMAGE instead")
+            raise TracejailError(f"--rootfs cannot run here: {problem}{hint}")
         self.info = read_dockerfile(self.rootfs)
         self.user = opts.user or (self.info.user if self.info and self.info.user else tjbuild.DEFAULT_USER)
         _numeric_user(self.user)
@@ -986,7 +990,8 @@ def check_run(target: Target, run: tr.Run, index: int, trace: tr.Trace, opts: Ve
         check.misses, check.denied, check.traced = misses, denied, True
         return check
     say(f"run {index}: replay in {target.label}")
-    check = compare(index, run, replay(lambda: target.start(run, index == 0), run, opts))
+    check = compare(index, run, replay(lambda: target.start(run, index == 0), run, opts,
+                                       host_ports=not rootfs_mode))
     wanted = opts.trace_inside or (opts.trace_inside is None and not check.passed)
     if wanted and jail_ok:
         say(f"run {index}: traced replay in the jail to find misses")
@@ -1019,9 +1024,29 @@ def add_misses(trace: tr.Trace, misses: list[Miss], round_no: int) -> tuple[list
     return added, kept
 
 
+def exercise_commands(trace: tr.Trace) -> list[str]:
+    return list(dict.fromkeys(e.command for r in trace.runs for e in r.exercises))
+
+
+def check_trust(trace_path: str, trace: tr.Trace, st: os.stat_result, trusted: bool) -> list[str]:
+    """The host commands a verify of this trace would run (its exercises): refused unless the
+    trace is the user's own or --trust-trace says to run someone else's. A replay of the program
+    itself runs in the jail or a container, never on the host."""
+    commands = exercise_commands(trace)
+    why = tr.foreign(st)
+    if commands and why and not trusted:
+        raise TracejailError(
+            f"{trace_path} is not your own trace ({why}); its {len(commands)} exercise command(s) would run "
+            f"on this machine as you, the first: {commands[0]!r}. Read them (tracejail inspect {trace_path}), "
+            "then pass --trust-trace to run them")
+    return commands
+
+
 def verify(trace_path: str, opts: VerifyOptions,
-           progress: Callable[[str], None] | None = None) -> VerifyReport:
-    """Verify the image or tree in `opts` against the trace; with opts.fix, repair and repeat."""
+           progress: Callable[[str], None] | None = None,
+           announce: Callable[[str], None] | None = None) -> VerifyReport:
+    """Verify the image or tree in `opts` against the trace; with opts.fix, repair and repeat.
+    `announce` hears, before anything runs, each command of the trace that will run on the host."""
     say = progress or (lambda _m: None)
     if bool(opts.image) == bool(opts.rootfs):
         raise UsageError("give the image with -t IMAGE or a staged tree with --rootfs DIR (one of them)")
@@ -1031,18 +1056,21 @@ def verify(trace_path: str, opts: VerifyOptions,
         raise UsageError("--max-rounds must be at least 1")
     if opts.user is not None:
         tjbuild.parse_user(opts.user)   # a bad value fails before any work
-    trace = tr.load(trace_path)
+    trace, st = tr.load_with_owner(trace_path)
     if not trace.runs:
         raise TraceFormatError(f"{trace_path} holds no runs; record one with `tracejail record`")
+    commands = check_trust(trace_path, trace, st, opts.trust_trace)
     if opts.fix:
         tr.check_writable(trace_path)
     target: Target = DockerTarget(opts.image, opts) if opts.image else RootfsTarget(opts.rootfs or "", trace_path, trace, opts)
     report = VerifyReport(trace=trace_path, target=target.label, user=target.user)
+    for command in commands:
+        (announce or say)(f"will run on this host (an exercise of the trace): {command}")
     try:
         warning = check_digest(trace_path, target.info, target.label)
         if warning:
             report.warnings.append(warning)
-        problem = None if isinstance(target, RootfsTarget) else jail.check_available()
+        problem = None if isinstance(target, RootfsTarget) else jail.check_available(opts.userns)
         jail_ok = problem is None
         if (opts.trace_inside or opts.fix) and problem:
             raise TracejailError(f"{'--fix' if opts.fix else '--trace-inside'} replays the image in a jail "
