@@ -254,6 +254,21 @@ def test_rootfs_verify_passes(name: str, recordings: Path, tmp_path: Path) -> No
     assert trace_path.read_bytes() == before
 
 
+@needs_jail
+@pytest.mark.parametrize("name", NAMES)
+def test_rootfs_verify_passes_as_an_ordinary_user(name: str, recordings: Path, unprivileged, public_dir: str) -> None:
+    """The same, run by nobody: the sandbox needs no root (the trace is made nobody's own, so its
+    exercises may run)."""
+    trace_path = trace_copy(name, recordings, Path(public_dir))
+    rootfs = stage(trace_path, Path(public_dir))
+    subprocess.run(["chmod", "-R", "a+rX", public_dir], check=True)
+    os.chown(trace_path, 65534, 65534)
+    proc = unprivileged.run("verify", str(trace_path), "--rootfs", str(rootfs))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    exercises = len(wl.get_workload(name).exercises)
+    assert f"PASS: 1 run(s), {exercises} exercise(s)" in proc.stdout
+
+
 @pytest.mark.docker
 @pytest.mark.parametrize("name", NAMES)
 def test_docker_verify_passes(name: str, recordings: Path, tmp_path: Path, docker_engine) -> None:
