@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -265,20 +266,22 @@ def test_directory_flipped_to_a_link_during_builds_never_ships_the_secret(tmp_pa
     stop = threading.Event()
 
     def flip() -> None:
-        # Each state lasts a moment (sleeping also lets the build thread run between flips).
+        # Each state lasts from nothing to a few builds' worth, at random: some builds see one
+        # state throughout, others a flip between planning and copying.
+        rnd = random.Random(1)
         while not stop.is_set():
             os.rename(app / "d", app / "d.real")
             os.symlink(secrets, app / "d")
-            time.sleep(0.0005)
+            time.sleep(rnd.choice((0.0002, 0.002, 0.02)))
             os.unlink(app / "d")
             os.rename(app / "d.real", app / "d")
-            time.sleep(0.0005)
+            time.sleep(rnd.choice((0.0002, 0.002, 0.02, 0.2)))
 
     flipper = threading.Thread(target=flip)
     flipper.start()
     kept = 0
     try:
-        for i in range(20):
+        for i in range(30):
             out = tmp_path / f"out{i}"
             out.mkdir()
             result = tjbuild.build(str(trace_path), tjbuild.BuildOptions(
