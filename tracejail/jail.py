@@ -56,6 +56,7 @@ import fcntl
 import json
 import os
 import resource   # (imported before the chroot: the jail has no Python library)
+import select
 import signal
 import socket
 import stat
@@ -445,21 +446,32 @@ def _holder(spec: JailSpec, libc: ctypes.CDLL, unshared_w: int, mapped_r: int) -
     if os.read(mapped_r, 16) != b"go":
         _die("the launcher could not map the jail's users")
     os.close(mapped_r)
+    # A pipe that stays open while the holder lives: init checks it after its credentials change
+    # (which clears PDEATHSIG) and after re-arming PDEATHSIG, so it never outlives the holder.
+    alive_r, alive_w = os.pipe()
     pid = latch.fork()
     if pid == 0:
+        os.close(alive_w)
         try:
-            _init(spec, libc)
+            _init(spec, libc, alive_r)
         except OSError as exc:
             _die(f"{exc.strerror or exc}")
         except BaseException as exc:   # never fall back into the holder's code
             _die(f"{type(exc).__name__}: {exc}")
+    os.close(alive_r)
     _exit_with(pid)
 
 
-def _init(spec: JailSpec, libc: ctypes.CDLL) -> NoReturn:
+def _init(spec: JailSpec, libc: ctypes.CDLL, alive_r: int) -> NoReturn:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     latch = _StopLatch()   # PID 1 gets signals from outside only for signals it handles: it does
     notes = _setup_root(spec, libc)
+    # Becoming the jail's ids cleared PDEATHSIG: arm it again, then make sure the holder did not
+    # die in between (its end of the pipe would be closed: poll says readable, EOF).
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if select.select([alive_r], [], [], 0)[0]:
+        os._exit(SETUP_FAILED)
+    os.close(alive_r)
     home = _home_of(spec.uid)
     for note in notes:
         os.write(2, f"{MARKER} note: {note}\n".encode())
