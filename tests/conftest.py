@@ -1,23 +1,28 @@
-"""Shared fixtures: a private Docker engine for tests that load and run images.
+"""Shared fixtures: a private Docker engine for tests that load and run images, an ordinary
+user, and a check that the tests leave the host as they found it.
 
 `docker_engine` starts its own dockerd (own socket, data root, exec root, pidfile) so tests never
 touch a user's images and never see layers loaded by someone else (docker skips a layer whose
 chain ID is present, which can hide a broken archive). Set TRACEJAIL_DOCKER_HOST to use an
 existing engine instead (e.g. unix:///var/run/docker.sock); it is then left running as found.
 
-Networking, checked with dockerd 20.10 started with `--bridge none --iptables=false` (the default
-here, so the host's iptables and interfaces are never touched):
-  * `docker run --network host` works: a server in the container listening on 127.0.0.1:PORT
-    answered from the host, also as user 65532.
-  * `docker run -p HOST:CTR` is accepted silently but publishes nothing (no bridge network: the
-    container gets `none`, PORTS stays empty, connections are refused). Tests that need port
-    publishing must use `--network host`, or a future fixture variant that starts dockerd with
-    the default bridge and iptables=true (not done: it creates docker0 and iptables rules on the
-    host, shared with anything else running there).
+Networking: the private engine gets a bridge of its own (`tj<pid>`, an address range nothing on
+the host uses, created before dockerd starts and deleted after it stops), and runs with
+iptables, ip-forward and masquerading off. Containers publish ports the way users run them
+(`-p 127.0.0.1:HOST:CTR`, through docker-proxy over that bridge). A dockerd started with
+`--bridge none` instead deletes the host's own `docker0` as it starts (reproduced: the system
+engine then fails every `docker run` and RUN step with "could not find bridge docker0"), so the
+tests never start one in the host's network: `engine_without_bridge` runs one in a network
+namespace of its own, for the `--network host` fallback.
+
+`host_unchanged` (autouse) records the host's interfaces and addresses, iptables rules, mounts,
+net.ipv4.ip_forward and, where a system engine answers, its images, containers and networks,
+and fails the session, naming each difference, when they changed.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -162,11 +167,56 @@ def docker_engine() -> Iterator[DockerEngine]:
             pytest.skip(f"TRACEJAIL_DOCKER_HOST={external} does not answer `docker info`")
         yield DockerEngine(external, env, private=False)
         return
+    engine = _start_private(bridge=True)
+    if isinstance(engine, str):
+        pytest.skip(engine)
+    try:
+        yield engine.engine
+    finally:
+        problems = engine.stop()
+        if problems:
+            # Visible with -rA / in the terminal summary; a leak is a test bug worth seeing.
+            print("docker_engine teardown: " + "; ".join(problems))
+
+
+@dataclass
+class _Private:
+    engine: DockerEngine
+    proc: subprocess.Popen[bytes]
+    workdir: str
+    bridge: str | None = None
+    netns: str | None = None
+
+    def stop(self) -> list[str]:
+        problems = _stop_private(self.proc, self.engine.env, self.workdir)
+        if self.bridge:
+            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        if self.netns:
+            subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+        return problems
+
+
+def _free_subnet() -> str | None:
+    """A /24 in 172.31.240.0/20 that no address or route of the host uses."""
+    used = subprocess.run(["ip", "-o", "-4", "route", "show", "table", "all"], capture_output=True,
+                          text=True).stdout + subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True,
+                                                             text=True).stdout
+    for third in range(250, 239, -1):
+        if f"172.31.{third}." not in used:
+            return f"172.31.{third}"
+    return None
+
+
+def _start_private(bridge: bool, netns: str | None = None) -> _Private | str:
+    """A private dockerd, with a bridge of its own or (in the network namespace `netns`, which is
+    made here) none at all. The reason it cannot start, as a string."""
     dockerd = shutil.which("dockerd")
     if dockerd is None:
-        pytest.skip("dockerd not installed (set TRACEJAIL_DOCKER_HOST to use a running engine)")
+        return "dockerd not installed (set TRACEJAIL_DOCKER_HOST to use a running engine)"
     if os.geteuid() != 0:
-        pytest.skip("a private dockerd needs root (set TRACEJAIL_DOCKER_HOST to use a running engine)")
+        return "a private dockerd needs root (set TRACEJAIL_DOCKER_HOST to use a running engine)"
+    if shutil.which("ip") is None:
+        return "iproute2's ip is not installed (tests/run installs it)"
     # Unix socket paths are limited to ~108 bytes: keep the directory short, under /tmp.
     workdir = tempfile.mkdtemp(prefix="tj-dockerd-", dir="/tmp")
     sock = os.path.join(workdir, "docker.sock")
@@ -175,25 +225,108 @@ def docker_engine() -> Iterator[DockerEngine]:
     log_path = os.path.join(workdir, "dockerd.log")
     cmd = [dockerd, "-H", host, "--data-root", os.path.join(workdir, "data"),
            "--exec-root", os.path.join(workdir, "exec"), "--pidfile", os.path.join(workdir, "dockerd.pid"),
-           "--bridge", "none", "--iptables=false", "--ip6tables=false"]
+           "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false"]
+    name = None
+    if bridge:
+        subnet = _free_subnet()
+        name = f"tj{os.getpid() % 1000000}"
+        made = subprocess.run(["ip", "link", "add", name, "type", "bridge"], capture_output=True, text=True)
+        if subnet is None or made.returncode != 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+            return f"cannot make a bridge for the private dockerd: {made.stderr.strip() or 'no free subnet'}"
+        for args in (["addr", "add", f"{subnet}.1/24", "dev", name], ["link", "set", name, "up"]):
+            subprocess.run(["ip", *args], check=True, capture_output=True)
+        cmd += ["--bridge", name]
+    else:
+        cmd += ["--bridge", "none"]
+        made = subprocess.run(["ip", "netns", "add", netns or "tj-nobridge"], capture_output=True, text=True)
+        if made.returncode != 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+            return f"cannot make a network namespace: {made.stderr.strip()}"
+        # nsenter, not `ip netns exec`: that also remounts /sys, hiding the cgroups dockerd needs.
+        enter = ["nsenter", f"--net=/run/netns/{netns or 'tj-nobridge'}"]
+        subprocess.run([*enter, "ip", "link", "set", "lo", "up"], check=True)
+        cmd = [*enter, *cmd]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
+    private = _Private(DockerEngine(host, env, private=True), proc, workdir, name,
+                       None if bridge else netns or "tj-nobridge")
     deadline = time.monotonic() + START_TIMEOUT
     while not _answers(env, timeout=2):
         if proc.poll() is not None or time.monotonic() > deadline:
             why = "exited" if proc.poll() is not None else f"did not answer within {START_TIMEOUT:.0f} s"
             reason = f"private dockerd {why}: {_tail(log_path)}"
-            _stop_private(proc, env, workdir)
-            pytest.skip(reason)
+            private.stop()
+            return reason
         time.sleep(0.2)
+    return private
+
+
+@pytest.fixture
+def engine_without_bridge() -> Iterator[tuple[DockerEngine, str]]:
+    """A second private engine with no bridge network (`--bridge none`), in a network namespace
+    of its own, so the host's docker0 is never touched; and the name of that namespace (run the
+    command under test there: `nsenter --net=/run/netns/NAME ...`)."""
+    name = f"tj-nobr-{os.getpid()}"
+    private = _start_private(bridge=False, netns=name)
+    if isinstance(private, str):
+        pytest.skip(private)
     try:
-        yield DockerEngine(host, env, private=True)
+        yield private.engine, name
     finally:
-        problems = _stop_private(proc, env, workdir)
-        if problems:
-            # Visible with -rA / in the terminal summary; a leak is a test bug worth seeing.
-            print("docker_engine teardown: " + "; ".join(problems))
+        private.stop()
+
+
+# --- the host as the tests found it -----------------------------------------------------------
+
+def _lines(*argv: str) -> list[str] | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    return proc.stdout.splitlines() if proc.returncode == 0 else None
+
+
+def _host_state() -> dict[str, set[str]]:
+    state: dict[str, set[str]] = {}
+    link = _lines("ip", "-o", "link")
+    if link is not None:
+        state["interfaces"] = {ln.split(":")[1].strip().split("@")[0] for ln in link if ":" in ln}
+        state["addresses"] = {" ".join(ln.split()[1:4]) for ln in _lines("ip", "-o", "addr") or []}
+    for tool in ("iptables-save", "ip6tables-save"):
+        rules = _lines(tool)
+        if rules is not None:   # counters change with traffic: compare rules and policies only
+            state[tool] = {re.sub(r"\[\d+:\d+\]", "", ln) for ln in rules if not ln.startswith("#")}
+    with open("/proc/self/mountinfo") as f:
+        state["mounts"] = {" ".join(ln.split()[4:5] + ln.split(" - ")[1].split()[:1]) for ln in f}
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            state["net.ipv4.ip_forward"] = {f.read().strip()}
+    except OSError:
+        pass
+    system = _engine_env("unix:///var/run/docker.sock")
+    if os.path.exists("/var/run/docker.sock") and _answers(system):
+        for what, argv in (("engine images", ["images", "-aq", "--no-trunc"]),
+                           ("engine containers", ["ps", "-aq", "--no-trunc"]),
+                           ("engine networks", ["network", "ls", "-q", "--no-trunc"])):
+            out = subprocess.run(["docker", *argv], env=system, capture_output=True, text=True, timeout=60)
+            state[what] = set(out.stdout.split())
+    return state
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_unchanged() -> Iterator[None]:
+    before = _host_state()
+    yield
+    after = _host_state()
+    changes = []
+    for what in sorted(set(before) | set(after)):
+        gone, new = before.get(what, set()) - after.get(what, set()), after.get(what, set()) - before.get(what, set())
+        if gone or new:
+            changes.append(f"{what}: " + "; ".join([*(f"+ {x}" for x in sorted(new)[:5]),
+                                                   *(f"- {x}" for x in sorted(gone)[:5])]))
+    if changes:
+        raise AssertionError("the tests changed the host: " + " | ".join(changes))
 
 
 # --- an ordinary user ------------------------------------------------------------------------

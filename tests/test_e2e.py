@@ -32,17 +32,27 @@ def record_workload(w: wl.Workload, out: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def run_image(engine, w: wl.Workload, tag: str) -> str:
-    """Run the image like a user would; for servers, run the exercises against the container."""
+def run_image(engine, w: wl.Workload, tag: str, network: str = "publish") -> str:
+    """Run the image like a user would; for servers, run the exercises against the container,
+    published on 127.0.0.1 through the engine's bridge (or sharing the host's network)."""
     if not w.port:
         proc = engine.run("run", "--rm", tag, check=False, timeout=120)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
     name = f"tj-e2e-{w.name}-{int(time.time() * 1000)}"
-    # The test engine has no bridge network: publish by sharing the host's network namespace.
-    engine.run("run", "-d", "--rm", "--name", name, "--network", "host", tag, timeout=120)
+    how = ["-p", f"127.0.0.1:{w.port}:{w.port}"] if network == "publish" else ["--network", "host"]
+    engine.run("run", "-d", "--rm", "--name", name, *how, tag, timeout=120)
+    if network == "publish":
+        ports = engine.run("port", name).stdout
+        assert f"127.0.0.1:{w.port}" in ports, ports
     try:
         wl.wait_for_port(w.port, timeout=30)
+        # Published through docker-proxy, the port accepts before the server in the container
+        # listens: wait until the first exercise is answered.
+        deadline = time.time() + 30
+        while subprocess.run(["/bin/sh", "-c", w.exercises[0]], capture_output=True).returncode != 0:
+            assert time.time() < deadline, f"{w.name}: no answer through the published port"
+            time.sleep(0.2)
         out = []
         for ex in w.exercises:
             res = subprocess.run(["/bin/sh", "-c", ex], capture_output=True, text=True, timeout=60)
@@ -78,6 +88,8 @@ def test_workload_record_build_run(name: str, docker_engine, tmp_path: Path, ven
     assert result.config.user == "65532:65532"
     got = run_image(docker_engine, w, tag)
     assert got == expected
+    if w.port:   # the fallback users without a bridge take: the host's network
+        assert run_image(docker_engine, w, tag, network="host") == expected
     size = result.image.compressed_size
     print(f"\n[size] {name}: {size / 1e6:.1f} MB compressed, {result.plan.files_size() / 1e6:.1f} MB "
           f"on disk, {len(result.plan.entries)} entries")

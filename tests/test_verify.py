@@ -281,8 +281,8 @@ def test_docker_verify_passes(name: str, recordings: Path, tmp_path: Path, docke
         report = json.loads(proc.stdout)
         assert proc.returncode == 0 and report["passed"], proc.stdout + proc.stderr
         assert report["user"] == "65532:65532"
-        if wl.get_workload(name).is_server:   # the test engine has no bridge network: said so
-            assert any("--network host" in n for n in report["notes"]), report["notes"]
+        # Servers publish their ports through the engine's bridge, as users run them.
+        assert not any("--network host" in n for n in report["notes"]), report["notes"]
         assert report["rounds"][0]["runs"][0]["traced"] is False   # passing runs are not re-traced
         if name == "python-web" and JAIL_PROBLEM is None:
             # Asked for: a traced replay in a jail of the exported image; nothing is missing.
@@ -367,6 +367,24 @@ def test_broken_bridge_falls_back_to_host_network(recordings: Path, tmp_path: Pa
         assert_no_containers(docker_engine)
     finally:
         docker_engine.run("rmi", "-f", tag, check=False)
+
+
+@pytest.mark.docker
+def test_engine_without_bridge_runs_servers_on_the_host_network(recordings: Path, tmp_path: Path,
+                                                                engine_without_bridge) -> None:
+    """A real engine started with --bridge none (in a network namespace of its own, where it can
+    delete no docker0): verify runs the server with --network host, as record ran it, and says so."""
+    engine, netns = engine_without_bridge
+    trace_path = trace_copy("python-web", recordings, tmp_path)
+    tag = "tj-verify-test-nobridge:latest"
+    build_image(trace_path, tag, engine)
+    proc = subprocess.run(["nsenter", f"--net=/run/netns/{netns}", *TJ, "verify", str(trace_path), "-t", tag, "--json"],
+                          env={**engine.env, "TMPDIR": os.environ["TMPDIR"]}, capture_output=True, text=True,
+                          timeout=300)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["passed"], proc.stdout + proc.stderr
+    assert any("--network host" in n for n in report["notes"]), report["notes"]
+    assert_no_containers(engine)
 
 
 @pytest.mark.docker

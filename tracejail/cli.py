@@ -17,7 +17,7 @@ from typing import Any, Callable, NoReturn
 import click
 
 from tracejail import __version__
-from tracejail.errors import TracejailError
+from tracejail.errors import Interrupted, TracejailError
 from tracejail.text import shown
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -37,15 +37,6 @@ def say(text: str) -> None:
 def tell(kind: str, message: str) -> None:
     """One line on stderr: `tracejail: KIND: message`."""
     click.echo(f"tracejail: {kind}{': ' if kind else ''}{shown(message)}", err=True)
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the program is, so every cleanup that Ctrl-C runs (partial
-    rootfs, temporary archive, jails, containers) runs for them too."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 def _raise_interrupted(signum: int, _frame: Any) -> NoReturn:

@@ -31,3 +31,12 @@ class ElfError(TracejailError):
     """An ELF file that cannot be parsed (truncated, corrupt); the message names the file."""
 
     exit_code = 65
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so every clean-up that Ctrl-C runs (partial
+    rootfs, temporary archive, jails, containers) runs for them too; the CLI exits 128+signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -54,6 +54,7 @@ class Recording:
     run: tr.Run
     warnings: list[str]
     ready_error: str | None = None    # only with RecordOptions.keep_unready
+    stopped_by: int | None = None     # the signal the recorder got (and passed on), if any
 
     @property
     def exercises_ok(self) -> bool:
@@ -361,7 +362,8 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
     said = tr.scrub_run(run, opts.keep_env, opts.keep_argv)
     trace = tr.Trace(runs=[run], host=tr.host_info())
     _fill_files(trace, result, run_index=0)
-    return Recording(trace=trace, run=run, warnings=warnings + said, ready_error=ready_error)
+    return Recording(trace=trace, run=run, warnings=warnings + said, ready_error=ready_error,
+                     stopped_by=state.stop_signal)
 
 
 def _fill_files(trace: tr.Trace, result: dict, run_index: int) -> None:
@@ -387,6 +389,7 @@ class _RunState:
         self.tracer_pid = tracer_pid
         self.root_pid: int | None = None
         self.stop_reason: str | None = None
+        self.stop_signal: int | None = None      # the signal that interrupted the recorder
         self.finished = threading.Event()
         self.interrupts = 0
         self._waiter = threading.Thread(target=self._wait, daemon=True)
@@ -433,6 +436,7 @@ class _signals_forwarded:
         st.interrupts += 1
         if st.stop_reason is None:
             st.stop_reason = "interrupted"
+            st.stop_signal = signum
         if st.interrupts > 1 or st.root_pid is None:
             st.kill()
             return

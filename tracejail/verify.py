@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -46,7 +47,7 @@ from typing import Any, Callable, Mapping, Protocol
 from tracejail import build as tjbuild
 from tracejail import jail, sensitive
 from tracejail import trace as tr
-from tracejail.errors import TraceFormatError, TracejailError, UsageError
+from tracejail.errors import Interrupted, TraceFormatError, TracejailError, UsageError
 from tracejail.record import listening_ports, run_exercise, spawn_captured
 from tracejail.root import NodeKind, Root, is_runtime_path
 from tracejail.text import shown
@@ -690,7 +691,10 @@ def trace_inside(spec: jail.JailSpec, run: tr.Run, host: tr.Trace, run_index: in
     rec = record(jail.launcher_argv(spec), ropts)
     got = rec.run
     if got.stop_reason == "interrupted":
-        raise KeyboardInterrupt   # record forwarded the Ctrl-C to the replay; now it is ours
+        # record passed the Ctrl-C (or SIGTERM, SIGHUP) on to the replay; now it is ours
+        if rec.stopped_by in (signal.SIGTERM, signal.SIGHUP):
+            raise Interrupted(rec.stopped_by)
+        raise KeyboardInterrupt
     problem = jail.setup_error(got.status, got.stderr)
     if problem:
         raise TracejailError(f"the jail could not be set up: {problem}")
