@@ -73,7 +73,7 @@ class BuildResult:
     rootfs_dir: str | None = None
     dockerfile: str | None = None
     warnings: list[str] = field(default_factory=list)
-    alerts: list[str] = field(default_factory=list)   # said loudly: a secret in the image's config
+    alerts: list[str] = field(default_factory=list)   # said loudly: a secret in the config, a failed run
     metadata: Any = None                  # provenance.BuildMetadata: why each entry is there, packages
     sbom: str | None = None
 
@@ -278,6 +278,8 @@ def build(trace_path: str, options: BuildOptions,
 
     entrypoint = options.entrypoint or [run.executable, *run.argv[1:]]
     alerts = secret_alerts(entrypoint, options.env)
+    alerts += [f"{problem}: the image reproduces the run as recorded, failure included"
+               for problem in tr.run_problems(run)]
     ports = sorted({p for r in trace.runs for p in r.listening_ports})
     labels = {LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)}
     cfg = image.ImageConfig(

@@ -170,9 +170,9 @@ def record(output: str, exercises: tuple[str, ...], ready_port: int | None, read
         result = previous
     tr.save(result, output)
     run = rec.run
-    n_ok = sum(1 for r in rec.trace.files.values() if r.ok)
-    _note(f"recorded {n_ok} paths ({len(rec.trace.files) - n_ok} failed lookups), "
-          f"{len(run.processes)} processes, {run.duration:.2f}s -> {output}")
+    tell("", record_summary(rec, output))
+    for problem in tr.run_problems(run):
+        tell("warning", problem + " (the trace records it as it ran)")
     if exercises:
         failed = [e for e in run.exercises if e.exit_code != 0]
         if len(run.exercises) < len(exercises):
@@ -183,6 +183,20 @@ def record(output: str, exercises: tuple[str, ...], ready_port: int | None, read
                   f"{failed[0].exit_code}; trace written to {output}", 1)
         sys.exit(0)
     sys.exit(run.status)
+
+
+def record_summary(rec: Any, output: str) -> str:
+    """The line record ends with: how the command ended, what it touched, how the exercises went."""
+    run = rec.run
+    n_ok = sum(1 for r in rec.trace.files.values() if r.ok)
+    how = f"signal {run.exit_signal}" if run.exit_signal else f"exit {run.exit_code}"
+    if run.stop_reason == "stopped":
+        how = "stopped after the exercises"
+    passed = sum(1 for e in run.exercises if e.exit_code == 0 and not e.timed_out)
+    ex = f", {passed}/{len(run.exercises)} exercises passed" if run.exercises or run.tracing.get("ready_port") \
+        or run.tracing.get("ready_delay") is not None else ""
+    return (f"recorded: {how}, {len(run.processes)} processes, {n_ok} paths "
+            f"({len(rec.trace.files) - n_ok} failed lookups){ex}, {run.duration:.2f}s -> {output}")
 
 
 class _Progress:

@@ -148,6 +148,19 @@ class Run:
         return self.exit_code or 0
 
 
+def run_problems(run: Run) -> list[str]:
+    """What went wrong in a recorded run itself: a command that failed, an exercise that failed."""
+    out = []
+    if run.stop_reason == "exited" and run.status != 0:
+        last = next((ln.strip() for ln in reversed(run.stderr.splitlines()) if ln.strip()), "")
+        out.append(f"the recorded command failed with {'signal ' + str(run.exit_signal) if run.exit_signal else 'exit ' + str(run.exit_code)}"
+                   + (f" ({last[:160]})" if last else ""))
+    for e in run.exercises:
+        if e.exit_code != 0 or e.timed_out:
+            out.append(f"exercise {e.command!r} " + ("timed out" if e.timed_out else f"exited {e.exit_code}"))
+    return out
+
+
 def scrub_run(run: Run, keep_env: Iterable[str] = (), keep_argv: bool = False) -> list[str]:
     """Take secrets out of a run before it is stored: environment values (by name and by value,
     except names in `keep_env`), command lines (`--password=X`, tokens, URL passwords; the run's

@@ -1156,7 +1156,10 @@ def format_report(report: VerifyReport) -> str:
 def _format_run(c: RunCheck) -> str:
     out = [f"run {c.index}: {_short(c.command, 100)}\n"]
     if not c.exercises:
-        if c.passed:
+        if c.passed and c.expected_status:
+            out.append(f"  PASS (the recorded run itself failed with exit {c.expected_status}): "
+                       "the same failure, stdout as recorded\n")
+        elif c.passed:
             out.append(f"  PASS  exit {c.status}, stdout as recorded\n")
         else:
             why = c.error or (f"exit {c.status}, recorded {c.expected_status}" if c.status != c.expected_status
@@ -1169,6 +1172,9 @@ def _format_run(c: RunCheck) -> str:
             out.append(f"  FAIL  {c.error}" + (f" (status {c.status})" if c.status is not None else "") + "\n")
         for i, e in enumerate(c.exercises, 1):
             head = f"exercise {i}: {shown(e.command)}"
+            if e.passed and e.expected_exit:
+                out.append(f"  PASS (the recorded exercise itself failed with exit {e.expected_exit})  {head}\n")
+                continue
             if e.passed:
                 out.append(f"  PASS  {head}\n")
                 continue
