@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -539,3 +540,39 @@ def test_pin_cpu_runs_tracer_and_program_on_one_cpu(tmp_path: Path) -> None:
     allowed = rec.run.stdout.split(":")[1].strip()
     assert allowed == str(min(os.sched_getaffinity(0)))
     assert "/proc/self/status" in ok_paths(rec.trace)
+
+
+def test_making_a_name_that_exists_fails_in_both_precisions(tmp_path: Path) -> None:
+    # mkdir, symlink and link never replace a name: an existing one is EEXIST, and a directory
+    # that only had `os.makedirs(exist_ok=True)` called on it was not written by the run.
+    script = tmp_path / "probe.py"
+    script.write_text("import os, sys\n"
+                      "d = sys.argv[1]\n"
+                      "os.makedirs(d + '/there', exist_ok=True); os.makedirs(d + '/new', exist_ok=True)\n"
+                      "try: os.symlink('x', d + '/there')\n"
+                      "except FileExistsError: pass\n")
+    for n, opts in enumerate((RecordOptions(passthrough=False), RecordOptions(exact=True, passthrough=False))):
+        place = tmp_path / str(n)
+        (place / "there").mkdir(parents=True)
+        trace = record(["python3", str(script), str(place)], opts).trace
+        there, new = trace.files[str(place / "there")], trace.files[str(place / "new")]
+        assert {a.result for a in there.accesses if a.kind == "write"} == {"EEXIST"}, opts
+        assert not there.created_by_run
+        assert new.created_by_run and {a.result for a in new.accesses if a.kind == "write"} == {"ok"}
+
+
+def test_a_failed_recording_says_so_in_one_line_and_a_warning(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    failed = run_tj("record", "-o", str(out), "--", "python3", "nope.py", cwd=tmp_path)
+    assert failed.returncode == 2
+    assert re.search(r"^tracejail: recorded: exit 2, \d+ processes, ", failed.stderr, re.M), failed.stderr
+    assert "warning: the recorded command failed with exit 2 (" in failed.stderr
+    assert "can't open file" in failed.stderr.split("warning:")[1]
+    assert load(out).runs[0].exit_code == 2       # the trace is written all the same
+    exercised = run_tj("record", "-o", str(out), "--ready-delay", "0.2", "--exercise", "false",
+                       "--exercise", "true", "--", "sleep", "30.0913")
+    assert exercised.returncode == 1
+    assert "1/2 exercises passed" in exercised.stderr and "warning: exercise 'false' exited 1" in exercised.stderr
+    assert no_leftovers("sleep 30.0913") == []
+    fine = run_tj("record", "-o", str(out), "--", "true")
+    assert fine.returncode == 0 and "recorded: exit 0, 1 processes" in fine.stderr and "warning" not in fine.stderr

@@ -701,7 +701,8 @@ class Tracer:
                 if path:
                     if not _exists(path):
                         created.append(path)
-                    calls.append((path, "write", O_CREAT, True, 0))
+                    # these make a new name or fail: an existing one is EEXIST, as O_EXCL is
+                    calls.append((path, "write", O_CREAT | O_EXCL, True, 0))
         res = self.result
         res.created.update(created)
         res.removed.update(removed)
