@@ -342,8 +342,8 @@ class Unprivileged:
 
     python: str
 
-    def run(self, *args: str, cwd: str = "/", timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/"}
+    def run(self, *args: str, cwd: str = "/", timeout: float = 300.0, home: str = "/") -> subprocess.CompletedProcess[str]:
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home}
         return subprocess.run([self.python, "-m", "tracejail", *args], capture_output=True, text=True,
                               timeout=timeout, cwd=cwd, env=env, preexec_fn=_become_nobody)
 

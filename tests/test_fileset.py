@@ -153,3 +153,24 @@ def test_the_hosts_shadow_through_a_symlinked_directory(tmp_path: Path) -> None:
     assert "/etc/shadow" not in result.plan.entries
     with open("/etc/shadow", "rb") as f:
         assert_no_secret(tmp_path / "out", f.read())
+
+
+def test_what_the_run_created_is_left_out_but_the_directory_it_was_made_in_is_kept(tmp_path: Path) -> None:
+    t = tmp_path / "root"
+    (t / "srv/app/site/css").mkdir(parents=True)       # as the host holds it after the run
+    (t / "srv/app/site/css/a.css").write_text("x")
+    (t / "srv/app/old").mkdir()
+    trace = crafted()
+    for path in ("/srv/app/site", "/srv/app/site/css", "/srv/app/site/css/a.css"):
+        rec = trace.record(path)
+        rec.add("write", "mkdir" if not path.endswith(".css") else "openat", "ok", 1)
+        rec.created_by_run = True
+    gone = trace.record("/srv/app/old/x.tmp")
+    gone.add("write", "unlinkat", "ok", 1)
+    gone.removed_by_run = True
+    files = fileset.select(trace, fileset.SelectOptions(use_closure=False), Root(str(t)))
+    assert not any(p.startswith("/srv/app/site") for p in files.wanted)
+    # the nearest directory the run did not make itself, and the one it removed a file from
+    assert "the run created /srv/app/site in it" in files.wanted["/srv/app"]
+    assert "/srv/app" in files.dirs_only
+    assert files.wanted["/srv/app/old"] == ["the run removed /srv/app/old/x.tmp from it"]

@@ -466,6 +466,22 @@ def test_every_recorded_run_is_replayed(recordings: Path, tmp_path: Path) -> Non
 
 
 @needs_jail
+def test_a_recorded_failure_builds_with_a_warning_and_verifies_as_that_failure(tmp_path: Path) -> None:
+    rec = record(["python3", "nope.py"], RecordOptions(cwd=str(tmp_path), passthrough=False))
+    assert rec.run.exit_code == 2
+    trace_path = tmp_path / "trace.json"
+    tr.save(rec.trace, str(trace_path))
+    built = subprocess.run([*TJ, "build", str(trace_path), "--rootfs", str(tmp_path / "rootfs"), "--no-load"],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0
+    assert "WARNING: the recorded command failed with exit 2 (" in built.stderr, built.stderr
+    proc = run_cli(str(trace_path), "--rootfs", str(tmp_path / "rootfs"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS (the recorded run itself failed with exit 2): the same failure" in proc.stdout
+    assert "\n  PASS  exit" not in proc.stdout
+
+
+@needs_jail
 def test_a_replay_that_runs_too_long_is_stopped(tmp_path: Path) -> None:
     rec = record(["sleep", "2"], RecordOptions(passthrough=False))
     trace_path = tmp_path / "trace.json"

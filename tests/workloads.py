@@ -95,6 +95,7 @@ _SPECS: dict[str, tuple[list[str], list[str], int | None]] = {
         8001,
     ),
     "numpy-venv": ([".venv/bin/python", "app.py"], [], None),
+    "matplotlib-venv": ([".venv/bin/python", "app.py"], [], None),
     "c-plugin": (["./main", "upper,reverse,crc32", "Hello from tracejail"], [], None),
     "shell-pipeline": (["./report.sh"], [], None),
     "threads-subprocess": (["python3", "app.py"], [], None),

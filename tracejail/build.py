@@ -18,7 +18,7 @@ from tracejail import fileset as fsel
 from tracejail import image, rootfs, sensitive
 from tracejail import trace as tr
 from tracejail.errors import TracejailError, UsageError
-from tracejail.root import Root, SourceChanged
+from tracejail.root import NodeKind, Root, SourceChanged
 
 DEFAULT_USER = "65532:65532"
 IMAGE_USER_NAME = "nonroot"
@@ -59,6 +59,10 @@ class BuildOptions:
     sbom_format: str = "spdx"             # "spdx" (2.3 JSON) or "cyclonedx" (1.5 JSON)
     max_file_size: int = rootfs.DEFAULT_MAX_FILE_SIZE
     root: str = "/"                       # the tree the trace's paths name (the host's / today)
+    keep_owners: bool = False             # host owners as they are, instead of ownership.py's
+    families_off: list[str] = field(default_factory=list)   # families.py names not to add
+    volumes: list[str] = field(default_factory=list)         # --volume DIR
+    writable_volumes: bool = False        # declare every directory the run wrote in a volume
 
 
 @dataclass
@@ -108,6 +112,10 @@ class BuildResult:
                          for rule, paths in sorted(left_out.items())},
             "mode_changes": [{"path": p, "old": oct(o), "new": oct(n), "why": w}
                              for p, o, n, w in self.plan.mode_changes],
+            "owned_by_image_user": [{"path": p, "why": w} for p, w in sorted(self.plan.ownership.items())],
+            "families": {name: {"count": len(paths), "bytes": sum(self.plan.entries[p].size for p in paths
+                                                                    if p in self.plan.entries)}
+                         for name, paths in sorted(self.files.families.items())},
             "dropped_setuid": self.plan.dropped_setuid,
             "vanished": self.files.vanished,
             "unresolved_libraries": [{"name": n, "needed_by": b} for n, b in self.files.unresolved],
@@ -181,8 +189,9 @@ def _default_archive(tag: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name.split("@")[0].replace(":", "_")) + ".tar"
 
 
-def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str) -> list[str]:
-    """/tmp, and passwd/group that know root and the image user, so getpwuid works."""
+def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str, home: str | None = None) -> list[str]:
+    """/tmp, and passwd/group that know root and the image user (whose home is `home`, the
+    recorded HOME when the run used it), so getpwuid works."""
     notes = []
     p.entries["/tmp"] = rootfs.Entry("/tmp", "dir", 0o1777, None, None, 0, 0, 0)
 
@@ -194,7 +203,7 @@ def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str) -> list
             p.entries["/etc"] = rootfs.Entry("/etc", "dir", 0o755, None, None, 0, 0, 0)
         p.entries[path] = rootfs.Entry(path, "file", 0o644, src, None, len(content.encode()), 0, 0)
 
-    home = "/home/nonroot" if uid != 0 else "/root"
+    home = home or ("/home/nonroot" if uid != 0 else "/root")
     for path, name_line, user_line in (
         ("/etc/passwd", "root:x:0:0:root:/root:/sbin/nologin\n",
          f"{IMAGE_USER_NAME}:x:{uid}:{gid}:{IMAGE_USER_NAME}:{home}:/sbin/nologin\n"),
@@ -220,11 +229,48 @@ def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str) -> list
         add_file("/etc/nsswitch.conf", NSSWITCH_FILES)
         notes.append("/etc/nsswitch.conf: generated (passwd, group: files; hosts: files dns)")
     if uid != 0 and home not in p.entries:
-        for d in ("/home", home):
+        parts = home.strip("/").split("/")
+        for n in range(1, len(parts) + 1):
+            d = "/" + "/".join(parts[:n])
             if d not in p.entries:
-                p.entries[d] = rootfs.Entry(d, "dir", 0o755, None, None, 0, 0 if d == "/home" else uid,
-                                            0 if d == "/home" else gid)
+                mine = d == home
+                p.entries[d] = rootfs.Entry(d, "dir", 0o755, None, None, 0, uid if mine else 0, gid if mine else 0)
     return notes
+
+
+@dataclass
+class ImagePlan:
+    """What the image holds, before anything is written: the files chosen, who owns what, and
+    the nodes (build, inspect and explain all start from this one computation)."""
+
+    files: fsel.FileSet
+    ownership: Any            # ownership.Ownership
+    plan: rootfs.Plan
+    db: Any                   # dpkg.Database | None: the root's package database, read once
+
+
+def plan_image(trace: tr.Trace, root: Root, options: BuildOptions,
+               extra_excluded: tuple[str, ...] = ()) -> ImagePlan:
+    """Choose the files (trace, ELF closure, families, --include/--exclude), decide who owns
+    them (ownership.py) and plan every node, as `options` say."""
+    from tracejail import dpkg, ownership
+
+    uid, gid = parse_user(options.user)
+    files = fsel.select(trace, fsel.SelectOptions(
+        include=tuple(options.include), exclude=tuple(options.exclude), families_off=tuple(options.families_off),
+        extra_excluded_paths=extra_excluded), root)
+    db = dpkg.read_database(root)
+    kept: set[str] = set()     # every node the plan will hold: every hop of every kept path
+    for path in [*files.wanted, *files.dirs_only]:
+        kept.update(h.path for h in root.resolve(path).hops if h.kind is not NodeKind.SYMLINK)
+    own = ownership.compute(trace, root, kept,
+                            package_owned=(lambda p: bool(db.owners_of(p))) if db is not None else None)
+    stage_opts = rootfs.StageOptions(keep_setuid=options.keep_setuid, keep_modes=options.keep_modes,
+                                     image_uid=uid, image_gid=gid, max_file_size=options.max_file_size,
+                                     secrets=frozenset(files.secrets),
+                                     owned={} if uid == 0 else own.owned, keep_owners=options.keep_owners)
+    plan = rootfs.plan(sorted(files.wanted), root=root, options=stage_opts, dirs_only=sorted(files.dirs_only))
+    return ImagePlan(files, own, plan, db)
 
 
 def build(trace_path: str, options: BuildOptions,
@@ -248,10 +294,9 @@ def build(trace_path: str, options: BuildOptions,
 
     # The one place every stage takes its tree from.
     root = Root(options.root)
-    files = fsel.select(trace, fsel.SelectOptions(
-        include=tuple(options.include), exclude=tuple(options.exclude),
-        extra_excluded_paths=(os.path.abspath(trace_path),) + ((os.path.abspath(archive),) if archive else ())),
-        root)
+    chosen = plan_image(trace, root, options,
+                        (os.path.abspath(trace_path),) + ((os.path.abspath(archive),) if archive else ()))
+    files, own, plan, db = chosen.files, chosen.ownership, chosen.plan, chosen.db
     result_warnings: list[str] = []
 
     def warn_or_fail(msg: str) -> None:
@@ -269,10 +314,6 @@ def build(trace_path: str, options: BuildOptions,
     for err in files.closure_errors:
         result_warnings.append(err)
 
-    stage_opts = rootfs.StageOptions(keep_setuid=options.keep_setuid, keep_modes=options.keep_modes,
-                                     image_uid=uid, image_gid=gid, max_file_size=options.max_file_size,
-                                     secrets=frozenset(files.secrets))
-    plan = rootfs.plan(sorted(files.wanted), root=root, options=stage_opts, dirs_only=sorted(files.dirs_only))
     if plan.missing:
         warn_or_fail(f"{len(plan.missing)} file(s) vanished while planning, first: {plan.missing[0]}")
 
@@ -282,18 +323,26 @@ def build(trace_path: str, options: BuildOptions,
                for problem in tr.run_problems(run)]
     ports = sorted({p for r in trace.runs for p in r.listening_ports})
     labels = {LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)}
+    env = image_env(run, options.env)
+    if own.home and uid != 0 and not any(e.startswith("HOME=") for e in env):
+        env = sorted(env + [f"HOME={own.home}"])
+    volumes = list(dict.fromkeys([*(os.path.normpath(v) for v in options.volumes),
+                                  *(own.written_dirs if options.writable_volumes else [])]))
+    for v in volumes:
+        if not v.startswith("/"):
+            raise UsageError(f"--volume {v!r}: give an absolute path in the image")
     cfg = image.ImageConfig(
-        entrypoint=entrypoint, env=image_env(run, options.env), working_dir=run.cwd,
+        entrypoint=entrypoint, env=env, working_dir=run.cwd, volumes=volumes,
         user=f"{uid}:{gid}", exposed_ports=[f"{p}/tcp" for p in ports], labels=labels)
     labels[LABEL_CREATED] = cfg.created
 
     with tempfile.TemporaryDirectory(prefix="tracejail-build-") as workdir:
-        notes = _generated_entries(plan, uid, gid, workdir)
+        notes = _generated_entries(plan, uid, gid, workdir, own.home if uid != 0 else None)
         from tracejail import provenance
 
         metadata = provenance.add_build_metadata(
             trace, files, plan, workdir, package_metadata=options.package_metadata,
-            write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST], root=root)
+            write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST], root=root, db=db)
         notes += metadata.notes
         result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings,
                              alerts=alerts, metadata=metadata)

@@ -223,6 +223,37 @@ class _Progress:
             self.bar = None
 
 
+# What an image holds and who owns it: build, inspect and explain take the same options, so that
+# inspect and explain describe the image build makes.
+_IMAGE_CONTENT_OPTIONS = (
+    click.option("--user", default="65532:65532", show_default=True, metavar="UID:GID|root",
+                 help="User the image runs as."),
+    click.option("--include", multiple=True, metavar="PATH", help="Host file or tree to add (repeatable)."),
+    click.option("--exclude", multiple=True, metavar="GLOB", help="Drop matching paths (repeatable)."),
+    click.option("--keep-setuid", is_flag=True, help="Keep setuid/setgid bits."),
+    click.option("--keep-modes", is_flag=True,
+                 help="Keep host modes exactly (do not open kept paths up to the image user)."),
+    click.option("--keep-owners", is_flag=True,
+                 help="Keep host owners exactly (do not give the image user what the run wrote and its tree)."),
+    click.option("--no-family", "families_off", multiple=True, metavar="NAME",
+                 type=click.Choice(["python-encodings", "zoneinfo"]),
+                 help="Do not keep this family of files looked up by name whole (repeatable)."),
+)
+
+
+def image_content_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_IMAGE_CONTENT_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def image_content(user: str, include: tuple[str, ...], exclude: tuple[str, ...], keep_setuid: bool,
+                  keep_modes: bool, keep_owners: bool, families_off: tuple[str, ...]) -> dict[str, Any]:
+    """The BuildOptions fields image_content_options set."""
+    return {"user": user, "include": list(include), "exclude": list(exclude), "keep_setuid": keep_setuid,
+            "keep_modes": keep_modes, "keep_owners": keep_owners, "families_off": list(families_off)}
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("trace_file", metavar="TRACE.json", type=click.Path(dir_okay=False))
 @click.option("-t", "--tag", metavar="NAME[:TAG]", help="Image name; loaded into Docker when reachable.")
@@ -230,19 +261,17 @@ class _Progress:
 @click.option("--rootfs", "rootfs_dir", metavar="DIR",
               help="Also stage the tree in DIR and write a Dockerfile beside it.")
 @click.option("--oci-dir", metavar="DIR", help="Also write a plain OCI image layout directory.")
-@click.option("--user", default="65532:65532", show_default=True, metavar="UID:GID|root",
-              help="User the image runs as.")
+@image_content_options
 @click.option("--entrypoint", metavar="CMD", help="Entrypoint (shell words) instead of the recorded command.")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment (repeatable).")
-@click.option("--include", multiple=True, metavar="PATH", help="Host file or tree to add (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Drop matching paths (repeatable).")
 @click.option("--no-load", is_flag=True, help="Do not load the image into Docker.")
 @click.option("--strict", is_flag=True, help="Fail when a traced file vanished or a library is missing.")
 @click.option("--fast", is_flag=True, help="gzip level 1 instead of 6.")
 @click.option("--no-compress", is_flag=True, help="Uncompressed layer.")
-@click.option("--keep-setuid", is_flag=True, help="Keep setuid/setgid bits.")
-@click.option("--keep-modes", is_flag=True,
-              help="Keep host modes exactly (do not open kept paths up to the image user).")
+@click.option("--volume", "volumes", multiple=True, metavar="DIR",
+              help="Declare DIR a volume in the image (repeatable): writable under docker run --read-only.")
+@click.option("--writable-volumes", is_flag=True,
+              help="Declare every directory the recorded run wrote in a volume.")
 @click.option("--provenance", is_flag=True,
               help="Write why each file is there into the image as /.tracejail/provenance.json.")
 @click.option("--sbom", "sbom_file", metavar="FILE", help="Write a software bill of materials to FILE.")
@@ -257,7 +286,8 @@ class _Progress:
 def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str | None,
           oci_dir: str | None, user: str, entrypoint: str | None, env: tuple[str, ...],
           include: tuple[str, ...], exclude: tuple[str, ...], no_load: bool, strict: bool,
-          fast: bool, no_compress: bool, keep_setuid: bool, keep_modes: bool, provenance: bool,
+          fast: bool, no_compress: bool, keep_setuid: bool, keep_modes: bool, families_off: tuple[str, ...],
+          volumes: tuple[str, ...], writable_volumes: bool, keep_owners: bool, provenance: bool,
           sbom_file: str | None, sbom_format: str, no_package_metadata: bool, max_file_size: str,
           as_json: bool) -> None:
     """Stage what TRACE.json touched (plus its ELF closure) into a FROM-scratch image."""
@@ -274,13 +304,13 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
         raise UsageError(f"--max-file-size: {err}") from None
 
     opts = BuildOptions(
-        tag=tag, output=output, rootfs_dir=rootfs_dir, oci_dir=oci_dir, user=user,
+        tag=tag, output=output, rootfs_dir=rootfs_dir, oci_dir=oci_dir,
         entrypoint=shlex.split(entrypoint) if entrypoint else None, env=list(env),
-        include=list(include), exclude=list(exclude), load=not no_load, strict=strict,
-        compress_level=None if no_compress else (1 if fast else 6),
-        keep_setuid=keep_setuid, keep_modes=keep_modes, provenance=provenance,
+        load=not no_load, strict=strict, compress_level=None if no_compress else (1 if fast else 6),
+        provenance=provenance, volumes=list(volumes), writable_volumes=writable_volumes,
         package_metadata=not no_package_metadata, sbom=sbom_file, sbom_format=sbom_format,
-        max_file_size=size_limit)
+        max_file_size=size_limit,
+        **image_content(user, include, exclude, keep_setuid, keep_modes, keep_owners, families_off))
     bar = _Progress()
     try:
         result = do_build(trace_file, opts, progress=bar)
@@ -308,6 +338,13 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
     if summary["left_out"]:
         lines.append("left out:")
         lines += [f"  {v['count']:>5}  {shown(rule)}" for rule, v in summary["left_out"].items()]
+    if summary["families"]:
+        lines.append("families kept whole (looked up by name; --no-family NAME): " + ", ".join(
+            f"{name} {v['count']} files {human(v['bytes'])}" for name, v in summary["families"].items()))
+    if summary["owned_by_image_user"]:
+        given = summary["owned_by_image_user"]
+        lines.append(f"given to the image user ({summary['user']}): {len(given)} path(s), e.g. "
+                     + ", ".join(f"{shown(g['path'])} ({shown(g['why'])})" for g in given[:3]))
     if summary["mode_changes"]:
         lines.append(f"opened up for uid {user}: {len(summary['mode_changes'])} path(s), e.g. "
                      + ", ".join(f"{shown(m['path'])} {m['old']}->{m['new']}" for m in summary["mode_changes"][:3]))

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import click
 
-from tracejail.cli import CONTEXT, handle_errors, say
+from tracejail.cli import CONTEXT, handle_errors, image_content, image_content_options, say
 
 
 @click.command(context_settings=CONTEXT)
@@ -20,16 +21,17 @@ from tracejail.cli import CONTEXT, handle_errors, say
               help="Also list failed lookups (noise such as loader hwcaps probes only counted).")
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, metavar="N",
               help="How many of the largest files and directories to list.")
-@click.option("--include", multiple=True, metavar="PATH", help="As for build: host file or tree to add.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="As for build: drop matching paths.")
+@image_content_options
 @handle_errors
-def inspect(trace_file: str, as_json: bool, misses: bool, top: int, include: tuple[str, ...],
-            exclude: tuple[str, ...]) -> None:
-    """Summarise TRACE.json: runs, processes, exercises, and the image's files by kind and size."""
+def inspect(trace_file: str, as_json: bool, misses: bool, top: int, **content: Any) -> None:
+    """Summarise TRACE.json: runs, processes, exercises, and the image's files by kind and size.
+
+    Takes build's options that decide what the image holds, and describes that image."""
     from tracejail import inspect as ins
     from tracejail import provenance as prov
+    from tracejail.build import BuildOptions
 
-    sel = prov.select_and_plan(trace_file, include, exclude)
+    sel = prov.select_and_plan(trace_file, BuildOptions(**image_content(**content)))
     report = ins.report(trace_file, sel.trace, sel.files, sel.plan, top=top, misses=misses)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
@@ -41,25 +43,24 @@ def inspect(trace_file: str, as_json: bool, misses: bool, top: int, include: tup
 @click.argument("trace_file", metavar="TRACE.json", type=click.Path(dir_okay=False))
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
 @click.option("--json", "as_json", is_flag=True, help="Print the explanations as JSON.")
-@click.option("--include", multiple=True, metavar="PATH", help="As for build: host file or tree to add.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="As for build: drop matching paths.")
+@image_content_options
 @handle_errors
-def explain(trace_file: str, paths: tuple[str, ...], as_json: bool, include: tuple[str, ...],
-            exclude: tuple[str, ...]) -> None:
+def explain(trace_file: str, paths: tuple[str, ...], as_json: bool, **content: Any) -> None:
     """Say why each PATH is (or is not) in the image built from TRACE.json.
 
     \b
       traced (how, by which process), needed by which ELF through which search rule,
-      a symlink on the way, a Python companion, a known run-time load, --include;
-      or left out, and by which rule. A relative PATH is taken relative to the
-      recorded run's working directory.
+      a symlink on the way, a Python companion, a known run-time load, a family
+      looked up by name, --include; who owns it in the image and why; or left out,
+      and by which rule. A relative PATH is taken relative to the recorded run's
+      working directory. Takes build's options that decide what the image holds.
     """
-    from tracejail import dpkg
     from tracejail import provenance as prov
+    from tracejail.build import BuildOptions
 
-    sel = prov.select_and_plan(trace_file, include, exclude)
+    sel = prov.select_and_plan(trace_file, BuildOptions(**image_content(**content)))
     pv = prov.compute(sel.trace, sel.files, sel.plan, sel.root)
-    db = dpkg.read_database(sel.root)
+    db = sel.db
     cwd = sel.trace.runs[0].cwd if sel.trace.runs else os.getcwd()
     results = []
     for path in paths:

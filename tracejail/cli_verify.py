@@ -27,6 +27,9 @@ from tracejail.cli import CONTEXT, _note, handle_errors, say, tell
               help="Bound each replay.")
 @click.option("--ready-timeout", type=click.FloatRange(0), default=30.0, show_default=True, metavar="S",
               help="Give up waiting for a server to listen after this long.")
+@click.option("--read-only", is_flag=True,
+              help="Run with a read-only root (and a tmpfs /tmp), as docker run --read-only, and list "
+                   "what must be writable.")
 @click.option("--trust-trace", is_flag=True,
               help="Run the exercise commands of a trace that is not your own (they run on this host).")
 @click.option("--no-user-namespace", "no_userns", is_flag=True,
@@ -35,7 +38,7 @@ from tracejail.cli import CONTEXT, _note, handle_errors, say, tell
 @handle_errors
 def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str | None,
            trace_inside: bool | None, fix: bool, max_rounds: int, timeout: float, ready_timeout: float,
-           trust_trace: bool, no_userns: bool, as_json: bool) -> None:
+           read_only: bool, trust_trace: bool, no_userns: bool, as_json: bool) -> None:
     """Replay every run of TRACE.json in the image (-t) or a staged tree (--rootfs) and compare.
 
     \b
@@ -70,7 +73,7 @@ def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str
     # removed on the way out (a plain SIGTERM death would leave a running container behind).
     opts = VerifyOptions(image=image, rootfs=rootfs_dir, user=user, fix=fix, max_rounds=max_rounds,
                          trace_inside=trace_inside, timeout=timeout, ready_timeout=ready_timeout,
-                         trust_trace=trust_trace, userns=not no_userns)
+                         trust_trace=trust_trace, userns=not no_userns, read_only=read_only)
     report = do_verify(trace_file, opts, progress=_note, announce=lambda m: tell("", m))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))

@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from tracejail import sensitive
+from tracejail import families, sensitive
 from tracejail import trace as tr
-from tracejail.root import RUNTIME_DIRS, NodeKind, Resolution, Root, SourceChanged, Status, under
+from tracejail.root import RUNTIME_DIRS, NodeKind, Resolution, Root, SourceChanged, Status, parent_of, under
 
 SENSITIVE_RULE = "sensitive file (credentials, keys, history); --include it to keep"
 RUNTIME_RULE = "{} is provided by the container runtime"
@@ -32,6 +32,7 @@ class SelectOptions:
     exclude: tuple[str, ...] = ()         # globs dropped after everything else
     extra_excluded_paths: tuple[str, ...] = ()   # e.g. the trace file itself
     use_closure: bool = True
+    families_off: tuple[str, ...] = ()    # families.py names not to add (--no-family)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class FileSet:
     # Credentials and key files kept only because --include named them: their modes stay as
     # they are (never opened up to the image user).
     secrets: set[str] = field(default_factory=set)
+    families: dict[str, list[str]] = field(default_factory=dict)   # family name -> paths it added
 
     def want(self, path: str, reason: str) -> None:
         reasons = self.wanted.setdefault(path, [])
@@ -129,12 +131,26 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
         fs.want(path, reason)
         return True
 
+    made_by_run = {root.normalize(r.path)[0] for r in trace.files.values() if r.ok and r.created_by_run}
+
+    def keep_parent(spelled: str, reason: str) -> None:
+        """Keep the directory the run made or removed `spelled` in: the nearest one it did not
+        make itself (`rm -rf site; mkdir -p site/css` leaves `site` out too)."""
+        parent = parent_of(root.normalize(spelled)[0])
+        while parent in made_by_run and parent != "/":
+            parent = parent_of(parent)
+        res = root.resolve(parent)
+        if parent != "/" and res.ok and res.kind is NodeKind.DIR and judge.runtime_rule(parent) is None:
+            consider(parent, reason, res, dir_only=True)
+
     for rec in trace.files.values():
         if not rec.ok:
             continue
         path, via = root.normalize(rec.path)
         if rec.created_by_run:
             fs.excluded.append((path, "created by the recorded run"))
+            # ...but the directory it was made in is the image's, or the program cannot make it again
+            keep_parent(rec.path, f"the run created {rec.path} in it")
             continue
         runtime = judge.runtime_rule(path)
         if runtime:
@@ -146,6 +162,7 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
         if res.status is not Status.RUNTIME and not root.lexists(path):
             if rec.removed_by_run:
                 fs.excluded.append((path, "removed by the recorded run"))
+                keep_parent(rec.path, f"the run removed {rec.path} from it")
             else:
                 fs.vanished.append(path)
             continue
@@ -157,6 +174,12 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
             continue
         for prefix in via:
             consider(prefix, f"on the way to {rec.path}", dir_only=True)
+
+    # Families chosen by name from input: the trace shows one member, keep them all.
+    found = [root.normalize(r.path)[0] for r in trace.files.values() if r.ok and not r.created_by_run]
+    for family, path in families.members(found, root, options.families_off):
+        if path not in fs.wanted and consider(path, f"family {family.name}: {family.why}"):
+            fs.families.setdefault(family.name, []).append(path)
 
     for inc in includes:
         top = root.resolve(inc)

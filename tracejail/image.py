@@ -96,6 +96,7 @@ class ImageConfig:
     user: str = "65532:65532"
     exposed_ports: list[str] = field(default_factory=list)  # "8000/tcp"; "8000" means tcp
     labels: dict[str, str] = field(default_factory=dict)  # also written as OCI annotations
+    volumes: list[str] = field(default_factory=list)  # directories declared as volumes
     created: str = field(default_factory=default_created)  # SOURCE_DATE_EPOCH or epoch 0
     architecture: str = field(default_factory=host_architecture)
     os: str = "linux"
@@ -184,6 +185,8 @@ def image_config_json(config: ImageConfig, diff_id: str) -> bytes:
         run["ExposedPorts"] = {normalise_port(p): {} for p in config.exposed_ports}
     if config.labels:
         run["Labels"] = dict(config.labels)
+    if config.volumes:
+        run["Volumes"] = {v: {} for v in config.volumes}
     return canonical_json({
         "architecture": config.architecture,
         "os": config.os,
@@ -738,6 +741,8 @@ def dockerfile_text(rootfs_name: str, config: ImageConfig) -> str:
         lines.append(f"LABEL {_quote(key, 'label key')}={_quote(value, 'label value')}")
     for port in config.exposed_ports:
         lines.append(f"EXPOSE {normalise_port(port)}")
+    if config.volumes:
+        lines.append("VOLUME " + json.dumps(list(config.volumes)))
     if config.working_dir:
         lines.append(f"WORKDIR {_quote(config.working_dir, 'working directory')}")
     if config.user:

@@ -120,6 +120,8 @@ class JailSpec:
     gid: int
     overlay: bool = True         # False: bind the tree itself (tests the fallback)
     userns: bool = True          # False: no user namespace (root only; --no-user-namespace)
+    read_only: bool = False      # the root read-only (tmpfs /tmp and the volumes stay writable)
+    volumes: list[str] = field(default_factory=list)   # directories writable on their own (VOLUME)
 
     @property
     def root(self) -> str:
@@ -534,8 +536,7 @@ def _setup_root(spec: JailSpec, libc: ctypes.CDLL) -> list[str]:
     if overlay:
         _prepare_upper(lower, upper, spec, resolv_conf)
         try:
-            _mount(libc, "overlay", root, "overlay", MS_NOSUID | MS_NODEV,
-                   f"lowerdir={lower},upperdir={upper},workdir={ovlwork}")
+            _mount_overlay(libc, root, lower, upper, ovlwork, spec.userns)
         except OSError as exc:
             notes.append(f"overlayfs unavailable ({exc.strerror}); the tree is used as it is, read-only")
             overlay = False
@@ -548,6 +549,8 @@ def _setup_root(spec: JailSpec, libc: ctypes.CDLL) -> list[str]:
             what = "is not a directory" if st is not None else "is missing (and there is no overlay to add it)"
             raise OSError(errno.ENOTDIR, f"the tree's /{d} {what}; the jail mounts its own there")
     _mount_dev(libc, os.path.join(root, "dev"))
+    for n, vol in enumerate(spec.volumes):
+        _mount_volume(libc, root, lower, vol, f"rw/vol{n}", spec.uid, spec.gid, spec.userns)
     # /proc before the pivot: in a user namespace the kernel mounts a new proc only while a
     # full one is still visible (and this process, PID 1 of the new namespace, is the one whose
     # processes it shows).
@@ -569,6 +572,8 @@ def _setup_root(spec: JailSpec, libc: ctypes.CDLL) -> list[str]:
             notes.append(f"{spec.rootfs}/tmp holds files: no tmpfs mounted over it")
     else:
         _mount(libc, "tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    if spec.read_only:   # as `docker run --read-only --tmpfs /tmp`: only /tmp and the volumes are writable
+        _mount(libc, None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     _loopback_up()
     host = b"tracejail"
     libc.sethostname(host, len(host))
@@ -661,6 +666,49 @@ def _mirror_directories(lower: str, upper: str, uid: int, gid: int) -> None:
             if st.st_uid == uid or st.st_gid == gid:
                 os.chown(dst, uid if st.st_uid == uid else -1, gid if st.st_gid == gid else -1)
             os.chmod(dst, stat.S_IMODE(st.st_mode))
+
+
+def _mount_overlay(libc: ctypes.CDLL, target: str, lower: str, upper: str, work: str, userns: bool) -> None:
+    """An overlay of `upper` on `lower` at `target`. In a user namespace overlayfs may not set its
+    trusted.* xattrs, and without them it cannot make an opaque directory: a directory removed
+    and made again (`rm -rf site; mkdir site`) fails with EIO. `userxattr` (Linux 5.11) keeps
+    them as user.overlay.* instead; an older kernel mounts without it."""
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    if userns:
+        try:
+            _mount(libc, "overlay", target, "overlay", MS_NOSUID | MS_NODEV, options + ",userxattr")
+            return
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    _mount(libc, "overlay", target, "overlay", MS_NOSUID | MS_NODEV, options)
+
+
+def _mount_volume(libc: ctypes.CDLL, root: str, lower: str, vol: str, scratch: str, uid: int, gid: int,
+                  userns: bool) -> None:
+    """A volume: its directory writable on its own (an overlay of the tree's content), as
+    Docker's anonymous volume starts with the image's content."""
+    parts = [p for p in vol.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise OSError(errno.EINVAL, f"volume {vol!r} is not a normal absolute path")
+    for n in range(1, len(parts) + 1):   # never mount through a symlink of the tree
+        if os.path.islink(os.path.join(root, *parts[:n])):
+            raise OSError(errno.ELOOP, f"volume {vol} goes through a symlink of the tree")
+    target = os.path.join(root, *parts)
+    os.makedirs(target, 0o755, exist_ok=True)
+    os.makedirs(f"{scratch}/upper")
+    os.makedirs(f"{scratch}/work")
+    below = os.path.join(lower, *parts)
+    if os.path.isdir(below) and not os.path.islink(below):
+        # The volume's own top takes the tree's mode and, where the tree gives it to the image
+        # user, that owner (see _mirror_directories).
+        st = os.lstat(below)
+        if st.st_uid == uid or st.st_gid == gid:
+            os.chown(f"{scratch}/upper", uid if st.st_uid == uid else -1, gid if st.st_gid == gid else -1)
+        os.chmod(f"{scratch}/upper", stat.S_IMODE(st.st_mode))
+        _mount_overlay(libc, target, below, f"{scratch}/upper", f"{scratch}/work", userns)
+    else:
+        _mount(libc, f"{scratch}/upper", target, None, MS_BIND)
 
 
 def _mount_dev(libc: ctypes.CDLL, dev: str) -> None:

@@ -52,6 +52,8 @@ TARGET = "symlink-target"          # reached through symlinks from a kept path
 LISTED = "listed-directory"        # a directory the program listed or stat'ed
 PARENT = "parent-directory"        # holds kept paths
 GENERATED = "generated"            # written by `tracejail build` itself
+FAMILY = "family"                  # a member of a family looked up by name (families.py)
+OWNER = "owner"                    # belongs to the image user (ownership.py)
 OTHER = "other"
 
 # ld.so search rules (closure.py) as a reader would name them.
@@ -119,6 +121,9 @@ def parse_reason(raw: str) -> Reason:
                       "metadata and vulnerability scanners read it")
     if raw == "--include":
         return Reason(INCLUDE, "named with --include")
+    if raw.startswith("family "):
+        name, _, why = raw[len("family "):].partition(": ")
+        return Reason(FAMILY, f"a member of the {name} family, kept whole: {why}", {"family": name})
     if raw.startswith("added by "):
         return Reason(ADDED, raw, {"by": raw[9:].split(":", 1)[0]})
     return Reason(OTHER, raw)
@@ -443,7 +448,10 @@ def compute(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, root: Root 
                 ep.reasons.append(Reason(SYMLINK, f"a symlink on the way to {_some(tos)}: kept so that "
                                          "those names resolve in the image as on the host",
                                          {"to": tos[:20], "count": len(tos)}))
-        if e.kind == "dir" and not ep.reasons:
+        if path in plan.ownership:
+            ep.reasons.append(Reason(OWNER, f"belongs to the image user ({e.uid}:{e.gid}): {plan.ownership[path]}",
+                                     {"uid": e.uid, "gid": e.gid}))
+        if e.kind == "dir" and not any(r.kind != OWNER for r in ep.reasons):
             ep.reasons.append(Reason(PARENT, f"a directory holding {holds.get(path, 0) or 'other'} kept path(s)",
                                      {"holds": holds.get(path, 0)}))
         if not ep.reasons:   # not expected: every node the plan holds was met by some walk
@@ -493,18 +501,18 @@ class Selection:
     files: fsel.FileSet
     plan: rootfs.Plan
     root: Root
+    db: Any = None      # dpkg.Database | None
 
 
-def select_and_plan(trace_path: str, include: Iterable[str] = (), exclude: Iterable[str] = (),
-                    root: Root | None = None) -> Selection:
-    """Load a trace and choose its files and nodes as `tracejail build` would (same options)."""
+def select_and_plan(trace_path: str, options: Any = None, root: Root | None = None) -> Selection:
+    """Load a trace and choose its files, owners and nodes as `tracejail build` would with the
+    same build.BuildOptions (the defaults when None)."""
+    from tracejail import build
+
     trace = tr.load(trace_path)
-    root = root or Root("/")
-    files = fsel.select(trace, fsel.SelectOptions(
-        include=tuple(include), exclude=tuple(exclude), extra_excluded_paths=(os.path.abspath(trace_path),)),
-        root)
-    plan = rootfs.plan(sorted(files.wanted), root=root, dirs_only=sorted(files.dirs_only))
-    return Selection(trace, files, plan, root)
+    root = root or Root((options.root if options else None) or "/")
+    chosen = build.plan_image(trace, root, options or build.BuildOptions(), (os.path.abspath(trace_path),))
+    return Selection(trace, chosen.files, chosen.plan, root, chosen.db)
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,7 +683,7 @@ def _add_file(plan: rootfs.Plan, workdir: str, path: str, content: bytes) -> Non
 
 def add_build_metadata(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, workdir: str, *,
                        package_metadata: bool = True, write_provenance: bool = False,
-                       trace_digest: str | None = None, root: Root | None = None) -> BuildMetadata:
+                       trace_digest: str | None = None, root: Root | None = None, db: Any = None) -> BuildMetadata:
     """Called by `build` after its own generated entries: add dpkg status.d stanzas and
     /etc/os-release (package_metadata), and /.tracejail/provenance.json (write_provenance),
     as files in `workdir`; return the provenance of every entry and the image's packages.
@@ -690,7 +698,7 @@ def add_build_metadata(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, 
         if e.source is None or (e.source != path and e.source.startswith(workdir + os.sep)):
             add_generated(prov, path, e.kind, generated_note(path) or "written by `tracejail build`", e.size)
 
-    db = dpkg.read_database(root)
+    db = db if db is not None else dpkg.read_database(root)
     if db is not None:
         ownership = dpkg.owners(db, sbom.owned_candidates(plan, root))
         os_release_text = root.read_text("/etc/os-release") or ""

@@ -14,7 +14,7 @@ import os
 import shutil
 import stat
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 from tracejail import sensitive
 from tracejail.errors import TracejailError
@@ -50,6 +50,9 @@ class StageOptions:
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     # Kept credentials (fileset.FileSet.secrets): never opened up, whatever their name.
     secrets: frozenset[str] = frozenset()
+    # Paths the image user owns (ownership.Ownership.owned: path -> why); the rest is root's.
+    owned: Mapping[str, str] = field(default_factory=dict)
+    keep_owners: bool = False     # the host's numeric owners, exactly (--keep-owners)
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Plan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # Files left out while writing because they were no longer the node planned (see open_entry).
     changed: list[tuple[str, str]] = field(default_factory=list)
+    ownership: dict[str, str] = field(default_factory=dict)   # path -> why the image user owns it
 
     def files_size(self) -> int:
         """Bytes of file content the plan copies: the total that `progress` callbacks add up to."""
@@ -262,11 +266,15 @@ def plan(
         st, kind = hop.st, _KIND_NAMES[hop.kind]
         source = tree.host(path)
         mtime = int(st.st_mtime)
+        uid, gid = (st.st_uid, st.st_gid) if options.keep_owners else (0, 0)
+        if path in options.owned and not options.keep_owners:
+            uid, gid = options.image_uid, options.image_gid
+            result.ownership[path] = options.owned[path]
         if kind == "symlink":
-            entry = Entry(path, "symlink", 0o777, source, hop.target, 0, 0, 0, mtime)
+            entry = Entry(path, "symlink", 0o777, source, hop.target, 0, uid, gid, mtime)
         else:
             old = stat.S_IMODE(st.st_mode)
-            new, reasons, dropped = policy_mode(kind, old, roles.get(path, "keep"), 0, 0, options,
+            new, reasons, dropped = policy_mode(kind, old, roles.get(path, "keep"), uid, gid, options,
                                                 secret=path in options.secrets
                                                 or sensitive.sensitive_name(path) is not None)
             if dropped:
@@ -274,14 +282,14 @@ def plan(
             if reasons:
                 result.mode_changes.append((path, old, new, "; ".join(reasons)))
             if kind == "dir":
-                entry = Entry(path, "dir", new, source, None, 0, 0, 0, mtime)
+                entry = Entry(path, "dir", new, source, None, 0, uid, gid, mtime)
             else:
                 key = (st.st_dev, st.st_ino)
                 first = first_of_inode.setdefault(key, path) if st.st_nlink > 1 else path
                 if first != path:
-                    entry = Entry(path, "hardlink", new, source, first, 0, 0, 0, mtime)
+                    entry = Entry(path, "hardlink", new, source, first, 0, uid, gid, mtime)
                 else:
-                    entry = Entry(path, "file", new, source, None, st.st_size, 0, 0, mtime,
+                    entry = Entry(path, "file", new, source, None, st.st_size, uid, gid, mtime,
                                   identity=Identity.of(st))
         result.entries[path] = entry
     # /tmp must exist and be world-writable with the sticky bit; programs expect it.

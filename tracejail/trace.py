@@ -33,6 +33,9 @@ ACCESS_KINDS = ("exec", "read", "write", "stat", "readlink", "list")
 
 OK = "ok"
 
+# PathRecord.owner: the path must belong to the image user (verify --fix records it; build honours it).
+IMAGE_USER = "image-user"
+
 REDACTED = sensitive.REDACTED
 is_secret_name = sensitive.is_secret_name
 
@@ -65,7 +68,8 @@ class PathRecord:
     created_by_run: bool = False   # did not exist when first touched, then was created
     removed_by_run: bool = False   # was unlinked, renamed away or removed by the run
     added_by: str | None = None    # set when not traced but added later (e.g. "verify --fix")
-    reason: str | None = None      # why it was added
+    reason: str | None = None      # why it was added, or why it must belong to the image user
+    owner: str | None = None       # IMAGE_USER: must belong to the image user (verify --fix)
 
     @property
     def ok(self) -> bool:
@@ -153,8 +157,8 @@ def run_problems(run: Run) -> list[str]:
     out = []
     if run.stop_reason == "exited" and run.status != 0:
         last = next((ln.strip() for ln in reversed(run.stderr.splitlines()) if ln.strip()), "")
-        out.append(f"the recorded command failed with {'signal ' + str(run.exit_signal) if run.exit_signal else 'exit ' + str(run.exit_code)}"
-                   + (f" ({last[:160]})" if last else ""))
+        how = f"signal {run.exit_signal}" if run.exit_signal else f"exit {run.exit_code}"
+        out.append(f"the recorded command failed with {how}" + (f" ({last[:160]})" if last else ""))
     for e in run.exercises:
         if e.exit_code != 0 or e.timed_out:
             out.append(f"exercise {e.command!r} " + ("timed out" if e.timed_out else f"exited {e.exit_code}"))
@@ -235,6 +239,8 @@ class Trace:
             # A path that existed before the first run stays a host file.
             mine.created_by_run = mine.created_by_run and rec.created_by_run
             mine.removed_by_run = mine.removed_by_run or rec.removed_by_run
+            if rec.owner and not mine.owner:
+                mine.owner, mine.reason = rec.owner, mine.reason or rec.reason
 
     # --- JSON -------------------------------------------------------------------------------
 
@@ -554,11 +560,13 @@ def _record_from_json(d: Any, n: int, n_runs: int, seen: dict[Any, str]) -> Path
         raise _Bad(f"files[{n}].created_by_run", "true or false", created)
     if type(removed) is not bool:
         raise _Bad(f"files[{n}].removed_by_run", "true or false", removed)
-    added_by, reason = d.get("added_by"), d.get("reason")
+    added_by, reason, owner = d.get("added_by"), d.get("reason"), d.get("owner")
     if added_by is not None or reason is not None:
         _ostr(added_by, f"files[{n}].added_by")
         _ostr(reason, f"files[{n}].reason")
-    return PathRecord(path, accesses, runs, created, removed, added_by, reason)
+    if owner is not None and owner != IMAGE_USER:
+        raise _Bad(f"files[{n}].owner", f'"{IMAGE_USER}" or absent', owner)
+    return PathRecord(path, accesses, runs, created, removed, added_by, reason, owner)
 
 
 def _exercise_from_json(d: Any, where: str) -> ExerciseResult:
@@ -630,7 +638,10 @@ def _record_to_json(rec: PathRecord) -> dict[str, Any]:
         out["removed_by_run"] = True
     if rec.added_by:
         out["added_by"] = rec.added_by
+    if rec.added_by or rec.reason:
         out["reason"] = rec.reason
+    if rec.owner:
+        out["owner"] = rec.owner
     return out
 
 

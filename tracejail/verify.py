@@ -30,6 +30,7 @@ image does not record (--exclude, --include, --keep-modes...) are not repeated.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -56,7 +57,10 @@ NOT_FOUND = ("ENOENT", "ENOTDIR")
 # A lookup no syscall shows: the program listed a directory and did not find a name in it (Python's
 # import system lists package directories and only stats the names it saw).
 LISTING = "listing"
-DENIED = ("EACCES", "EPERM")
+DENIED = ("EACCES", "EPERM", "EROFS")
+# Calls that change a directory's entries: when they are refused, the directory is what needs the user.
+_DIRECTORY_CALLS = ("rename", "renameat", "renameat2", "unlink", "unlinkat", "rmdir", "mkdir", "mkdirat",
+                    "symlink", "symlinkat", "link", "linkat")
 FIXED_BY = "verify --fix"
 # Paths the runtime provides (Docker, the jail); fileset never copies them either.
 DIFF_LINES = 24
@@ -80,13 +84,19 @@ class Miss:
     run: int                  # index of the run in the trace
     exists_on_host: bool      # the path exists on the host now
     in_trace: bool = False    # jail misses: the trace has it already (the image left it out)
+    needs: str | None = None  # permission misses: the path the image user must own (or be able to write)
 
     def describe(self) -> str:
         """One line for a report: path, call, errno, who asked."""
         if self.syscall == LISTING:
             return f"{self.path}  (not in the listing of its directory, by {self.process})"
         times = f" x{self.count}" if self.count > 1 else ""
-        return f"{self.path}  ({self.syscall} {self.result}{times}, by {self.process})"
+        line = f"{self.path}  ({self.syscall} {self.result}{times}, by {self.process})"
+        if self.needs and self.result == "EROFS":
+            return line + f"; {self.needs} must be writable"
+        if self.needs:
+            return line + f"; {self.needs} must belong to the image user"
+        return line
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -128,6 +138,7 @@ class Round:
     runs: list[RunCheck]
     added: list[str] = field(default_factory=list)     # paths added to the trace after this round
     kept: list[str] = field(default_factory=list)      # misses the trace had already: only rebuilt
+    owned: list[str] = field(default_factory=list)     # recorded as needing the image user (owner)
     rebuilt: str | None = None
 
     @property
@@ -162,7 +173,7 @@ def _round_json(r: Round) -> dict[str, Any]:
         d["misses"] = [m.to_json() for m in c.misses]
         d["denied"] = [m.to_json() for m in c.denied]
         runs.append(d)
-    return {"round": r.number, "passed": r.passed, "added": r.added, "kept": r.kept,
+    return {"round": r.number, "passed": r.passed, "added": r.added, "kept": r.kept, "owned": r.owned,
             "rebuilt": r.rebuilt, "runs": runs}
 
 
@@ -184,6 +195,7 @@ class VerifyOptions:
     overlay: bool = True                  # jail: False forces the bind-mount fallback (tests)
     trust_trace: bool = False             # run the exercise commands of a trace that is not ours
     userns: bool = True                   # jail in a user namespace (False: --no-user-namespace, root)
+    read_only: bool = False               # run with a read-only root (and tmpfs /tmp), like --read-only
 
 
 # --- what the recording says -------------------------------------------------------------------
@@ -258,6 +270,7 @@ class ImageInfo:
     entrypoint: list[str]
     working_dir: str
     labels: dict[str, str]
+    volumes: list[str] = field(default_factory=list)
 
 
 def _env_dict(items: list[str]) -> dict[str, str]:
@@ -298,6 +311,8 @@ def read_dockerfile(rootfs_dir: str) -> ImageInfo | None:
                 info.user = rest.strip()
             elif word == "ENTRYPOINT":
                 info.entrypoint = list(json.loads(rest))
+            elif word == "VOLUME":
+                info.volumes = [str(v) for v in json.loads(rest)]
         except (ValueError, TypeError):
             continue
     return info if copies_dir else None
@@ -328,7 +343,8 @@ def inspect_image(ref: str, env: Mapping[str, str] | None) -> ImageInfo:
     cfg = json.loads(proc.stdout or "{}") or {}
     return ImageInfo(user=cfg.get("User") or "", env=_env_dict(cfg.get("Env") or []),
                      entrypoint=list(cfg.get("Entrypoint") or []),
-                     working_dir=cfg.get("WorkingDir") or "/", labels=dict(cfg.get("Labels") or {}))
+                     working_dir=cfg.get("WorkingDir") or "/", labels=dict(cfg.get("Labels") or {}),
+                     volumes=sorted(cfg.get("Volumes") or {}))
 
 
 def check_digest(trace_path: str, info: ImageInfo | None, what: str) -> str | None:
@@ -660,6 +676,16 @@ def jail_misses(host: tr.Trace, view: dict[str, list[tr.Access]], processes: lis
         if any(a.ok for a in accesses) or is_runtime_path(path):
             continue
         rec = host.files.get(path)
+        refused = [a for a in accesses if a.result in DENIED]
+        if refused and rec is not None and rec.ok:
+            # A permission miss: the recorded run could, the image user cannot.
+            # A directory needs the user when the call changes its entries; a read-only root
+            # needs a volume, which is a directory, whatever the call.
+            changes_dir = rec.created_by_run or rec.removed_by_run or \
+                any(a.syscall in _DIRECTORY_CALLS or a.result == "EROFS" for a in refused)
+            needs = os.path.dirname(path) if changes_dir else path
+            denied.append(dataclasses.replace(make(path, refused, True), needs=needs))
+            continue
         if rec is not None and (rec.failed or rec.created_by_run):
             continue   # failed on the host too (noise), or the run makes it itself
         if not source.lexists(source.normalize(path)[0]):
@@ -671,8 +697,6 @@ def jail_misses(host: tr.Trace, view: dict[str, list[tr.Access]], processes: lis
             # One file, many spellings (ld.so tries /lib/... and /usr/lib/...): keep the traced one.
             if key not in misses or (m.in_trace and not misses[key].in_trace):
                 misses[key] = m
-        elif rec is not None and (refused := [a for a in accesses if a.result in DENIED]):
-            denied.append(make(path, refused, True))
     return sorted(misses.values(), key=lambda m: m.path), denied
 
 
@@ -758,7 +782,8 @@ class Target:
         uid, gid = self.jail_user()
         return jail.JailSpec(rootfs=rootfs, workdir=jail.make_workdir(), argv=[run.executable, *run.argv[1:]],
                              env=run_env(self.config(), run, first), cwd=run.cwd, uid=uid, gid=gid,
-                             overlay=self.opts.overlay, userns=self.opts.userns)
+                             overlay=self.opts.overlay, userns=self.opts.userns, read_only=self.opts.read_only,
+                             volumes=list(self.config().volumes))
 
     def build_options(self, trace: tr.Trace) -> tjbuild.BuildOptions:
         """Build options that reproduce this image from the trace: its user, the environment beyond
@@ -828,6 +853,8 @@ class DockerTarget(Target):
 
         name = f"tj-verify-{uuid.uuid4().hex[:12]}"
         args = ["run", "--rm", "--name", name, "--entrypoint", run.executable, "-w", run.cwd, *network]
+        if self.opts.read_only:
+            args += ["--read-only", "--tmpfs", "/tmp"]
         if self.opts.user:
             args += ["--user", self.opts.user]
         for k, v in sorted(run_env(self.config(), run, first).items()):
@@ -1028,6 +1055,28 @@ def add_misses(trace: tr.Trace, misses: list[Miss], round_no: int) -> tuple[list
     return added, kept
 
 
+def add_permission_fixes(trace: tr.Trace, misses: list[Miss], round_no: int) -> list[str]:
+    """Record in the trace that what each permission miss needs must belong to the image user
+    (PathRecord.owner, which build honours); return those paths. EROFS (a read-only root) is not
+    something ownership fixes: it is left to volumes."""
+    fixed = []
+    for m in misses:
+        if not m.needs or m.result == "EROFS":
+            continue
+        rec = trace.files.get(m.needs)
+        if rec is None:
+            rec = trace.record(m.needs)
+            rec.added_by = FIXED_BY
+        if rec.owner != tr.IMAGE_USER:
+            rec.owner = tr.IMAGE_USER
+            rec.reason = (f"must belong to the image user: {m.syscall} of {m.path} failed with {m.result} "
+                          f"in the jail (round {round_no}), where the recorded run succeeded")
+            if m.run not in rec.runs:
+                rec.runs.append(m.run)
+            fixed.append(m.needs)
+    return fixed
+
+
 def exercise_commands(trace: tr.Trace) -> list[str]:
     return list(dict.fromkeys(e.command for r in trace.runs for e in r.exercises))
 
@@ -1091,17 +1140,22 @@ def verify(trace_path: str, opts: VerifyOptions,
             if not opts.fix:
                 break
             misses = [m for c in rnd.runs for m in c.misses if m.path not in handled]
-            if not misses:
-                report.end = "no new misses to add: what still differs is not a missing file"
+            permission = [m for c in rnd.runs for m in c.denied
+                          if m.needs and m.result != "EROFS" and f"owner:{m.needs}" not in handled]
+            if not misses and not permission:
+                report.end = "no new misses to add: what still differs is not a missing file or a permission"
                 break
             if rnd.number > opts.max_rounds:
                 report.end = f"stopped after --max-rounds {opts.max_rounds} rebuild(s)"
                 break
             rnd.added, rnd.kept = add_misses(trace, _unique(misses), rnd.number)
+            rnd.owned = add_permission_fixes(trace, permission, rnd.number)
             handled.update(m.path for m in misses)
-            if rnd.added:
+            handled.update(f"owner:{m.needs}" for m in permission)
+            if rnd.added or rnd.owned:
                 tr.save(trace, trace_path)
-            say(f"round {rnd.number}: added {len(rnd.added)} path(s) to {trace_path}; rebuilding")
+            owners = f" and {len(rnd.owned)} owner(s)" if rnd.owned else ""
+            say(f"round {rnd.number}: added {len(rnd.added)} path(s){owners} to {trace_path}; rebuilding")
             rnd.rebuilt = target.rebuild(trace_path, trace)
     finally:
         target.close()
@@ -1139,9 +1193,16 @@ def format_report(report: VerifyReport) -> str:
                 out += [f"    + {shown(p)}\n" for p in rnd.added]
             if rnd.kept:
                 out.append(f"  already in the trace, missing from the image only: {', '.join(rnd.kept)}\n")
+            if rnd.owned:
+                out.append(f"  recorded in {report.trace} as needing the image user (owner \"{tr.IMAGE_USER}\"):\n")
+                out += [f"    + {shown(p)}\n" for p in rnd.owned]
             out.append(f"  {rnd.rebuilt}\n")
     runs = report.rounds[-1].runs if report.rounds else []
     exercises = [e for c in runs for e in c.exercises]
+    writable = sorted({m.needs for c in runs for m in c.denied if m.result == "EROFS" and m.needs})
+    if writable:
+        out.append("read-only: these must be writable: " + ", ".join(shown(p) for p in writable)
+                   + "; declare them volumes at build (--volume DIR, or --writable-volumes)\n")
     if report.passed:
         out.append(f"PASS: {len(runs)} run(s), {len(exercises)} exercise(s)"
                    + (f" ({report.end})" if report.end and report.end != "passed" else "") + "\n")
@@ -1194,7 +1255,7 @@ def _format_run(c: RunCheck) -> str:
     elif c.traced and not c.passed:
         out.append("  no missing paths found in the traced replay\n")
     if c.denied:
-        out.append("  found in the jail but denied to the user:\n")
+        out.append("  permission misses (the recorded run could, the image user cannot):\n")
         out += [f"    {shown(m.describe())}\n" for m in c.denied]
     out += [f"  note: {n}\n" for n in c.notes]
     return "".join(out)
