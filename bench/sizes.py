@@ -3,8 +3,9 @@
 For every workload in sample_workloads/ (tests/workloads.py):
 
 * tracejail: `tracejail record [--exercise ...] -- CMD` in the workload folder, then
-  `tracejail build --json -t tj-sizes-NAME:tracejail`; run the image as it comes (non-root 65532)
-  and compare its output with expected_output.txt.
+  `tracejail build --json -t tj-sizes-NAME:tracejail` three ways (the default, `--strip`, and
+  `--strip --bytecode-only`); run each image as it comes (non-root 65532) and compare its output
+  with expected_output.txt; then time `build --no-load` of each, interleaved, --reps times.
 * the seed's way, as a person following the recipe would do it: `ldd` the workload's main binary
   (the real Python interpreter behind `python3` / `.venv/bin/python`, `./main`, or the `#!`
   interpreter of a script), `cp -L --parents` the binary (every hop of its symlink chain), each
@@ -22,7 +23,7 @@ Writes bench/sizes.md (or --output) and prints the table. Uses the engine of DOC
 socket); needs root for the seed's ldd copy of /root/.pyenv-style interpreters, gcc/make for
 c-plugin, curl for the server exercises, PyPI (or a pip mirror) once for the venv workloads.
 
-    python bench/sizes.py [--only NAME ...] [--venv-cache DIR] [--keep-images] [--output FILE]
+    python bench/sizes.py [--only NAME ...] [--venv-cache DIR] [--keep-images] [--reps N] [--output FILE]
 """
 from __future__ import annotations
 
@@ -32,13 +33,14 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,9 +60,15 @@ LISTEN_TIMEOUT = 20.0
 class Outcome:
     compressed: int | None = None   # bytes, gzip -6 of the single layer
     on_disk: int | None = None      # bytes of regular files in the rootfs
+    families: int | None = None     # of those, bytes kept as families looked up by name
     works: bool = False
     error: str = ""                 # first error line when it does not work
     seconds: float = 0.0
+    build_times: list[float] = field(default_factory=list)   # `build --no-load` wall times (s)
+
+    @property
+    def build_median(self) -> float | None:
+        return statistics.median(self.build_times) if self.build_times else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,9 +186,19 @@ def run_image(w: wl.Workload, tag: str, extra: list[str] | None = None) -> tuple
 # tracejail's way
 
 
-def tracejail_way(w: wl.Workload, work: Path, tag: str) -> Outcome:
+# The builds compared: tracejail's default and its size options, from one recording.
+VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("default", ()),
+    ("--strip", ("--strip",)),
+    ("--strip --bytecode-only", ("--strip", "--bytecode-only")),
+)
+
+
+def tracejail_way(w: wl.Workload, work: Path, tag: str, reps: int) -> dict[str, Outcome]:
+    """Record once; build, load and run each variant; then time `build --no-load` of every
+    variant `reps` times, interleaved (so a busy moment of the machine hits all alike)."""
     t0 = time.monotonic()
-    out = Outcome()
+    outcomes = {name: Outcome() for name, _ in VARIANTS}
     trace = work / "trace.json"
     args = [*TJ, "record", "-o", str(trace)]
     for ex in w.exercises:
@@ -190,21 +208,37 @@ def tracejail_way(w: wl.Workload, work: Path, tag: str) -> Outcome:
     rec = subprocess.run([*args, "--", *w.command], cwd=w.dir, capture_output=True, text=True,
                          timeout=600)
     if rec.returncode != 0:
-        out.error = "record: " + first_error_line(rec.stderr)
-        return out
-    build = subprocess.run([*TJ, "build", str(trace), "-t", tag, "-o", str(work / "image.tar"), "--json"],
-                           capture_output=True, text=True, timeout=600)
-    if build.returncode != 0:
-        out.error = "build: " + first_error_line(build.stderr)
-        return out
-    summary = json.loads(build.stdout)
-    out.compressed, out.on_disk = summary["image_size"], summary["bytes"]
-    if not summary.get("loaded_id"):
-        out.error = "build: image not loaded into Docker"
-        return out
-    out.works, out.error = run_image(w, tag)
-    out.seconds = time.monotonic() - t0
-    return out
+        for out in outcomes.values():
+            out.error = "record: " + first_error_line(rec.stderr)
+        return outcomes
+    for name, options in VARIANTS:
+        out = outcomes[name]
+        build = subprocess.run([*TJ, "build", str(trace), "-t", tag, "-o", str(work / "image.tar"), "--json",
+                                *options], capture_output=True, text=True, timeout=600)
+        if build.returncode != 0:
+            out.error = "build: " + first_error_line(build.stderr)
+            continue
+        summary = json.loads(build.stdout)
+        out.compressed, out.on_disk = summary["image_size"], summary["bytes"]
+        out.families = sum(f["bytes"] for f in summary.get("families", {}).values())
+        for option, reasons in summary.get("shrink", {}).get("kept_as_is", {}).items():
+            for why, v in reasons.items():
+                log(f"{w.name} {name}: {option} left {v['count']} as they are: {why} (e.g. {v['examples'][0]})")
+        if not summary.get("loaded_id"):
+            out.error = "build: image not loaded into Docker"
+            continue
+        out.works, out.error = run_image(w, tag)
+        docker("rmi", "-f", tag, check=False)
+    for _ in range(reps):
+        for name, options in VARIANTS:
+            start = time.monotonic()
+            timed = subprocess.run([*TJ, "build", str(trace), "--no-load", "-o", str(work / "timed.tar"), *options],
+                                   capture_output=True, text=True, timeout=600)
+            if timed.returncode == 0:
+                outcomes[name].build_times.append(time.monotonic() - start)
+    for out in outcomes.values():
+        out.seconds = time.monotonic() - t0
+    return outcomes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,26 +349,54 @@ def python_note() -> str:
     return f"{exe} ({'shared' if shared else 'static'} libpython)"
 
 
-def markdown(rows: list[tuple[wl.Workload, Outcome, Outcome]], host: str) -> str:
+def ratio(a: int | float | None, b: int | float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}"
+
+
+def markdown(rows: list[tuple[wl.Workload, dict[str, Outcome], Outcome]], host: str, reps: int) -> str:
     def works(o: Outcome) -> str:
         return "yes" if o.works else f"no: `{o.error}`" if o.error else "no"
 
+    def seconds(o: Outcome) -> str:
+        return "-" if o.build_median is None else f"{o.build_median:.2f}"
+
+    names = [name for name, _ in VARIANTS]
     lines = [
         "# Image sizes: tracejail vs the ldd-only recipe",
         "",
-        "Written by `python bench/sizes.py` (do not edit by hand). Each sample workload is recorded and",
-        "built with tracejail, and built again the seed's way: `ldd` of its main binary, `cp -L --parents`",
-        "of the binary, its libraries and the loader, plus the app folder, `FROM scratch` + `COPY rootfs /`.",
+        "Written by `python bench/sizes.py` (do not edit by hand). Each sample workload is recorded once and",
+        "built with tracejail three ways — the default, `--strip`, and `--strip --bytecode-only` — and",
+        "built again the seed's way: `ldd` of its main binary, `cp -L --parents` of the binary, its",
+        "libraries and the loader, plus the app folder, `FROM scratch` + `COPY rootfs /`.",
         "\"works\" means the image's output equals the workload's `expected_output.txt` (servers: the",
         "exercises' output, run from the host against the container on `--network host`).",
         "Sizes are the gzip -6 compressed single layer (on-disk bytes of the files in brackets).",
+        "\"of which families\": on-disk bytes of the files kept whole as families looked up by name",
+        "(codecs, time zones: `build --no-family NAME` leaves one out), in the default build.",
         "",
-        "| workload | tracejail image | tracejail works | seed-way image | seed-way works |",
-        "|---|---|---|---|---|",
+        "| workload | " + " | ".join(f"tracejail {n}" for n in names)
+        + " | smallest / default | of which families | tracejail works | seed-way image | seed-way works |",
+        "|---|" + "---|" * len(names) + "---|---|---|---|---|",
     ]
     for w, tj, seed in rows:
-        lines.append(f"| {w.name} | {mb(tj.compressed)} ({mb(tj.on_disk)}) | {works(tj)} "
-                     f"| {mb(seed.compressed)} ({mb(seed.on_disk)}) | {works(seed)} |")
+        base, small = tj[names[0]], tj[names[-1]]
+        all_work = "yes" if all(o.works for o in tj.values()) else \
+            "; ".join(f"{n}: {works(o)}" for n, o in tj.items() if not o.works)
+        lines.append(f"| {w.name} | " + " | ".join(f"{mb(tj[n].compressed)} ({mb(tj[n].on_disk)})" for n in names)
+                     + f" | {ratio(small.compressed, base.compressed)} ({ratio(small.on_disk, base.on_disk)})"
+                     f" | {mb(base.families)} | {all_work} | {mb(seed.compressed)} ({mb(seed.on_disk)}) | {works(seed)} |")
+    lines += [
+        "",
+        f"Build time (`tracejail build --no-load`, seconds, median of {reps}, the variants interleaved;",
+        "recording not included):",
+        "",
+        "| workload | " + " | ".join(names) + " | --strip / default | both / default |",
+        "|---|" + "---|" * len(names) + "---|---|",
+    ]
+    for w, tj, _seed in rows:
+        base = tj[names[0]].build_median
+        lines.append(f"| {w.name} | " + " | ".join(seconds(tj[n]) for n in names)
+                     + f" | {ratio(tj[names[1]].build_median, base)} | {ratio(tj[names[2]].build_median, base)} |")
     lines += [
         "",
         "The tracejail images run as 65532:65532 (its default); the seed-way images as root (the recipe",
@@ -353,11 +415,12 @@ def main() -> int:
                     help="where venv workloads' venvs are built once (default: %(default)s)")
     ap.add_argument("--output", help="markdown file to write (default bench/sizes.md; with --only: none)")
     ap.add_argument("--keep-images", action="store_true", help="leave the images in Docker")
+    ap.add_argument("--reps", type=int, default=3, help="timed builds per variant (default: %(default)s)")
     args = ap.parse_args()
 
     docker("info", "--format", "{{.ServerVersion}}", timeout=30)
     chosen = [wl.get_workload(n) for n in args.only] if args.only else wl.all_workloads()
-    rows = []
+    rows: list[tuple[wl.Workload, dict[str, Outcome], Outcome]] = []
     failures = 0
     t_all = time.monotonic()
     for w in chosen:
@@ -371,20 +434,20 @@ def main() -> int:
             work = Path(d)
             try:
                 log(f"{w.name}: tracejail record + build + run")
-                tj = tracejail_way(w, work, tags[0])
+                tj = tracejail_way(w, work, tags[0], args.reps)
                 log(f"{w.name}: seed way (ldd closure) build + run")
                 seed = seed_way(w, work, tags[1])
             finally:
                 if not args.keep_images:
                     docker("rmi", "-f", *tags, check=False)
-        failures += not tj.works
-        log(f"{w.name}: tracejail {mb(tj.compressed)} works={tj.works} ({tj.seconds:.1f} s); "
-            f"seed {mb(seed.compressed)} works={seed.works} {seed.error}")
+        failures += not all(o.works for o in tj.values())
+        log(f"{w.name}: tracejail " + ", ".join(f"{n} {mb(o.compressed)} works={o.works}" for n, o in tj.items())
+            + f"; seed {mb(seed.compressed)} works={seed.works} {seed.error}")
         rows.append((w, tj, seed))
     host = (f"{platform.system()} {platform.machine()}, kernel {platform.release()}, "
             f"Python {platform.python_version()}, Docker {docker('version', '--format', '{{.Server.Version}}').stdout.strip()}, "
             f"tracejail {__version__}")
-    text = markdown(rows, host)
+    text = markdown(rows, host, args.reps)
     output = args.output or (None if args.only else str(ROOT / "bench" / "sizes.md"))
     if output:
         Path(output).write_text(text)

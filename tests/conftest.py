@@ -186,6 +186,7 @@ class _Private:
     workdir: str
     bridge: str | None = None
     netns: str | None = None
+    netns_mount_made: bool = False   # `ip netns add` made the /run/netns mount: undo it
 
     def stop(self) -> list[str]:
         problems = _stop_private(self.proc, self.engine.env, self.workdir)
@@ -193,7 +194,17 @@ class _Private:
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         if self.netns:
             subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
+            if self.netns_mount_made and not os.listdir(NETNS_DIR):
+                subprocess.run(["umount", NETNS_DIR], capture_output=True)
         return problems
+
+
+NETNS_DIR = "/run/netns"
+
+
+def _is_mount_point(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
 
 
 def _free_subnet() -> str | None:
@@ -230,6 +241,7 @@ def _start_private(bridge: bool, netns: str | None = None) -> _Private | str:
     if bridge:
         subnet = _free_subnet()
         name = f"tj{os.getpid() % 1000000}"
+        netns_mount_made = False
         made = subprocess.run(["ip", "link", "add", name, "type", "bridge"], capture_output=True, text=True)
         if subnet is None or made.returncode != 0:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -239,6 +251,8 @@ def _start_private(bridge: bool, netns: str | None = None) -> _Private | str:
         cmd += ["--bridge", name]
     else:
         cmd += ["--bridge", "none"]
+        # The first `ip netns add` on a machine bind-mounts /run/netns and leaves it mounted.
+        netns_mount_made = not _is_mount_point(NETNS_DIR)
         made = subprocess.run(["ip", "netns", "add", netns or "tj-nobridge"], capture_output=True, text=True)
         if made.returncode != 0:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -251,7 +265,7 @@ def _start_private(bridge: bool, netns: str | None = None) -> _Private | str:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     private = _Private(DockerEngine(host, env, private=True), proc, workdir, name,
-                       None if bridge else netns or "tj-nobridge")
+                       None if bridge else netns or "tj-nobridge", not bridge and netns_mount_made)
     deadline = time.monotonic() + START_TIMEOUT
     while not _answers(env, timeout=2):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -93,4 +93,20 @@ def test_workload_record_build_run(name: str, docker_engine, tmp_path: Path, ven
     size = result.image.compressed_size
     print(f"\n[size] {name}: {size / 1e6:.1f} MB compressed, {result.plan.files_size() / 1e6:.1f} MB "
           f"on disk, {len(result.plan.entries)} entries")
+
+    # The same trace with --strip --bytecode-only: a smaller image, the same output.
+    small = tjbuild.build(str(trace_path), tjbuild.BuildOptions(
+        tag=tag, output=str(tmp_path / "small.tar"), docker_env=docker_engine.env, strip=True,
+        bytecode_only=True))
+    assert small.loaded_id, small.warnings
+    assert run_image(docker_engine, w, tag) == expected
+    savings = small.summary()["shrink"]["savings"]
+    assert savings["--strip"]["bytes_saved"] >= 0 and savings["--bytecode-only"]["bytes_saved"] >= 0
+    if "python" in " ".join(w.command):
+        assert savings["--bytecode-only"]["files"] > 0, small.summary()["shrink"]
+        assert small.image.compressed_size < size
+    else:     # Debian's programs and libraries come stripped already
+        assert small.image.compressed_size <= size
+    print(f"[size] {name} --strip --bytecode-only: {small.image.compressed_size / 1e6:.1f} MB compressed, "
+          f"{small.plan.files_size() / 1e6:.1f} MB on disk")
     docker_engine.run("rmi", "-f", tag, check=False)

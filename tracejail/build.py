@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from tracejail import __version__
 from tracejail import fileset as fsel
-from tracejail import image, rootfs, sensitive
+from tracejail import image, rootfs, sensitive, shrink
 from tracejail import trace as tr
 from tracejail.errors import TracejailError, UsageError
 from tracejail.root import NodeKind, Root, SourceChanged
@@ -34,6 +34,8 @@ NSSWITCH_FILES = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n
 LABEL_VERSION = "io.tracejail.version"
 LABEL_TRACE_DIGEST = "io.tracejail.trace.digest"
 LABEL_CREATED = "org.opencontainers.image.created"
+# The content options that rewrote files ("strip,bytecode-only"): verify --fix rebuilds with them.
+LABEL_SHRINK = "io.tracejail.shrink"
 
 
 @dataclass
@@ -63,6 +65,8 @@ class BuildOptions:
     families_off: list[str] = field(default_factory=list)   # families.py names not to add
     volumes: list[str] = field(default_factory=list)         # --volume DIR
     writable_volumes: bool = False        # declare every directory the run wrote in a volume
+    strip: bool = False                   # strip kept ELF files (shrink.py)
+    bytecode_only: bool = False           # Python modules as sourceless .pyc (shrink.py)
 
 
 @dataclass
@@ -80,6 +84,7 @@ class BuildResult:
     alerts: list[str] = field(default_factory=list)   # said loudly: a secret in the config, a failed run
     metadata: Any = None                  # provenance.BuildMetadata: why each entry is there, packages
     sbom: str | None = None
+    shrunk: Any = None                    # shrink.ShrinkResult when --strip or --bytecode-only
 
     def summary(self) -> dict[str, Any]:
         entries = self.plan.entries.values()
@@ -127,6 +132,20 @@ class BuildResult:
             "sbom": self.sbom,
             "packages": [{"ecosystem": p.ecosystem, "name": p.name, "version": p.version}
                          for p in (self.metadata.packages if self.metadata else [])],
+            "shrink": self._shrink_summary(),
+        }
+
+    def _shrink_summary(self) -> dict[str, Any]:
+        if self.shrunk is None:
+            return {}
+        kept: dict[str, dict[str, list[str]]] = {}
+        for option, path, why in self.shrunk.kept:
+            kept.setdefault(option, {}).setdefault(why, []).append(path)
+        return {
+            "savings": {s.option: s.to_json() for s in self.shrunk.savings},
+            "kept_as_is": {option: {why: {"count": len(paths), "examples": sorted(paths)[:5]}
+                                    for why, paths in sorted(reasons.items())}
+                           for option, reasons in sorted(kept.items())},
         }
 
 
@@ -291,6 +310,8 @@ def build(trace_path: str, options: BuildOptions,
             tr.check_writable(out)
     if options.rootfs_dir:
         image.check_dockerfile_slot(options.rootfs_dir)
+    if options.strip:
+        shrink.strip_tool()      # missing binutils fails before any work
 
     # The one place every stage takes its tree from.
     root = Root(options.root)
@@ -323,6 +344,9 @@ def build(trace_path: str, options: BuildOptions,
                for problem in tr.run_problems(run)]
     ports = sorted({p for r in trace.runs for p in r.listening_ports})
     labels = {LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)}
+    shrink_options = [name for name, on in (("strip", options.strip), ("bytecode-only", options.bytecode_only)) if on]
+    if shrink_options:
+        labels[LABEL_SHRINK] = ",".join(shrink_options)
     env = image_env(run, options.env)
     if own.home and uid != 0 and not any(e.startswith("HOME=") for e in env):
         env = sorted(env + [f"HOME={own.home}"])
@@ -338,14 +362,20 @@ def build(trace_path: str, options: BuildOptions,
 
     with tempfile.TemporaryDirectory(prefix="tracejail-build-") as workdir:
         notes = _generated_entries(plan, uid, gid, workdir, own.home if uid != 0 else None)
+        shrunk = None
+        if shrink_options:
+            shrunk = shrink.shrink(plan, workdir, strip=options.strip, bytecode_only=options.bytecode_only,
+                                   read=shrink.read_paths(trace, root) if options.bytecode_only else set(),
+                                   owned=plan.ownership)
         from tracejail import provenance
 
         metadata = provenance.add_build_metadata(
             trace, files, plan, workdir, package_metadata=options.package_metadata,
-            write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST], root=root, db=db)
+            write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST], root=root, db=db,
+            derived=shrunk.derived if shrunk else {})
         notes += metadata.notes
         result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings,
-                             alerts=alerts, metadata=metadata)
+                             alerts=alerts, metadata=metadata, shrunk=shrunk)
         total = plan.files_size()
 
         def step(name: str) -> Callable[[int], None] | None:

@@ -264,6 +264,10 @@ def image_content(user: str, include: tuple[str, ...], exclude: tuple[str, ...],
 @image_content_options
 @click.option("--entrypoint", metavar="CMD", help="Entrypoint (shell words) instead of the recorded command.")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment (repeatable).")
+@click.option("--strip", is_flag=True,
+              help="Strip kept ELF files (symbols, debug sections; GNU strip --strip-unneeded) in the image.")
+@click.option("--bytecode-only", is_flag=True,
+              help="Ship imported Python modules as .pyc only, without their .py (tracebacks lose source lines).")
 @click.option("--no-load", is_flag=True, help="Do not load the image into Docker.")
 @click.option("--strict", is_flag=True, help="Fail when a traced file vanished or a library is missing.")
 @click.option("--fast", is_flag=True, help="gzip level 1 instead of 6.")
@@ -285,7 +289,8 @@ def image_content(user: str, include: tuple[str, ...], exclude: tuple[str, ...],
 @handle_errors
 def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str | None,
           oci_dir: str | None, user: str, entrypoint: str | None, env: tuple[str, ...],
-          include: tuple[str, ...], exclude: tuple[str, ...], no_load: bool, strict: bool,
+          include: tuple[str, ...], exclude: tuple[str, ...], strip: bool, bytecode_only: bool,
+          no_load: bool, strict: bool,
           fast: bool, no_compress: bool, keep_setuid: bool, keep_modes: bool, families_off: tuple[str, ...],
           volumes: tuple[str, ...], writable_volumes: bool, keep_owners: bool, provenance: bool,
           sbom_file: str | None, sbom_format: str, no_package_metadata: bool, max_file_size: str,
@@ -309,7 +314,7 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
         load=not no_load, strict=strict, compress_level=None if no_compress else (1 if fast else 6),
         provenance=provenance, volumes=list(volumes), writable_volumes=writable_volumes,
         package_metadata=not no_package_metadata, sbom=sbom_file, sbom_format=sbom_format,
-        max_file_size=size_limit,
+        max_file_size=size_limit, strip=strip, bytecode_only=bytecode_only,
         **image_content(user, include, exclude, keep_setuid, keep_modes, keep_owners, families_off))
     bar = _Progress()
     try:
@@ -338,6 +343,12 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
     if summary["left_out"]:
         lines.append("left out:")
         lines += [f"  {v['count']:>5}  {shown(rule)}" for rule, v in summary["left_out"].items()]
+    shrunk = summary["shrink"]
+    for option, saving in shrunk.get("savings", {}).items():
+        kept = sum(v["count"] for v in shrunk["kept_as_is"].get(option, {}).values())
+        lines.append(f"{option}: {saving['files']} files, {human(saving['bytes_before'])} -> "
+                     f"{human(saving['bytes_after'])}, saved {human(saving['bytes_saved'])} "
+                     f"in {saving['seconds']:.1f}s" + (f"; {kept} left as they are (--json lists why)" if kept else ""))
     if summary["families"]:
         lines.append("families kept whole (looked up by name; --no-family NAME): " + ", ".join(
             f"{name} {v['count']} files {human(v['bytes'])}" for name, v in summary["families"].items()))

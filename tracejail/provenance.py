@@ -22,7 +22,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from tracejail import __version__
 from tracejail import fileset as fsel
@@ -52,6 +52,7 @@ TARGET = "symlink-target"          # reached through symlinks from a kept path
 LISTED = "listed-directory"        # a directory the program listed or stat'ed
 PARENT = "parent-directory"        # holds kept paths
 GENERATED = "generated"            # written by `tracejail build` itself
+DERIVED = "derived"                # content made from a kept file (--strip, --bytecode-only: shrink.py)
 FAMILY = "family"                  # a member of a family looked up by name (families.py)
 OWNER = "owner"                    # belongs to the image user (ownership.py)
 OTHER = "other"
@@ -683,7 +684,8 @@ def _add_file(plan: rootfs.Plan, workdir: str, path: str, content: bytes) -> Non
 
 def add_build_metadata(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, workdir: str, *,
                        package_metadata: bool = True, write_provenance: bool = False,
-                       trace_digest: str | None = None, root: Root | None = None, db: Any = None) -> BuildMetadata:
+                       trace_digest: str | None = None, root: Root | None = None, db: Any = None,
+                       derived: Mapping[str, str] | None = None) -> BuildMetadata:
     """Called by `build` after its own generated entries: add dpkg status.d stanzas and
     /etc/os-release (package_metadata), and /.tracejail/provenance.json (write_provenance),
     as files in `workdir`; return the provenance of every entry and the image's packages.
@@ -693,9 +695,17 @@ def add_build_metadata(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, 
     root = root or Root("/")
     prov = compute(trace, files, plan, root)
     meta = BuildMetadata(prov)
+    derived = derived or {}
     for path, e in plan.entries.items():
+        if path in derived:
+            # Content made from a kept file: why that file is there still holds.
+            ep = prov.entries.get(path)
+            if ep is None:
+                ep = prov.entries[path] = EntryProvenance(path, e.kind, size=e.size)
+            ep.size = e.size
+            ep.reasons.append(Reason(DERIVED, derived[path]))
         # build.py's own additions: no host source (dirs) or content written in its workdir.
-        if e.source is None or (e.source != path and e.source.startswith(workdir + os.sep)):
+        elif e.source is None or (e.source != path and e.source.startswith(workdir + os.sep)):
             add_generated(prov, path, e.kind, generated_note(path) or "written by `tracejail build`", e.size)
 
     db = db if db is not None else dpkg.read_database(root)

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from tracejail import build as tjbuild
-from tracejail import jail, sensitive
+from tracejail import jail, sensitive, shrink
 from tracejail import trace as tr
 from tracejail.errors import Interrupted, TraceFormatError, TracejailError, UsageError
 from tracejail.record import listening_ports, run_exercise, spawn_captured
@@ -669,6 +669,7 @@ def jail_misses(host: tr.Trace, view: dict[str, list[tr.Access]], processes: lis
                     exists_on_host=True, in_trace=in_trace)
 
     source = Root("/")   # where the trace's files come from
+    tree = Root(rootfs)
     misses: dict[str, Miss] = {}   # canonical path in the source -> the best spelling
     denied: list[Miss] = []
     for path in sorted(view):
@@ -688,7 +689,7 @@ def jail_misses(host: tr.Trace, view: dict[str, list[tr.Access]], processes: lis
             continue
         if rec is not None and (rec.failed or rec.created_by_run):
             continue   # failed on the host too (noise), or the run makes it itself
-        if not source.lexists(source.normalize(path)[0]):
+        if not source.lexists(source.normalize(path)[0]) or shrink.replaced_by_bytecode(path, tree):
             continue
         not_found = [a for a in accesses if a.result in NOT_FOUND]
         if not_found:
@@ -798,8 +799,10 @@ class Target:
         entry = info.entrypoint if info.entrypoint and info.entrypoint != default else None
         tree = self.jail_rootfs_if_made()
         provenance = tree is not None and os.path.lexists(tree + IMAGE_PATH)
+        shrunk = set(info.labels.get(tjbuild.LABEL_SHRINK, "").split(","))
         return tjbuild.BuildOptions(user=self.user or tjbuild.DEFAULT_USER, env=extra, entrypoint=entry,
-                                    provenance=provenance)
+                                    provenance=provenance, strip="strip" in shrunk,
+                                    bytecode_only="bytecode-only" in shrunk)
 
 
 class DockerTarget(Target):
