@@ -349,8 +349,8 @@ def python_note() -> str:
     return f"{exe} ({'shared' if shared else 'static'} libpython)"
 
 
-def ratio(a: int | float | None, b: int | float | None) -> str:
-    return "-" if a is None or not b else f"{a / b:.2f}"
+def ratio(a: int | float | None, b: int | float | None, digits: int = 2) -> str:
+    return "-" if a is None or not b else f"{a / b:.{digits}f}"
 
 
 def markdown(rows: list[tuple[wl.Workload, dict[str, Outcome], Outcome]], host: str, reps: int) -> str:
@@ -383,7 +383,7 @@ def markdown(rows: list[tuple[wl.Workload, dict[str, Outcome], Outcome]], host: 
         all_work = "yes" if all(o.works for o in tj.values()) else \
             "; ".join(f"{n}: {works(o)}" for n, o in tj.items() if not o.works)
         lines.append(f"| {w.name} | " + " | ".join(f"{mb(tj[n].compressed)} ({mb(tj[n].on_disk)})" for n in names)
-                     + f" | {ratio(small.compressed, base.compressed)} ({ratio(small.on_disk, base.on_disk)})"
+                     + f" | {ratio(small.compressed, base.compressed, 3)} ({ratio(small.on_disk, base.on_disk, 3)})"
                      f" | {mb(base.families)} | {all_work} | {mb(seed.compressed)} ({mb(seed.on_disk)}) | {works(seed)} |")
     lines += [
         "",

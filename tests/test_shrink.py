@@ -123,6 +123,31 @@ def test_strip_leaves_what_it_cannot_handle_as_it_is(elf_pair, tmp_path: Path) -
     assert plan.entries == before
 
 
+def test_strip_leaves_a_patchelf_layout_it_would_change_as_it_is(tmp_path: Path) -> None:
+    """patchelf (auditwheel, for every manylinux wheel's bundled libraries) appends segments that
+    GNU strip moves or trims: numpy's OpenBLAS then fails to load ("ELF load command
+    address/offset not page-aligned"). Whatever strip changes in what the loader maps, the file
+    stays as it was."""
+    if shutil.which("patchelf") is None or shutil.which("gcc") is None:
+        pytest.skip("patchelf and gcc are needed (tests/run installs them)")
+    source = tmp_path / "big.c"
+    source.write_text("\n".join(f"struct s{i} {{ int a; long b[{i % 7 + 1}]; }};\n"
+                                f"int f{i}(struct s{i} *p) {{ return p->a + (int)p->b[0]; }}" for i in range(800))
+                      + "\nint twice(int x) { return 2 * x; }\n")
+    lib = tmp_path / "libbig.so"
+    subprocess.run(["gcc", "-g3", "-shared", "-fPIC", "-o", str(lib), str(source)], check=True)
+    subprocess.run(["patchelf", "--set-rpath", "/opt/" + "x" * 300, str(lib)], check=True)
+    plan = plan_of(lib)
+    before = dict(plan.entries)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = shrink.ShrinkResult()
+    assert shrink.strip_plan(plan, str(work), result).files == 0
+    assert result.kept == [(shrink.Option.STRIP, str(lib),
+                            "strip would change what the loader maps (a segment layout such as patchelf makes)")]
+    assert plan.entries == before
+
+
 def test_a_strip_that_fails_keeps_the_file_with_its_error(elf_pair, tmp_path: Path) -> None:
     plan = plan_of(*elf_pair)
     before = dict(plan.entries)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from typing import BinaryIO
 from dataclasses import dataclass, field
 
 from elftools.elf.elffile import ELFFile
@@ -96,6 +97,24 @@ class ElfLayout:
     has_dynsym: bool
     build_id: bool
     sections: int
+    loads: tuple[Load, ...] = ()
+    headers: tuple[tuple[int, int], ...] = ()   # file ranges of the ELF header and program headers
+
+
+@dataclass(frozen=True)
+class Load:
+    """A PT_LOAD segment: what the loader maps, and from where in the file."""
+
+    offset: int
+    vaddr: int
+    filesz: int
+    memsz: int
+    flags: int
+    align: int
+
+    def mapped(self) -> tuple[int, int, int, int, int]:
+        """Everything but the file offset, which strip may legitimately move."""
+        return self.vaddr, self.filesz, self.memsz, self.flags, self.align
 
 
 def elf_layout(f: object) -> ElfLayout:
@@ -106,10 +125,14 @@ def elf_layout(f: object) -> ElfLayout:
     end = max(hdr["e_ehsize"], hdr["e_shoff"] + hdr["e_shnum"] * hdr["e_shentsize"],
               hdr["e_phoff"] + hdr["e_phnum"] * hdr["e_phentsize"])
     interp = None
+    loads = []
     for seg in elf.iter_segments():
         end = max(end, seg["p_offset"] + seg["p_filesz"])
         if seg["p_type"] == "PT_INTERP":
             interp = seg.get_interp_name()
+        elif seg["p_type"] == "PT_LOAD":
+            loads.append(Load(seg["p_offset"], seg["p_vaddr"], seg["p_filesz"], seg["p_memsz"], seg["p_flags"],
+                              seg["p_align"]))
     strippable = has_dynsym = build_id = False
     for sec in elf.iter_sections():
         if sec["sh_type"] != _SHT_NOBITS:
@@ -119,7 +142,9 @@ def elf_layout(f: object) -> ElfLayout:
         has_dynsym = has_dynsym or name == ".dynsym"
         build_id = build_id or name == ".note.gnu.build-id"
     return ElfLayout(loadable=hdr["e_type"] in ("ET_EXEC", "ET_DYN"), strippable=strippable, end=end,
-                     interp=interp, has_dynsym=has_dynsym, build_id=build_id, sections=hdr["e_shnum"])
+                     interp=interp, has_dynsym=has_dynsym, build_id=build_id, sections=hdr["e_shnum"],
+                     loads=tuple(loads),
+                     headers=((0, hdr["e_ehsize"]), (hdr["e_phoff"], hdr["e_phnum"] * hdr["e_phentsize"])))
 
 
 # Zero bytes after the last section are alignment padding, not a payload; look at this many.
@@ -133,6 +158,33 @@ def _why_not_strip(layout: ElfLayout, size: int, fd: int) -> str | None:
     if tail > 0 and (tail > _PADDING_CHECK or os.pread(fd, tail, layout.end).strip(b"\0")):
         return (f"{tail} bytes follow its ELF contents (an appended payload, as self-extracting "
                 "programs carry), which strip would drop")
+    return None
+
+
+def _segment_bytes(f: BinaryIO, load: Load, headers: tuple[tuple[int, int], ...]) -> bytes:
+    """The bytes the loader maps from `load`, with the ELF and program headers blanked (strip
+    rewrites offsets there: where the section headers are, where a segment now starts)."""
+    f.seek(load.offset)
+    data = bytearray(f.read(load.filesz))
+    for start, length in headers:
+        lo, hi = max(start, load.offset), min(start + length, load.offset + load.filesz)
+        if lo < hi:
+            data[lo - load.offset:hi - load.offset] = bytes(hi - lo)
+    return bytes(data)
+
+
+def _mapping_changed(before: ElfLayout, before_f: BinaryIO, after: ElfLayout, after_f: BinaryIO) -> str | None:
+    """Why the stripped copy would not load as the original does: strip must change nothing the
+    loader maps. (GNU strip mangles the extra segments patchelf appends, as in auditwheel-repaired
+    wheels' libraries: "ELF load command address/offset not page-aligned".)"""
+    changed = "strip would change what the loader maps (a segment layout such as patchelf makes)"
+    if [lo.mapped() for lo in before.loads] != [lo.mapped() for lo in after.loads]:
+        return changed
+    for b, a in zip(before.loads, after.loads):
+        if a.align > 1 and (a.offset - a.vaddr) % a.align:
+            return changed
+        if _segment_bytes(before_f, b, before.headers) != _segment_bytes(after_f, a, after.headers):
+            return changed
     return None
 
 
@@ -206,11 +258,9 @@ def strip_plan(plan: rootfs.Plan, workdir: str, result: ShrinkResult, *, jobs: i
     running: list[_StripJob] = []
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
 
-    def finish(job: _StripJob) -> None:
-        assert job.proc is not None
-        _, err = job.proc.communicate()
-        os.close(job.fd)
+    def judge(job: _StripJob, err: bytes) -> None:
         e = job.entry
+        assert job.proc is not None
         if job.proc.returncode != 0:
             first = (err.decode("utf-8", "replace").strip().splitlines() or ["failed"])[0]
             result.kept.append((Option.STRIP, e.path, f"strip failed: {first}"))
@@ -218,9 +268,10 @@ def strip_plan(plan: rootfs.Plan, workdir: str, result: ShrinkResult, *, jobs: i
         size = os.stat(job.out).st_size
         if size >= e.size:
             return       # nothing gained (already stripped apart from a tiny section)
-        with open(job.out, "rb") as f:
+        with open(job.out, "rb") as f, os.fdopen(os.dup(job.fd), "rb") as original:
             try:
-                lost = _lost(job.before, elf_layout(f))
+                after = elf_layout(f)
+                lost = _lost(job.before, after) or _mapping_changed(job.before, original, after, f)
             except Exception as exc:  # noqa: BLE001 - pyelftools raises many kinds
                 lost = f"strip wrote a file pyelftools cannot read ({exc})"
         if lost:
@@ -231,6 +282,14 @@ def strip_plan(plan: rootfs.Plan, workdir: str, result: ShrinkResult, *, jobs: i
         saving.files += 1
         saving.bytes_before += e.size
         saving.bytes_after += size
+
+    def finish(job: _StripJob) -> None:
+        assert job.proc is not None
+        _, err = job.proc.communicate()
+        try:
+            judge(job, err)
+        finally:
+            os.close(job.fd)
 
     try:
         for n, (e, fd, layout) in enumerate(_candidates(plan, result)):
