@@ -36,6 +36,9 @@ LABEL_TRACE_DIGEST = "io.tracejail.trace.digest"
 LABEL_CREATED = "org.opencontainers.image.created"
 # The content options that rewrote files ("strip,bytecode-only"): verify --fix rebuilds with them.
 LABEL_SHRINK = "io.tracejail.shrink"
+# How the static import closure ran: "on", "off" (--no-import-closure) or "exclude=a,b" (verify
+# --import-check recomputes what it added).
+LABEL_IMPORTS = "io.tracejail.imports"
 
 
 @dataclass
@@ -63,6 +66,8 @@ class BuildOptions:
     root: str = "/"                       # the tree the trace's paths name (the host's / today)
     keep_owners: bool = False             # host owners as they are, instead of ownership.py's
     families_off: list[str] = field(default_factory=list)   # families.py names not to add
+    import_closure: bool = True           # add what kept Python modules import (pyimports.py)
+    exclude_modules: list[str] = field(default_factory=list)  # modules the import closure does not follow
     volumes: list[str] = field(default_factory=list)         # --volume DIR
     writable_volumes: bool = False        # declare every directory the run wrote in a volume
     strip: bool = False                   # strip kept ELF files (shrink.py)
@@ -133,6 +138,20 @@ class BuildResult:
             "packages": [{"ecosystem": p.ecosystem, "name": p.name, "version": p.version}
                          for p in (self.metadata.packages if self.metadata else [])],
             "shrink": self._shrink_summary(),
+            "python_imports": self._imports_summary(),
+        }
+
+    def _imports_summary(self) -> dict[str, Any]:
+        """What the static import closure added: per module, what imports it and where."""
+        added = [a for a in self.files.python_imports if any(f in self.plan.entries for f in a.files)]
+        return {
+            "modules": len(added),
+            "files": sum(len(a.files) for a in added),
+            "bytes": sum(self.plan.entries[f].size for a in added for f in a.files if f in self.plan.entries),
+            "added": [{"module": a.name, "imported_by": a.importer, "line": a.line, "via": a.via or None,
+                       "files": list(a.files)} for a in added],
+            "not_parsed": [{"path": p, "why": w} for p, w in self.files.imports_not_parsed],
+            "excluded_modules": self.files.modules_excluded,
         }
 
     def _shrink_summary(self) -> dict[str, Any]:
@@ -277,6 +296,7 @@ def plan_image(trace: tr.Trace, root: Root, options: BuildOptions,
     uid, gid = parse_user(options.user)
     files = fsel.select(trace, fsel.SelectOptions(
         include=tuple(options.include), exclude=tuple(options.exclude), families_off=tuple(options.families_off),
+        import_closure=options.import_closure, exclude_modules=tuple(options.exclude_modules),
         extra_excluded_paths=extra_excluded), root)
     db = dpkg.read_database(root)
     kept: set[str] = set()     # every node the plan will hold: every hop of every kept path
@@ -347,6 +367,8 @@ def build(trace_path: str, options: BuildOptions,
     shrink_options = [name for name, on in (("strip", options.strip), ("bytecode-only", options.bytecode_only)) if on]
     if shrink_options:
         labels[LABEL_SHRINK] = ",".join(shrink_options)
+    labels[LABEL_IMPORTS] = ("off" if not options.import_closure else
+                             "exclude=" + ",".join(options.exclude_modules) if options.exclude_modules else "on")
     env = image_env(run, options.env)
     if own.home and uid != 0 and not any(e.startswith("HOME=") for e in env):
         env = sorted(env + [f"HOME={own.home}"])

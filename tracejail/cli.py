@@ -238,6 +238,10 @@ _IMAGE_CONTENT_OPTIONS = (
     click.option("--no-family", "families_off", multiple=True, metavar="NAME",
                  type=click.Choice(["python-encodings", "zoneinfo"]),
                  help="Do not keep this family of files looked up by name whole (repeatable)."),
+    click.option("--no-import-closure", is_flag=True,
+                 help="Do not add the Python modules kept modules import on paths the run did not take."),
+    click.option("--exclude-module", "exclude_modules", multiple=True, metavar="NAME",
+                 help="Python module (and its submodules) the import closure does not add (repeatable)."),
 )
 
 
@@ -248,10 +252,12 @@ def image_content_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def image_content(user: str, include: tuple[str, ...], exclude: tuple[str, ...], keep_setuid: bool,
-                  keep_modes: bool, keep_owners: bool, families_off: tuple[str, ...]) -> dict[str, Any]:
+                  keep_modes: bool, keep_owners: bool, families_off: tuple[str, ...], no_import_closure: bool,
+                  exclude_modules: tuple[str, ...]) -> dict[str, Any]:
     """The BuildOptions fields image_content_options set."""
     return {"user": user, "include": list(include), "exclude": list(exclude), "keep_setuid": keep_setuid,
-            "keep_modes": keep_modes, "keep_owners": keep_owners, "families_off": list(families_off)}
+            "keep_modes": keep_modes, "keep_owners": keep_owners, "families_off": list(families_off),
+            "import_closure": not no_import_closure, "exclude_modules": list(exclude_modules)}
 
 
 @main.command(context_settings=CONTEXT)
@@ -292,6 +298,7 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
           include: tuple[str, ...], exclude: tuple[str, ...], strip: bool, bytecode_only: bool,
           no_load: bool, strict: bool,
           fast: bool, no_compress: bool, keep_setuid: bool, keep_modes: bool, families_off: tuple[str, ...],
+          no_import_closure: bool, exclude_modules: tuple[str, ...],
           volumes: tuple[str, ...], writable_volumes: bool, keep_owners: bool, provenance: bool,
           sbom_file: str | None, sbom_format: str, no_package_metadata: bool, max_file_size: str,
           as_json: bool) -> None:
@@ -315,7 +322,8 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
         provenance=provenance, volumes=list(volumes), writable_volumes=writable_volumes,
         package_metadata=not no_package_metadata, sbom=sbom_file, sbom_format=sbom_format,
         max_file_size=size_limit, strip=strip, bytecode_only=bytecode_only,
-        **image_content(user, include, exclude, keep_setuid, keep_modes, keep_owners, families_off))
+        **image_content(user, include, exclude, keep_setuid, keep_modes, keep_owners, families_off,
+                        no_import_closure, exclude_modules))
     bar = _Progress()
     try:
         result = do_build(trace_file, opts, progress=bar)
@@ -349,6 +357,11 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
         lines.append(f"{option}: {saving['files']} files, {human(saving['bytes_before'])} -> "
                      f"{human(saving['bytes_after'])}, saved {human(saving['bytes_saved'])} "
                      f"in {saving['seconds']:.1f}s" + (f"; {kept} left as they are (--json lists why)" if kept else ""))
+    imports = summary["python_imports"]
+    if imports["modules"]:
+        names = [a["module"] for a in imports["added"]]
+        lines.append(f"python imports not exercised, added (--no-import-closure, --exclude-module NAME): "
+                     f"{imports['modules']} modules, {human(imports['bytes'])}, e.g. " + ", ".join(names[:6]))
     if summary["families"]:
         lines.append("families kept whole (looked up by name; --no-family NAME): " + ", ".join(
             f"{name} {v['count']} files {human(v['bytes'])}" for name, v in summary["families"].items()))

@@ -34,11 +34,13 @@ from tracejail.cli import CONTEXT, _note, handle_errors, say, tell
               help="Run the exercise commands of a trace that is not your own (they run on this host).")
 @click.option("--no-user-namespace", "no_userns", is_flag=True,
               help="Jail without a user namespace, where the kernel refuses one (root only; weaker).")
+@click.option("--import-check", is_flag=True,
+              help="Also import, in the image, every Python module the static import closure added.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str | None,
            trace_inside: bool | None, fix: bool, max_rounds: int, timeout: float, ready_timeout: float,
-           read_only: bool, trust_trace: bool, no_userns: bool, as_json: bool) -> None:
+           read_only: bool, trust_trace: bool, no_userns: bool, import_check: bool, as_json: bool) -> None:
     """Replay every run of TRACE.json in the image (-t) or a staged tree (--rootfs) and compare.
 
     \b
@@ -61,6 +63,11 @@ def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str
     environment and entrypoint, not the original --exclude/--include options.
 
     \b
+    With --import-check the recorded interpreter also imports, in the image, every module the
+    static import closure added (paths nobody exercised): one that fails names a missing
+    library or data file before production does, and fails verify.
+
+    \b
     Exit status: 0 when every run passes, 1 when one fails (or verify cannot run: no engine,
     no image, no namespaces, a foreign trace with exercises), 2 for usage errors, 65 for a
     malformed trace, or when the trace and the image do not belong together (the image's
@@ -73,7 +80,8 @@ def verify(trace_file: str, image: str | None, rootfs_dir: str | None, user: str
     # removed on the way out (a plain SIGTERM death would leave a running container behind).
     opts = VerifyOptions(image=image, rootfs=rootfs_dir, user=user, fix=fix, max_rounds=max_rounds,
                          trace_inside=trace_inside, timeout=timeout, ready_timeout=ready_timeout,
-                         trust_trace=trust_trace, userns=not no_userns, read_only=read_only)
+                         trust_trace=trust_trace, userns=not no_userns, read_only=read_only,
+                         import_check=import_check)
     report = do_verify(trace_file, opts, progress=_note, announce=lambda m: tell("", m))
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))

@@ -11,13 +11,14 @@ is still a credential, and a file holding a private key is left out whatever its
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from tracejail import families, sensitive
+from tracejail import families, pyimports, sensitive
 from tracejail import trace as tr
 from tracejail.root import RUNTIME_DIRS, NodeKind, Resolution, Root, SourceChanged, Status, parent_of, under
 
@@ -33,6 +34,8 @@ class SelectOptions:
     extra_excluded_paths: tuple[str, ...] = ()   # e.g. the trace file itself
     use_closure: bool = True
     families_off: tuple[str, ...] = ()    # families.py names not to add (--no-family)
+    import_closure: bool = True           # add what kept Python modules import (pyimports.py)
+    exclude_modules: tuple[str, ...] = ()  # module names the import closure does not follow
 
 
 @dataclass
@@ -47,6 +50,9 @@ class FileSet:
     # they are (never opened up to the image user).
     secrets: set[str] = field(default_factory=set)
     families: dict[str, list[str]] = field(default_factory=dict)   # family name -> paths it added
+    python_imports: list[pyimports.Added] = field(default_factory=list)   # modules the import closure added
+    imports_not_parsed: list[tuple[str, str]] = field(default_factory=list)  # (module file, why)
+    modules_excluded: list[str] = field(default_factory=list)   # --exclude-module names the closure met
 
     def want(self, path: str, reason: str) -> None:
         reasons = self.wanted.setdefault(path, [])
@@ -192,6 +198,8 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
         else:
             consider(inc, "--include", top)
 
+    if options.import_closure:
+        _add_python_imports(trace, fs, root, consider, options.exclude_modules)
     if options.use_closure:
         _add_closure(trace, fs, root, consider)
     _add_python_companions(fs, root, consider)
@@ -210,6 +218,20 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
 
 
 Consider = Callable[..., bool]
+
+
+def _add_python_imports(trace: tr.Trace, fs: FileSet, root: Root, consider: Consider,
+                        exclude_modules: tuple[str, ...]) -> None:
+    """What the kept Python modules import on paths the run did not take (pyimports.py); before
+    the ELF closure, which then covers the extension modules added here."""
+    kept = [p for p in fs.wanted if p not in fs.dirs_only]
+    result = pyimports.closure(trace, kept, root, exclude_modules=exclude_modules)
+    for added in result.added:
+        files = tuple(f for f in added.files if f not in fs.wanted and consider(f, added.reason()))
+        if files:
+            fs.python_imports.append(dataclasses.replace(added, files=files))
+    fs.imports_not_parsed = result.not_parsed
+    fs.modules_excluded = result.excluded
 
 
 def _add_closure(trace: tr.Trace, fs: FileSet, root: Root, consider: Consider) -> None:

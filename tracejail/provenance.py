@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 from tracejail import __version__
 from tracejail import fileset as fsel
-from tracejail import rootfs, sensitive
+from tracejail import pyimports, rootfs, sensitive
 from tracejail import trace as tr
 from tracejail.root import Hop, NodeKind, Resolution, Root, Status
 from tracejail.text import shown
@@ -55,6 +55,7 @@ GENERATED = "generated"            # written by `tracejail build` itself
 DERIVED = "derived"                # content made from a kept file (--strip, --bytecode-only: shrink.py)
 FAMILY = "family"                  # a member of a family looked up by name (families.py)
 OWNER = "owner"                    # belongs to the image user (ownership.py)
+IMPORT = "python-import"           # imported by a kept module on a path the run did not take (pyimports.py)
 OTHER = "other"
 
 # ld.so search rules (closure.py) as a reader would name them.
@@ -125,6 +126,9 @@ def parse_reason(raw: str) -> Reason:
     if raw.startswith("family "):
         name, _, why = raw[len("family "):].partition(": ")
         return Reason(FAMILY, f"a member of the {name} family, kept whole: {why}", {"family": name})
+    if raw.endswith(pyimports.NOT_EXERCISED):
+        return Reason(IMPORT, raw[: -len(pyimports.NOT_EXERCISED)].rstrip(", ") + ", not exercised by the "
+                      "recorded run (the static import closure follows imports the run did not reach)")
     if raw.startswith("added by "):
         return Reason(ADDED, raw, {"by": raw[9:].split(":", 1)[0]})
     return Reason(OTHER, raw)

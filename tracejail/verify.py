@@ -155,15 +155,31 @@ class VerifyReport:
     end: str = ""             # why the --fix loop ended
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)      # how the replays ran, when it matters
+    import_check: ImportCheck | None = None
 
     @property
     def passed(self) -> bool:
-        return bool(self.rounds) and self.rounds[-1].passed
+        return bool(self.rounds) and self.rounds[-1].passed and (self.import_check is None or self.import_check.passed)
 
     def to_json(self) -> dict[str, Any]:
         return {"trace": self.trace, "target": self.target, "user": self.user, "passed": self.passed,
                 "end": self.end, "warnings": self.warnings, "notes": self.notes,
-                "rounds": [_round_json(r) for r in self.rounds]}
+                "rounds": [_round_json(r) for r in self.rounds],
+                "import_check": asdict(self.import_check) if self.import_check else None}
+
+
+@dataclass
+class ImportCheck:
+    """`--import-check`: the modules the static import closure added, imported in the image."""
+
+    interpreter: str
+    modules: list[str]
+    failed: dict[str, str] = field(default_factory=dict)    # module -> the exception it raised
+    problem: str = ""        # why the check could not run to its end
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed and not self.problem
 
 
 def _round_json(r: Round) -> dict[str, Any]:
@@ -196,6 +212,7 @@ class VerifyOptions:
     trust_trace: bool = False             # run the exercise commands of a trace that is not ours
     userns: bool = True                   # jail in a user namespace (False: --no-user-namespace, root)
     read_only: bool = False               # run with a read-only root (and tmpfs /tmp), like --read-only
+    import_check: bool = False            # import every module the static import closure added
 
 
 # --- what the recording says -------------------------------------------------------------------
@@ -800,9 +817,11 @@ class Target:
         tree = self.jail_rootfs_if_made()
         provenance = tree is not None and os.path.lexists(tree + IMAGE_PATH)
         shrunk = set(info.labels.get(tjbuild.LABEL_SHRINK, "").split(","))
+        imports = info.labels.get(tjbuild.LABEL_IMPORTS, "on")
         return tjbuild.BuildOptions(user=self.user or tjbuild.DEFAULT_USER, env=extra, entrypoint=entry,
                                     provenance=provenance, strip="strip" in shrunk,
-                                    bytecode_only="bytecode-only" in shrunk)
+                                    bytecode_only="bytecode-only" in shrunk, import_closure=imports != "off",
+                                    exclude_modules=_excluded_modules(imports))
 
 
 class DockerTarget(Target):
@@ -1160,10 +1179,93 @@ def verify(trace_path: str, opts: VerifyOptions,
             owners = f" and {len(rnd.owned)} owner(s)" if rnd.owned else ""
             say(f"round {rnd.number}: added {len(rnd.added)} path(s){owners} to {trace_path}; rebuilding")
             rnd.rebuilt = target.rebuild(trace_path, trace)
+        if opts.import_check:
+            say("import check: importing the modules the static import closure added")
+            report.import_check = import_check(target, trace, opts)
     finally:
         target.close()
         report.notes = list(dict.fromkeys(target.notes))
     return report
+
+
+# Run in the image by the recorded interpreter: import each module named and report each failure
+# on a marked line (a module may print on import). Only built-ins: the image holds what the app
+# needs, maybe not importlib or json.
+_IMPORT_CHECK = r"""
+import sys
+sys.path[:0] = [p for p in sys.argv[1].split(":") if p]
+for name in sys.argv[2:]:
+    try:
+        __import__(name)
+    except BaseException as err:
+        why = (type(err).__name__ + ": " + str(err)).replace("\n", " ")[:300]
+        sys.stdout.write("\nTJ-IMPORT-FAIL " + name + "\t" + why + "\n")
+sys.stdout.write("\nTJ-IMPORT-DONE\n")
+sys.stdout.flush()
+"""
+_IMPORT_FAIL, _IMPORT_DONE = "TJ-IMPORT-FAIL ", "TJ-IMPORT-DONE"
+
+
+def _check_interpreter(trace: tr.Trace) -> tuple[str, tr.Run] | None:
+    """The interpreter of the first recorded Python process, as it was started (a venv's
+    bin/python, for its site-packages), and its run."""
+    from tracejail import pyimports
+
+    for p in pyimports._python_processes(trace):
+        run = trace.runs[p.run]
+        argv0 = p.argv[0] if p.argv else ""
+        if "/" in argv0:
+            return os.path.normpath(os.path.join(run.cwd, argv0)), run
+        if p.exe:
+            return p.exe, run
+    return None
+
+
+def _excluded_modules(label: str) -> list[str]:
+    """The --exclude-module names an io.tracejail.imports label records."""
+    return [m for m in label.removeprefix("exclude=").split(",") if m] if label.startswith("exclude=") else []
+
+
+def import_check(target: Target, trace: tr.Trace, opts: VerifyOptions) -> ImportCheck:
+    """Import, inside the image, every module the static import closure added for it (the image's
+    io.tracejail.imports label says how it was built), with the recorded interpreter."""
+    from tracejail import fileset as fsel
+    from tracejail import pyimports
+
+    found = _check_interpreter(trace)
+    if found is None:
+        return ImportCheck("", [], problem="the trace shows no Python process")
+    python, run = found
+    label = target.config().labels.get(tjbuild.LABEL_IMPORTS, "")
+    if label == "off":
+        return ImportCheck(python, [], problem="the image was built with --no-import-closure")
+    files = fsel.select(trace, fsel.SelectOptions(exclude_modules=tuple(_excluded_modules(label))), Root("/"))
+    names = sorted({a.name for a in files.python_imports})
+    check = ImportCheck(python, names)
+    if not names:
+        return check
+    entries, _, _ = pyimports.search_path(trace, files.wanted, Root("/"))
+    app_dirs = [e.path for e in entries if e.where == pyimports.Where.APP]
+    probe = dataclasses.replace(run, argv=[python, "-c", _IMPORT_CHECK, ":".join(app_dirs), *names],
+                                executable=python, exercises=[], listening_ports=[])
+    proc = target.start(probe, first=True)
+    try:
+        code = proc.wait(opts.timeout)
+        if code is None:
+            check.problem = f"the import check did not end within {opts.timeout:.0f} s"
+            return check
+    finally:
+        proc.stop(opts.stop_timeout)
+    out, err, _ = proc.output()
+    lines = out.splitlines()
+    if _IMPORT_DONE not in lines:
+        check.problem = f"the import check ended early (exit {code}): {_last_line(err) or 'no output'}"
+        return check
+    for line in lines:
+        if line.startswith(_IMPORT_FAIL):
+            name, _, why = line[len(_IMPORT_FAIL):].partition("\t")
+            check.failed[name] = why
+    return check
 
 
 def _unique(misses: list[Miss]) -> list[Miss]:
@@ -1206,9 +1308,24 @@ def format_report(report: VerifyReport) -> str:
     if writable:
         out.append("read-only: these must be writable: " + ", ".join(shown(p) for p in writable)
                    + "; declare them volumes at build (--volume DIR, or --writable-volumes)\n")
+    ic = report.import_check
+    if ic is not None:
+        if ic.problem:
+            out.append(f"import check: {ic.problem}\n")
+        elif ic.failed:
+            out.append(f"import check: {len(ic.failed)} of {len(ic.modules)} module(s) the static import closure "
+                       f"added do not import in the image ({shown(ic.interpreter)}):\n")
+            out += [f"  {shown(name)}: {shown(why)}\n" for name, why in sorted(ic.failed.items())]
+        else:
+            out.append(f"import check: the {len(ic.modules)} module(s) the static import closure added all "
+                       "import in the image\n")
     if report.passed:
         out.append(f"PASS: {len(runs)} run(s), {len(exercises)} exercise(s)"
                    + (f" ({report.end})" if report.end and report.end != "passed" else "") + "\n")
+    elif ic is not None and not ic.passed and report.rounds and report.rounds[-1].passed:
+        out.append("FAIL: every run passed, but the import check "
+                   + (f"found {len(ic.failed)} module(s) that do not import" if ic.failed else "did not finish")
+                   + "\n")
     else:
         failed_ex = sum(1 for e in exercises if not e.passed)
         out.append(f"FAIL: {sum(1 for c in runs if not c.passed)} of {len(runs)} run(s) failed"

@@ -1,0 +1,601 @@
+"""Beyond the exercised path: the static closure of Python imports.
+
+A trace shows the modules one run imported; other input takes other paths, whose imports the run
+never made (`app.py report` imports `csv`, which `app.py` never did). Starting from every Python
+module the file set keeps, this reads each one's source with `ast` (nothing is executed) and
+follows every import it names — at any depth, inside functions, in `try: … except ImportError`
+alternatives, relative ones, `__import__("x")` and `importlib.import_module("x")` with literal
+names — resolved the way the recorded interpreter would find them: the run's script directories
+and PYTHONPATH, the standard library and its lib-dynload, the site-packages the run used, in that
+order. An import that resolves to nothing (an optional dependency that is not installed, a
+built-in module) is no error.
+
+What may be added, so that an image does not grow a second site-packages:
+* standard-library modules, and the app's own modules (anywhere outside the interpreter's
+  installation and site-packages);
+* modules of a distribution the run already imported from;
+* a distribution the run never imported from only when a module the trace kept, or one of the
+  app's own, imports it by name.
+Every import of a kept module and of the app's own modules is followed, function bodies included
+(other input calls other functions); of a module the closure added from the standard library or
+site-packages, only what importing it runs (module and class level), transitively — else the
+standard library's own lazy imports (pdb -> pydoc -> http.server, multiprocessing's every start
+method) would pull in half of it. Never followed: imports under `if __name__ == "__main__":` in a
+module that is not run as a script, under `if TYPE_CHECKING:`, in branches a platform test rules
+out on Linux (`sys.platform == "win32"`, `os.name == "nt"`), and names `--exclude-module` gives.
+
+Plugins declared as data: when the run read a distribution's `entry_points.txt` (importlib.metadata
+does when a program looks up a plugin group), the modules of every entry point it declares are
+added too (console and GUI scripts aside), since other input may pick another plugin.
+"""
+from __future__ import annotations
+
+import ast
+import configparser
+import os
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from tracejail import trace as tr
+from tracejail.root import NodeKind, Root
+
+MAX_SOURCE = 8 << 20          # a bigger .py is not parsed (generated tables, not code)
+_STDLIB_RE = re.compile(r"^(?P<dir>.*/lib/python(?P<major>\d)\.(?P<minor>\d+))(?:/|$)")
+_SITE_NAMES = ("site-packages", "dist-packages")
+_SCRIPT_GROUPS = ("console_scripts", "gui_scripts")
+REASON_PREFIX = "imported by "
+ENTRY_POINT_PREFIX = "entry point "
+NOT_EXERCISED = "not exercised (static import closure)"
+# Modules whose imports an import hook decides, not their text: following them adds modules that
+# do not import as found. (setuptools' shim makes `distutils` mean `setuptools._distutils`.)
+NOT_FOLLOWED = {"_distutils_hack": "setuptools' distutils shim: an import hook decides what its imports load"}
+
+
+class Where:
+    STDLIB = "stdlib"
+    SITE = "site"
+    APP = "app"
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """A Python installation the run used, known by its standard library directory."""
+
+    stdlib: str
+    version: tuple[int, int]
+
+    @property
+    def cache_tag(self) -> str:
+        return f"cpython-{self.version[0]}{self.version[1]}"
+
+    @property
+    def extension_suffixes(self) -> tuple[str, ...]:
+        return (f".cpython-{self.version[0]}{self.version[1]}-x86_64-linux-gnu.so", ".abi3.so", ".so")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A sys.path entry, and what kind of place it is."""
+
+    path: str
+    where: str
+
+
+@dataclass(frozen=True)
+class Found:
+    """A module on disk: its dotted name, the files that make it, whether it is a package."""
+
+    name: str
+    files: tuple[str, ...]
+    package_dir: str | None
+    source: str | None          # the .py to read for its own imports
+    entry: Entry
+
+
+@dataclass(frozen=True)
+class Added:
+    """A module the closure added: what imports it, and where."""
+
+    name: str
+    files: tuple[str, ...]
+    importer: str               # the importing module's file, or an entry_points.txt
+    line: int
+    via: str = ""               # "entry point NAME in group GROUP of DIST" for plugins
+
+    def reason(self) -> str:
+        if self.via:
+            return f"{self.via} ({self.importer}), {NOT_EXERCISED}"
+        return f"{REASON_PREFIX}{self.importer} at line {self.line}, {NOT_EXERCISED}"
+
+
+@dataclass
+class ImportClosure:
+    added: list[Added] = field(default_factory=list)
+    not_parsed: list[tuple[str, str]] = field(default_factory=list)   # (file, why)
+    excluded: list[str] = field(default_factory=list)                  # module names --exclude-module cut
+
+
+# --------------------------------------------------------------------------------------------
+# What a module imports
+
+
+@dataclass(frozen=True)
+class ImportRef:
+    name: str            # absolute dotted name
+    line: int
+    in_function: bool = False   # runs only when a function is called, not on import
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+            and len(test.comparators) == 1 and isinstance(test.comparators[0], ast.Constant)
+            and test.comparators[0].value == "__main__")
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+# What the platform tests in `if` statements evaluate to in a Linux image.
+_PLATFORM = {("sys", "platform"): "linux", ("os", "name"): "posix"}
+
+
+def _platform_value(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        return _PLATFORM.get((node.value.id, node.attr))
+    return None
+
+
+def platform_test(test: ast.expr) -> bool | None:
+    """The value of `sys.platform == "win32"`, `os.name != "nt"`, `sys.platform.startswith("win")`
+    (and `not` of those) on Linux; None for any other test."""
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        inner = platform_test(test.operand)
+        return None if inner is None else not inner
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.comparators[0], ast.Constant):
+        value, other = _platform_value(test.left), test.comparators[0].value
+        if value is not None and isinstance(other, str):
+            if isinstance(test.ops[0], ast.Eq):
+                return value == other
+            if isinstance(test.ops[0], ast.NotEq):
+                return value != other
+        return None
+    if isinstance(test, ast.Call) and isinstance(test.func, ast.Attribute) and test.func.attr == "startswith" \
+            and len(test.args) == 1 and isinstance(test.args[0], ast.Constant) and isinstance(test.args[0].value, str):
+        value = _platform_value(test.func.value)
+        return None if value is None else value.startswith(test.args[0].value)
+    return None
+
+
+def _absolute(name: str | None, level: int, package: str) -> str | None:
+    if level == 0:
+        return name
+    parts = package.split(".") if package else []
+    if level - 1 > len(parts) or (level - 1 == len(parts) and not name):
+        return None      # beyond the top-level package: an ImportError at run time
+    base = parts[: len(parts) - (level - 1)]
+    return ".".join([*base, *([name] if name else [])]) or None
+
+
+class _Scanner(ast.NodeVisitor):
+    def __init__(self, package: str, is_script: bool) -> None:
+        self.package = package
+        self.is_script = is_script
+        self.refs: list[ImportRef] = []
+        self.functions = 0       # how many function bodies deep the visit is
+
+    def _ref(self, name: str, line: int) -> None:
+        self.refs.append(ImportRef(name, line, self.functions > 0))
+
+    def visit_If(self, node: ast.If) -> None:
+        dead = _is_type_checking(node.test) or (not self.is_script and _is_main_guard(node.test))
+        on_linux = platform_test(node.test)
+        if dead or on_linux is False:
+            for child in node.orelse:
+                self.visit(child)
+            return
+        if on_linux is True:
+            for child in node.body:
+                self.visit(child)
+            return
+        self.generic_visit(node)
+
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
+        # Decorators and defaults run on import; the body when called.
+        for child in ast.iter_child_nodes(node):
+            if child is not getattr(node, "body", None) and not isinstance(child, ast.stmt):
+                self.visit(child)
+        body = node.body if isinstance(node.body, list) else [node.body]
+        self.functions += 1
+        for child in body:
+            self.visit(child)
+        self.functions -= 1
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            self._ref(alias.name, node.lineno)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        base = _absolute(node.module, node.level, self.package)
+        if base is None:
+            return
+        self._ref(base, node.lineno)
+        for alias in node.names:
+            if alias.name != "*":      # a submodule, or an attribute (then nothing is found)
+                self._ref(f"{base}.{alias.name}", node.lineno)
+
+    def visit_Call(self, node: ast.Call) -> None:
+        func = node.func
+        named = (isinstance(func, ast.Name) and func.id in ("__import__", "import_module")) or \
+            (isinstance(func, ast.Attribute) and func.attr == "import_module"
+             and isinstance(func.value, ast.Name) and func.value.id == "importlib")
+        if named and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            name = node.args[0].value
+            if name.startswith("."):
+                level = len(name) - len(name.lstrip("."))
+                package = next((k.value.value for k in node.keywords if k.arg == "package"
+                                and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)),
+                               self.package)
+                resolved = _absolute(name[level:] or None, level, package)
+                if resolved:
+                    self._ref(resolved, node.lineno)
+            elif name:
+                self._ref(name, node.lineno)
+        self.generic_visit(node)
+
+
+def imports_of(source: str | bytes, package: str, *, is_script: bool = False,
+               filename: str = "<module>") -> list[ImportRef]:
+    """Every import `source` names, as absolute module names (raises SyntaxError, ValueError,
+    RecursionError or MemoryError for source it cannot parse)."""
+    tree = ast.parse(source, filename=filename)
+    scanner = _Scanner(package, is_script)
+    scanner.visit(tree)
+    return scanner.refs
+
+
+# --------------------------------------------------------------------------------------------
+# Where the recorded interpreter looks
+
+
+def interpreters(paths: Iterable[str], root: Root) -> list[Interpreter]:
+    """Python installations whose standard library holds a kept path (its landmark os.py or
+    os.pyc present), by first appearance."""
+    found: dict[str, Interpreter] = {}
+    for path in paths:
+        m = _STDLIB_RE.match(path)
+        if m is None or m.group("dir") in found:
+            continue
+        d = m.group("dir")
+        if root.exists(d + "/os.py") or root.exists(d + "/os.pyc"):
+            found[d] = Interpreter(d, (int(m.group("major")), int(m.group("minor"))))
+    return list(found.values())
+
+
+def _site_dir(path: str) -> str | None:
+    parts = path.split("/")
+    for i, part in enumerate(parts):
+        if part in _SITE_NAMES:
+            return "/".join(parts[: i + 1])
+    return None
+
+
+def _python_processes(trace: tr.Trace) -> list[tr.ProcessInfo]:
+    out = []
+    for run in trace.runs:
+        for p in run.processes:
+            exe = os.path.basename(p.exe or (p.argv[0] if p.argv else ""))
+            if re.fullmatch(r"python(\d(\.\d+)?)?", exe):
+                out.append(p)
+    return out
+
+
+def _script_of(p: tr.ProcessInfo, cwd: str) -> str | None:
+    """The script a `python [options] SCRIPT ...` process ran (absolute), if any."""
+    args = p.argv[1:]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-c", "-m") or a.startswith(("-c", "-m")):
+            return None
+        if a in ("-W", "-X"):
+            i += 2
+            continue
+        if a.startswith("-"):
+            i += 1
+            continue
+        return os.path.normpath(os.path.join(cwd, a))
+    return None
+
+
+def search_path(trace: tr.Trace, kept: Iterable[str], root: Root) -> tuple[list[Entry], list[Interpreter], set[str]]:
+    """(sys.path entries in order, the interpreters, the scripts the runs started) as the trace
+    shows them: script directories (the working directory for -c/-m), PYTHONPATH, each
+    interpreter's standard library and lib-dynload, then the site-packages the run touched."""
+    kept = list(kept)
+    interps = interpreters(kept, root)
+    entries: dict[str, str] = {}
+    scripts: set[str] = set()
+    pythons = _python_processes(trace)
+    for index, run in enumerate(trace.runs):
+        for p in (p for p in pythons if p.run == index):
+            script = _script_of(p, run.cwd)
+            if script is not None:
+                resolved = root.resolve(script)
+                if resolved.ok and resolved.kind is NodeKind.FILE:
+                    scripts.add(resolved.path)
+                    entries.setdefault(os.path.dirname(resolved.path), Where.APP)
+            else:
+                entries.setdefault(run.cwd, Where.APP)
+        for item in (run.environment.get("PYTHONPATH") or "").split(":"):
+            if item.startswith("/"):
+                entries.setdefault(os.path.normpath(item), Where.APP)
+    for interp in interps:
+        entries.setdefault(interp.stdlib, Where.STDLIB)
+        entries.setdefault(interp.stdlib + "/lib-dynload", Where.STDLIB)
+    for path in kept:
+        site = _site_dir(path)
+        if site is not None:
+            entries.setdefault(site, Where.SITE)
+    out = []
+    for path, where in entries.items():
+        res = root.resolve(path)
+        if res.ok and res.kind is NodeKind.DIR:
+            out.append(Entry(res.path, where))
+    return list(dict.fromkeys(out)), interps, scripts
+
+
+# --------------------------------------------------------------------------------------------
+# Finding modules
+
+
+class _Finder:
+    """Finds modules by name in the search path, inside the root, the way importlib's FileFinder
+    does: a package directory, then an extension module, then source, then sourceless bytecode."""
+
+    def __init__(self, entries: list[Entry], interps: list[Interpreter], root: Root) -> None:
+        self.entries = entries
+        self.root = root
+        self.suffixes = tuple(dict.fromkeys(s for i in interps for s in i.extension_suffixes)) or (".so",)
+        self.tags = tuple(i.cache_tag for i in interps)
+        self._names: dict[str, frozenset[str]] = {}
+        self._memo: dict[str, Found | None] = {}
+
+    def names(self, directory: str) -> frozenset[str]:
+        if directory not in self._names:
+            self._names[directory] = frozenset(self.root.listdir(directory))
+        return self._names[directory]
+
+    def _is_dir(self, path: str) -> bool:
+        res = self.root.resolve(path)
+        return res.ok and res.kind is NodeKind.DIR
+
+    def _in(self, directory: str, name: str, full: str, entry: Entry) -> tuple[Found | None, bool]:
+        """(the module `name` in `directory`, whether a namespace portion is there)."""
+        names = self.names(directory)
+        if name in names and self._is_dir(f"{directory}/{name}"):
+            pkg = f"{directory}/{name}"
+            inside = self.names(pkg)
+            for init in ("__init__.py", *(f"__init__{s}" for s in self.suffixes), "__init__.pyc"):
+                if init in inside:
+                    return self._found(full, pkg, "__init__", init, entry, package=True), False
+            namespace = True
+        else:
+            namespace = False
+        for suffix in self.suffixes:
+            if name + suffix in names:
+                return Found(full, (f"{directory}/{name}{suffix}",), None, None, entry), False
+        for filename in (name + ".py", name + ".pyc"):
+            if filename in names:
+                return self._found(full, directory, name, filename, entry, package=False), False
+        return None, namespace
+
+    def _found(self, full: str, directory: str, stem: str, filename: str, entry: Entry, *, package: bool) -> Found:
+        files = [f"{directory}/{filename}"]
+        source = files[0] if filename.endswith(".py") else None
+        if source is not None and "__pycache__" in self.names(directory):
+            cached = self.names(f"{directory}/__pycache__")
+            files += [f"{directory}/__pycache__/{stem}.{tag}.pyc" for tag in self.tags
+                      if f"{stem}.{tag}.pyc" in cached]
+        return Found(full, tuple(files), directory if package else None, source, entry)
+
+    def find(self, name: str) -> Found | None:
+        """The module `name` (dotted), or None. Its parent packages are found by find() too."""
+        if name in self._memo:
+            return self._memo[name]
+        head, _, tail = name.rpartition(".")
+        found: Found | None = None
+        if not head:
+            for entry in self.entries:
+                found, _ = self._in(entry.path, name, name, entry)
+                if found is not None:
+                    break
+        else:
+            parent_dirs = self.package_dirs(head)
+            for d, entry in parent_dirs:
+                found, _ = self._in(d, tail, name, entry)
+                if found is not None:
+                    break
+        self._memo[name] = found
+        return found
+
+    def package_dirs(self, name: str) -> list[tuple[str, Entry]]:
+        """The directories a package's submodules are looked up in: its own, or every portion of a
+        namespace package."""
+        found = self.find(name)
+        if found is not None:
+            return [(found.package_dir, found.entry)] if found.package_dir else []
+        head, _, tail = name.rpartition(".")
+        parents = self.package_dirs(head) if head else [(e.path, e) for e in self.entries]
+        portions = []
+        for d, entry in parents:
+            if tail in self.names(d) and self._is_dir(f"{d}/{tail}"):
+                portions.append((f"{d}/{tail}", entry))
+        return portions
+
+
+def module_name(path: str, entries: list[Entry]) -> tuple[str, str, Entry] | None:
+    """(dotted name, its package, the entry) of a module file under a search path entry."""
+    best = None
+    for entry in entries:
+        if path.startswith(entry.path.rstrip("/") + "/") and (best is None or len(entry.path) > len(best.path)):
+            best = entry
+    if best is None:
+        return None
+    rel = path[len(best.path.rstrip("/")) + 1:]
+    parts = rel.split("/")
+    if "__pycache__" in parts:
+        return None
+    stem = parts[-1].split(".", 1)[0]
+    if not stem.isidentifier() or not all(p.isidentifier() for p in parts[:-1]):
+        return None
+    if stem == "__init__":
+        name = ".".join(parts[:-1])
+        return (name, name, best) if name else None
+    name = ".".join([*parts[:-1], stem])
+    return name, ".".join(parts[:-1]), best
+
+
+# --------------------------------------------------------------------------------------------
+# The closure
+
+
+def _entry_point_refs(text: str) -> list[tuple[str, str, str, int]]:
+    """(group, entry point name, module, line) for every plugin entry point in entry_points.txt."""
+    parser = configparser.ConfigParser(delimiters=("=",), interpolation=None, strict=False)
+    parser.optionxform = str      # type: ignore[assignment,method-assign]  # names are case-sensitive
+    try:
+        parser.read_string(text)
+    except configparser.Error:
+        return []
+    lines = text.splitlines()
+    out = []
+    for group in parser.sections():
+        if group in _SCRIPT_GROUPS:
+            continue
+        for ep_name, value in parser.items(group):
+            module = value.split(":", 1)[0].split("[", 1)[0].strip()
+            if not module or not all(p.isidentifier() for p in module.split(".")):
+                continue
+            line = next((n for n, ln in enumerate(lines, 1) if ln.split("=", 1)[0].strip() == ep_name), 0)
+            out.append((group, ep_name, module, line))
+    return out
+
+
+def _top(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def closure(trace: tr.Trace, kept: Iterable[str], root: Root, *,
+            exclude_modules: Iterable[str] = ()) -> ImportClosure:
+    """The modules the kept ones import (transitively) that the file set lacks; see the module
+    docstring for the rules. `kept` holds the file set's paths (canonical, as fileset keeps them)."""
+    kept = set(kept)
+    result = ImportClosure()
+    entries, interps, scripts = search_path(trace, kept, root)
+    if not interps and not scripts:
+        return result
+    finder = _Finder(entries, interps, root)
+    blocked = tuple(exclude_modules)
+
+    def is_blocked(name: str) -> bool:
+        return any(name == b or name.startswith(b + ".") for b in blocked)
+
+    # The distributions the run imported from: top-level names of kept modules in site-packages.
+    touched: set[tuple[str, str]] = set()
+    start: list[tuple[str, str, Entry, bool]] = []       # (source, package, entry, trace-kept)
+    for path in sorted(kept):
+        if not path.endswith((".py", ".pyc", ".so")):
+            continue
+        if "/__pycache__/" in path:
+            path = path.split("/__pycache__/")[0] + "/" + os.path.basename(path).split(".", 1)[0] + ".py"
+        named = module_name(path, entries)
+        if named is None:
+            continue
+        name, package, entry = named
+        if entry.where == Where.SITE:
+            touched.add((entry.path, _top(name)))
+        if path.endswith(".py") and (path in kept or root.exists(path)):
+            start.append((path, package, entry, True))
+
+    def allowed(found: Found, importer_entry: Entry, importer_kept: bool) -> bool:
+        if found.entry.where != Where.SITE:
+            return True
+        if (found.entry.path, _top(found.name)) in touched:
+            return True
+        return importer_kept or importer_entry.where == Where.APP
+
+    seen_sources = {s for s, *_ in start}
+    queue = deque(start)
+    have = set(kept)
+
+    def add(ref_name: str, importer: str, line: int, importer_entry: Entry, importer_kept: bool,
+            via: str = "") -> None:
+        if is_blocked(ref_name):
+            if ref_name not in result.excluded:
+                result.excluded.append(ref_name)
+            return
+        # `import a.b.c` runs a/__init__ and a/b/__init__ first.
+        parts = ref_name.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[:n])
+            found = finder.find(name)
+            if found is None:
+                return   # not installed, built in, or an attribute: nothing to add
+            if not allowed(found, importer_entry, importer_kept):
+                return
+            new = tuple(f for f in found.files if f not in have)
+            if new:
+                have.update(new)
+                result.added.append(Added(name, new, importer, line, via))
+            if found.source is not None and found.source not in seen_sources:
+                seen_sources.add(found.source)
+                package = name if found.package_dir else name.rpartition(".")[0]
+                queue.append((found.source, package, found.entry, False))
+
+    # Plugins declared as data: entry_points.txt files the run read.
+    for rec in trace.files.values():
+        if not rec.path.endswith("/entry_points.txt") or "read" not in rec.kinds:
+            continue
+        res = root.resolve(rec.path)
+        if not res.ok:
+            continue
+        dist_dir = os.path.dirname(res.path)
+        site = Entry(os.path.dirname(dist_dir), Where.SITE)
+        dist = os.path.basename(dist_dir).split("-", 1)[0]
+        for group, ep_name, module, line in _entry_point_refs(root.read_text(res.path) or ""):
+            add(module, res.path, line, site, True, via=f"{ENTRY_POINT_PREFIX}{ep_name} in group {group} of {dist}")
+
+    while queue:
+        source, package, entry, is_kept = queue.popleft()
+        named = module_name(source, entries)
+        if named is not None and _top(named[0]) in NOT_FOLLOWED:
+            result.not_parsed.append((source, NOT_FOLLOWED[_top(named[0])]))
+            continue
+        res = root.resolve(source)
+        if not res.ok or res.kind is not NodeKind.FILE or res.node is None:
+            continue
+        if res.node.st.st_size > MAX_SOURCE:
+            result.not_parsed.append((source, f"over {MAX_SOURCE >> 20} MiB"))
+            continue
+        try:
+            data = root.read_head(res.path, MAX_SOURCE)
+            refs = imports_of(data, package, is_script=source in scripts, filename=source)
+        except (SyntaxError, ValueError, RecursionError, MemoryError, OSError) as err:
+            result.not_parsed.append((source, type(err).__name__))
+            continue
+        except Exception as err:  # noqa: BLE001 - a hostile file must not stop the build
+            result.not_parsed.append((source, type(err).__name__))
+            continue
+        # Kept modules and the app's own: every import, functions included (other input calls
+        # other functions). Modules added here: what importing them runs, transitively.
+        follow_all = is_kept or entry.where == Where.APP
+        for ref in refs:
+            if follow_all or not ref.in_function:
+                add(ref.name, source, ref.line, entry, is_kept)
+    return result
