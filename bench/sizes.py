@@ -3,8 +3,8 @@
 For every workload in sample_workloads/ (tests/workloads.py):
 
 * tracejail: `tracejail record [--exercise ...] -- CMD` in the workload folder, then
-  `tracejail build --json -t tj-sizes-NAME:tracejail` three ways (the default, `--strip`, and
-  `--strip --bytecode-only`); run each image as it comes (non-root 65532) and compare its output
+  `tracejail build --json -t tj-sizes-NAME:tracejail` four ways (the default, `--no-import-closure`,
+  `--strip`, and `--strip --bytecode-only`); run each image as it comes (non-root 65532) and compare its output
   with expected_output.txt; then time `build --no-load` of each, interleaved, --reps times.
 * the seed's way, as a person following the recipe would do it: `ldd` the workload's main binary
   (the real Python interpreter behind `python3` / `.venv/bin/python`, `./main`, or the `#!`
@@ -61,6 +61,8 @@ class Outcome:
     compressed: int | None = None   # bytes, gzip -6 of the single layer
     on_disk: int | None = None      # bytes of regular files in the rootfs
     families: int | None = None     # of those, bytes kept as families looked up by name
+    imports: int | None = None      # of those, bytes the static import closure added
+    import_modules: int = 0
     works: bool = False
     error: str = ""                 # first error line when it does not work
     seconds: float = 0.0
@@ -187,10 +189,12 @@ def run_image(w: wl.Workload, tag: str, extra: list[str] | None = None) -> tuple
 
 
 # The builds compared: tracejail's default and its size options, from one recording.
+DEFAULT, NO_IMPORTS, STRIP, SMALLEST = "default", "--no-import-closure", "--strip", "--strip --bytecode-only"
 VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("default", ()),
-    ("--strip", ("--strip",)),
-    ("--strip --bytecode-only", ("--strip", "--bytecode-only")),
+    (DEFAULT, ()),
+    (NO_IMPORTS, ("--no-import-closure",)),
+    (STRIP, ("--strip",)),
+    (SMALLEST, ("--strip", "--bytecode-only")),
 )
 
 
@@ -221,6 +225,8 @@ def tracejail_way(w: wl.Workload, work: Path, tag: str, reps: int) -> dict[str, 
         summary = json.loads(build.stdout)
         out.compressed, out.on_disk = summary["image_size"], summary["bytes"]
         out.families = sum(f["bytes"] for f in summary.get("families", {}).values())
+        out.imports = summary["python_imports"]["bytes"]
+        out.import_modules = summary["python_imports"]["modules"]
         for option, reasons in summary.get("shrink", {}).get("kept_as_is", {}).items():
             for why, v in reasons.items():
                 log(f"{w.name} {name}: {option} left {v['count']} as they are: {why} (e.g. {v['examples'][0]})")
@@ -365,38 +371,42 @@ def markdown(rows: list[tuple[wl.Workload, dict[str, Outcome], Outcome]], host: 
         "# Image sizes: tracejail vs the ldd-only recipe",
         "",
         "Written by `python bench/sizes.py` (do not edit by hand). Each sample workload is recorded once and",
-        "built with tracejail three ways — the default, `--strip`, and `--strip --bytecode-only` — and",
-        "built again the seed's way: `ldd` of its main binary, `cp -L --parents` of the binary, its",
-        "libraries and the loader, plus the app folder, `FROM scratch` + `COPY rootfs /`.",
+        "built with tracejail four ways — the default, `--no-import-closure`, `--strip`, and",
+        "`--strip --bytecode-only` — and built again the seed's way: `ldd` of its main binary, `cp -L --parents`",
+        "of the binary, its libraries and the loader, plus the app folder, `FROM scratch` + `COPY rootfs /`.",
         "\"works\" means the image's output equals the workload's `expected_output.txt` (servers: the",
         "exercises' output, run from the host against the container on `--network host`).",
         "Sizes are the gzip -6 compressed single layer (on-disk bytes of the files in brackets).",
-        "\"of which families\": on-disk bytes of the files kept whole as families looked up by name",
-        "(codecs, time zones: `build --no-family NAME` leaves one out), in the default build.",
+        "\"families\" and \"import closure\": on-disk bytes, in the default build, of the files kept whole as",
+        "families looked up by name (codecs, time zones: `--no-family NAME`) and of the Python modules the",
+        "static import closure added (imported on paths the run did not take: `--no-import-closure`).",
         "",
         "| workload | " + " | ".join(f"tracejail {n}" for n in names)
-        + " | smallest / default | of which families | tracejail works | seed-way image | seed-way works |",
-        "|---|" + "---|" * len(names) + "---|---|---|---|---|",
+        + " | smallest / default | families | import closure | tracejail works | seed-way image | seed-way works |",
+        "|---|" + "---|" * len(names) + "---|---|---|---|---|---|",
     ]
     for w, tj, seed in rows:
-        base, small = tj[names[0]], tj[names[-1]]
+        base, small = tj[DEFAULT], tj[SMALLEST]
         all_work = "yes" if all(o.works for o in tj.values()) else \
             "; ".join(f"{n}: {works(o)}" for n, o in tj.items() if not o.works)
         lines.append(f"| {w.name} | " + " | ".join(f"{mb(tj[n].compressed)} ({mb(tj[n].on_disk)})" for n in names)
                      + f" | {ratio(small.compressed, base.compressed, 3)} ({ratio(small.on_disk, base.on_disk, 3)})"
-                     f" | {mb(base.families)} | {all_work} | {mb(seed.compressed)} ({mb(seed.on_disk)}) | {works(seed)} |")
+                     f" | {mb(base.families)} | {mb(base.imports)} ({base.import_modules} modules) | {all_work}"
+                     f" | {mb(seed.compressed)} ({mb(seed.on_disk)}) | {works(seed)} |")
     lines += [
         "",
         f"Build time (`tracejail build --no-load`, seconds, median of {reps}, the variants interleaved;",
         "recording not included):",
         "",
-        "| workload | " + " | ".join(names) + " | --strip / default | both / default |",
-        "|---|" + "---|" * len(names) + "---|---|",
+        "| workload | " + " | ".join(names) + " | default / --no-import-closure | --strip / default"
+        " | --strip --bytecode-only / default |",
+        "|---|" + "---|" * len(names) + "---|---|---|",
     ]
     for w, tj, _seed in rows:
-        base = tj[names[0]].build_median
+        base = tj[DEFAULT].build_median
         lines.append(f"| {w.name} | " + " | ".join(seconds(tj[n]) for n in names)
-                     + f" | {ratio(tj[names[1]].build_median, base)} | {ratio(tj[names[2]].build_median, base)} |")
+                     + f" | {ratio(base, tj[NO_IMPORTS].build_median)} | {ratio(tj[STRIP].build_median, base)}"
+                     f" | {ratio(tj[SMALLEST].build_median, base)} |")
     lines += [
         "",
         "The tracejail images run as 65532:65532 (its default); the seed-way images as root (the recipe",

@@ -329,6 +329,18 @@ def _host_state() -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """tracejail's caches (what Python modules import) in a directory of the session's own."""
+    old = os.environ.get("TRACEJAIL_CACHE_DIR")
+    os.environ["TRACEJAIL_CACHE_DIR"] = str(tmp_path_factory.mktemp("tracejail-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TRACEJAIL_CACHE_DIR", None)
+    else:
+        os.environ["TRACEJAIL_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
 def host_unchanged() -> Iterator[None]:
     before = _host_state()
     yield

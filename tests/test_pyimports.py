@@ -363,3 +363,29 @@ def test_a_server_answers_a_request_nobody_recorded(public_dir: str, docker_engi
     finally:
         docker_engine.run("rm", "-f", name, check=False)
         docker_engine.run("rmi", "-f", tag, check=False)
+
+
+def test_parse_cache_skips_unchanged_files_and_parses_changed_ones(tree: Path, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    first = pyimports.ParseCache(str(cache_dir))
+    kept = ["/app/main.py", f"{STD}/os.py", f"{STD}/lazy.py", f"{SITE}/touched/__init__.py"]
+    trace = kept_trace(kept, ["/venv/bin/python3", "main.py"], "/app")
+    before = {a.name for a in pyimports.closure(trace, kept, Root(str(tree)), cache=first).added}
+    assert oct(cache_dir.stat().st_mode & 0o777) == "0o700" and first.entries
+    # A second build reads what each file imports from the cache: a made-up entry proves it.
+    second = pyimports.ParseCache(str(cache_dir))
+    st = (tree / "app/helpers.py").stat()
+    key = pyimports.ParseCache.key(f"{tree}\0{'/app/helpers.py'}", st, "", False)
+    assert second.get(key) is not None
+    second.entries[key] = [["only_in_the_cache", 1, False]]
+    write(tree, f"{STD}/only_in_the_cache.py")
+    got = {a.name for a in pyimports.closure(trace, kept, Root(str(tree)), cache=second).added}
+    assert got == (before - {"thirdparty"}) | {"only_in_the_cache"}   # helpers now "imports" only that
+    # A file that changed is parsed again.
+    write(tree, "/app/helpers.py", "def x():\n    import json\n    import notfollowed\n")
+    third = pyimports.ParseCache(str(cache_dir))
+    got = {a.name for a in pyimports.closure(trace, kept, Root(str(tree)), cache=third).added}
+    assert "notfollowed" in got and "only_in_the_cache" not in got
+    # A cache directory others may write in is not used.
+    cache_dir.chmod(0o777)
+    assert pyimports.ParseCache(str(cache_dir)).entries == {}

@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import ast
 import configparser
+import json
 import os
 import re
+import stat
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from tracejail import __version__
 from tracejail import trace as tr
 from tracejail.root import NodeKind, Root
 
@@ -180,83 +183,205 @@ def _absolute(name: str | None, level: int, package: str) -> str | None:
     return ".".join([*base, *([name] if name else [])]) or None
 
 
-class _Scanner(ast.NodeVisitor):
-    def __init__(self, package: str, is_script: bool) -> None:
+# Statement fields that hold nested statement lists (if/for/while/with/try/match bodies).
+_BODIES = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+class _Scanner:
+    """Collects imports by walking statements only: expressions are searched (for
+    `__import__("x")` and `import_module("x")`) only in files that mention those names, which
+    keeps a build's scan of hundreds of modules cheap."""
+
+    def __init__(self, package: str, is_script: bool, by_name: bool) -> None:
         self.package = package
         self.is_script = is_script
+        self.by_name = by_name
         self.refs: list[ImportRef] = []
-        self.functions = 0       # how many function bodies deep the visit is
 
-    def _ref(self, name: str, line: int) -> None:
-        self.refs.append(ImportRef(name, line, self.functions > 0))
+    def _ref(self, name: str, line: int, in_function: bool) -> None:
+        self.refs.append(ImportRef(name, line, in_function))
 
-    def visit_If(self, node: ast.If) -> None:
+    def statements(self, body: list[ast.stmt], in_function: bool) -> None:
+        for node in body:
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    self._ref(alias.name, node.lineno, in_function)
+            elif isinstance(node, ast.ImportFrom):
+                self._import_from(node, in_function)
+            elif isinstance(node, ast.If):
+                self._if(node, in_function)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if self.by_name:      # decorators and defaults run on import
+                    for expr in [*node.decorator_list, *node.args.defaults, *node.args.kw_defaults]:
+                        if expr is not None:
+                            self.calls(expr, in_function)
+                self.statements(node.body, True)
+            else:
+                if self.by_name:
+                    for child in ast.iter_child_nodes(node):
+                        if not isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
+                            self.calls(child, in_function)
+                for attr in _BODIES:
+                    nested = getattr(node, attr, None)
+                    if nested:
+                        # except handlers and match cases hold their own bodies
+                        for item in nested:
+                            if isinstance(item, (ast.excepthandler, ast.match_case)):
+                                self.statements(item.body, in_function)
+                        self.statements([n for n in nested if isinstance(n, ast.stmt)], in_function)
+
+    def _if(self, node: ast.If, in_function: bool) -> None:
         dead = _is_type_checking(node.test) or (not self.is_script and _is_main_guard(node.test))
         on_linux = platform_test(node.test)
         if dead or on_linux is False:
-            for child in node.orelse:
-                self.visit(child)
-            return
-        if on_linux is True:
-            for child in node.body:
-                self.visit(child)
-            return
-        self.generic_visit(node)
+            self.statements(node.orelse, in_function)
+        elif on_linux is True:
+            self.statements(node.body, in_function)
+        else:
+            if self.by_name:
+                self.calls(node.test, in_function)
+            self.statements(node.body, in_function)
+            self.statements(node.orelse, in_function)
 
-    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
-        # Decorators and defaults run on import; the body when called.
-        for child in ast.iter_child_nodes(node):
-            if child is not getattr(node, "body", None) and not isinstance(child, ast.stmt):
-                self.visit(child)
-        body = node.body if isinstance(node.body, list) else [node.body]
-        self.functions += 1
-        for child in body:
-            self.visit(child)
-        self.functions -= 1
-
-    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
-
-    def visit_Import(self, node: ast.Import) -> None:
-        for alias in node.names:
-            self._ref(alias.name, node.lineno)
-
-    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+    def _import_from(self, node: ast.ImportFrom, in_function: bool) -> None:
         base = _absolute(node.module, node.level, self.package)
         if base is None:
             return
-        self._ref(base, node.lineno)
+        self._ref(base, node.lineno, in_function)
         for alias in node.names:
             if alias.name != "*":      # a submodule, or an attribute (then nothing is found)
-                self._ref(f"{base}.{alias.name}", node.lineno)
+                self._ref(f"{base}.{alias.name}", node.lineno, in_function)
 
-    def visit_Call(self, node: ast.Call) -> None:
+    def calls(self, expr: ast.AST, in_function: bool) -> None:
+        for node in ast.walk(expr):
+            if isinstance(node, ast.Call):
+                self._call(node, in_function or isinstance(expr, ast.Lambda))
+
+    def _call(self, node: ast.Call, in_function: bool) -> None:
         func = node.func
         named = (isinstance(func, ast.Name) and func.id in ("__import__", "import_module")) or \
             (isinstance(func, ast.Attribute) and func.attr == "import_module"
              and isinstance(func.value, ast.Name) and func.value.id == "importlib")
-        if named and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-            name = node.args[0].value
-            if name.startswith("."):
-                level = len(name) - len(name.lstrip("."))
-                package = next((k.value.value for k in node.keywords if k.arg == "package"
-                                and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)),
-                               self.package)
-                resolved = _absolute(name[level:] or None, level, package)
-                if resolved:
-                    self._ref(resolved, node.lineno)
-            elif name:
-                self._ref(name, node.lineno)
-        self.generic_visit(node)
+        if not (named and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            return
+        name = node.args[0].value
+        if name.startswith("."):
+            level = len(name) - len(name.lstrip("."))
+            package = next((k.value.value for k in node.keywords if k.arg == "package"
+                            and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)),
+                           self.package)
+            resolved = _absolute(name[level:] or None, level, package)
+            if resolved:
+                self._ref(resolved, node.lineno, in_function)
+        elif name:
+            self._ref(name, node.lineno, in_function)
 
 
 def imports_of(source: str | bytes, package: str, *, is_script: bool = False,
                filename: str = "<module>") -> list[ImportRef]:
-    """Every import `source` names, as absolute module names (raises SyntaxError, ValueError,
-    RecursionError or MemoryError for source it cannot parse)."""
+    """Every import `source` names, as absolute module names, in source order (raises
+    SyntaxError, ValueError, RecursionError or MemoryError for source it cannot parse)."""
+    raw = source.encode("utf-8", "surrogateescape") if isinstance(source, str) else source
+    if b"import" not in raw:
+        return []
+    by_name = b"__import__" in raw or b"import_module" in raw
     tree = ast.parse(source, filename=filename)
-    scanner = _Scanner(package, is_script)
-    scanner.visit(tree)
-    return scanner.refs
+    scanner = _Scanner(package, is_script, by_name)
+    scanner.statements(tree.body, False)
+    return sorted(scanner.refs, key=lambda r: r.line)
+
+
+# --------------------------------------------------------------------------------------------
+# What each file imports, kept between builds
+
+
+def default_cache_dir() -> str | None:
+    """$TRACEJAIL_CACHE_DIR (empty: no cache), else $XDG_CACHE_HOME/tracejail or ~/.cache/tracejail."""
+    configured = os.environ.get("TRACEJAIL_CACHE_DIR")
+    if configured is not None:
+        return configured or None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tracejail") if base.startswith("/") else None
+
+
+class ParseCache:
+    """What each module file imports, between builds: parsing is most of the closure's time
+    (a numpy app's 700 modules take seconds). Keyed by the file's identity (path, device, inode,
+    size, mtime, ctime) and how it is read; a changed file is parsed again. The file lives in a
+    directory of the user's own (0700; one that is a symlink, not the user's or writable by
+    others is not used) and is replaced atomically; anything wrong with it means no cache."""
+
+    LIMIT = 200_000          # entries kept at most (the oldest are dropped)
+    MAX_BYTES = 64 << 20
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, f"pyimports-{__version__}.json") if directory else None
+        self.entries: dict[str, list[list[object]]] = {}
+        self.dirty = False
+        if self.path and self._safe_dir(create=False):
+            self.entries = self._load()
+
+    def _safe_dir(self, create: bool) -> bool:
+        assert self.directory is not None
+        try:
+            if create:
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            st = os.lstat(self.directory)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+    def _load(self) -> dict[str, list[list[object]]]:
+        assert self.path is not None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return {}
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > self.MAX_BYTES:
+                return {}
+            data = json.loads(os.read(fd, self.MAX_BYTES + 1))
+        except (OSError, ValueError):
+            return {}
+        finally:
+            os.close(fd)
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def key(path: str, st: os.stat_result, package: str, is_script: bool) -> str:
+        return "\0".join(map(str, (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                   package, int(is_script))))
+
+    def get(self, key: str) -> list[ImportRef] | None:
+        raw = self.entries.get(key)
+        if not isinstance(raw, list):
+            return None
+        try:
+            return [ImportRef(str(n), int(ln), bool(f)) for n, ln, f in raw]   # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return None
+
+    def put(self, key: str, refs: list[ImportRef]) -> None:
+        self.entries[key] = [[r.name, r.line, r.in_function] for r in refs]
+        self.dirty = True
+
+    def save(self) -> None:
+        if not (self.dirty and self.path and self._safe_dir(create=True)):
+            return
+        entries = dict(list(self.entries.items())[-self.LIMIT:])
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(entries, f, separators=(",", ":"))
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,10 +617,19 @@ def _top(name: str) -> str:
 
 
 def closure(trace: tr.Trace, kept: Iterable[str], root: Root, *,
-            exclude_modules: Iterable[str] = ()) -> ImportClosure:
+            exclude_modules: Iterable[str] = (), cache: ParseCache | None = None) -> ImportClosure:
     """The modules the kept ones import (transitively) that the file set lacks; see the module
-    docstring for the rules. `kept` holds the file set's paths (canonical, as fileset keeps them)."""
-    kept = set(kept)
+    docstring for the rules. `kept` holds the file set's paths (canonical, as fileset keeps them).
+    `cache` (default: the user's, see ParseCache) remembers what each file imports."""
+    cache = cache if cache is not None else ParseCache(default_cache_dir())
+    try:
+        return _closure(trace, set(kept), root, tuple(exclude_modules), cache)
+    finally:
+        cache.save()
+
+
+def _closure(trace: tr.Trace, kept: set[str], root: Root, exclude_modules: tuple[str, ...],
+             cache: ParseCache) -> ImportClosure:
     result = ImportClosure()
     entries, interps, scripts = search_path(trace, kept, root)
     if not interps and not scripts:
@@ -583,15 +717,17 @@ def closure(trace: tr.Trace, kept: Iterable[str], root: Root, *,
         if res.node.st.st_size > MAX_SOURCE:
             result.not_parsed.append((source, f"over {MAX_SOURCE >> 20} MiB"))
             continue
-        try:
-            data = root.read_head(res.path, MAX_SOURCE)
-            refs = imports_of(data, package, is_script=source in scripts, filename=source)
-        except (SyntaxError, ValueError, RecursionError, MemoryError, OSError) as err:
-            result.not_parsed.append((source, type(err).__name__))
-            continue
-        except Exception as err:  # noqa: BLE001 - a hostile file must not stop the build
-            result.not_parsed.append((source, type(err).__name__))
-            continue
+        is_script = source in scripts
+        key = ParseCache.key(f"{root.path}\0{res.path}", res.node.st, package, is_script)
+        refs = cache.get(key)
+        if refs is None:
+            try:
+                data = root.read_head(res.path, MAX_SOURCE, res.node.identity)
+                refs = imports_of(data, package, is_script=is_script, filename=source)
+            except Exception as err:  # noqa: BLE001 - a hostile file (SyntaxError, RecursionError...) must not stop the build
+                result.not_parsed.append((source, type(err).__name__))
+                continue
+            cache.put(key, refs)
         # Kept modules and the app's own: every import, functions included (other input calls
         # other functions). Modules added here: what importing them runs, transitively.
         follow_all = is_kept or entry.where == Where.APP
