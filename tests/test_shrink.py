@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from tracejail import rootfs, shrink
+from tracejail import pyimports, rootfs, shrink
 from tracejail.errors import UsageError
 
 TJ = [sys.executable, "-m", "tracejail"]
@@ -179,12 +179,12 @@ def test_build_strip_without_binutils_says_how_to_get_it(tmp_path: Path, monkeyp
 
 
 def test_cached_pyc_names() -> None:
-    c = shrink.cached_pyc("/a/b/__pycache__/mod.cpython-311.opt-1.pyc")
-    assert c == shrink.CachedPyc("/a/b/__pycache__/mod.cpython-311.opt-1.pyc", "/a/b/mod.py", "cpython-311", 1)
-    assert shrink.cached_pyc("/a/b/__pycache__/mod.cpython-311.pyc").optimize == 0
-    assert shrink.cached_pyc("/a/b/mod.pyc") is None
-    assert shrink.cached_pyc("/a/__pycache__/x.y.z.w.pyc") is None
-    assert shrink.sourceless_path("/a/b/mod.py") == "/a/b/mod.pyc"
+    c = pyimports.cached_pyc("/a/b/__pycache__/mod.cpython-311.opt-1.pyc")
+    assert c == pyimports.CachedPyc("/a/b/__pycache__/mod.cpython-311.opt-1.pyc", "/a/b/mod.py", "cpython-311", 1)
+    assert pyimports.cached_pyc("/a/b/__pycache__/mod.cpython-311.pyc").optimize == 0
+    assert pyimports.cached_pyc("/a/b/mod.pyc") is None
+    assert pyimports.cached_pyc("/a/__pycache__/x.y.z.w.pyc") is None
+    assert pyimports.sourceless_path("/a/b/mod.py") == "/a/b/mod.pyc"
 
 
 # --------------------------------------------------------------------------------------------

@@ -142,12 +142,21 @@ class BuildResult:
         }
 
     def _imports_summary(self) -> dict[str, Any]:
-        """What the static import closure added: per module, what imports it and where."""
-        added = [a for a in self.files.python_imports if any(f in self.plan.entries for f in a.files)]
+        """What the static import closure added: per module, what imports it and where (with
+        --bytecode-only, a module's source counts as the sourceless .pyc that replaced it)."""
+        from tracejail.pyimports import sourceless_path
+
+        def in_image(f: str) -> str | None:
+            if f in self.plan.entries:
+                return f
+            return sourceless_path(f) if f.endswith(".py") and sourceless_path(f) in self.plan.entries else None
+
+        added = [a for a in self.files.python_imports if any(in_image(f) for f in a.files)]
+        files = [p for a in added for p in dict.fromkeys(in_image(f) for f in a.files) if p]
         return {
             "modules": len(added),
-            "files": sum(len(a.files) for a in added),
-            "bytes": sum(self.plan.entries[f].size for a in added for f in a.files if f in self.plan.entries),
+            "files": len(files),
+            "bytes": sum(self.plan.entries[f].size for f in files),
             "added": [{"module": a.name, "imported_by": a.importer, "line": a.line, "via": a.via or None,
                        "files": list(a.files)} for a in added],
             "not_parsed": [{"path": p, "why": w} for p, w in self.files.imports_not_parsed],

@@ -289,12 +289,9 @@ def _add_python_companions(fs: FileSet, root: Root, consider: Consider) -> None:
     """Python validates a cached .pyc against its .py, and reads .pth and dist-info metadata."""
     site_dirs: set[str] = set()
     for path in list(fs.wanted):
-        directory, name = os.path.split(path)
-        if os.path.basename(directory) == "__pycache__" and name.endswith(".pyc"):
-            module = name.split(".", 1)[0]
-            source = os.path.join(os.path.dirname(directory), module + ".py")
-            if source not in fs.wanted and root.exists(source):
-                consider(source, f"source of the kept {path} (Python stats it to validate the cache)")
+        cached = pyimports.cached_pyc(path)
+        if cached is not None and cached.source not in fs.wanted and root.exists(cached.source):
+            consider(cached.source, f"source of the kept {path} (Python stats it to validate the cache)")
         m = re.match(r"(.*/(?:site|dist)-packages)(/|$)", path)
         if m:
             site_dirs.add(m.group(1))

@@ -121,6 +121,41 @@ class ImportClosure:
 
 
 # --------------------------------------------------------------------------------------------
+# Where CPython keeps a module's bytecode
+
+
+@dataclass(frozen=True)
+class CachedPyc:
+    """`D/__pycache__/NAME.TAG[.opt-N].pyc`, the interpreter's cache of `D/NAME.py`."""
+
+    path: str
+    source: str
+    tag: str          # e.g. "cpython-311"
+    optimize: int     # 0, or N of ".opt-N"
+
+
+def cached_pyc(path: str) -> CachedPyc | None:
+    head, _, name = path.rpartition("/")
+    if not head.endswith("/__pycache__") or not name.endswith(".pyc"):
+        return None
+    parts = name[:-4].split(".")
+    if len(parts) == 3 and parts[2].startswith("opt-") and parts[2][4:].isdigit():
+        optimize = int(parts[2][4:])
+    elif len(parts) == 2:
+        optimize = 0
+    else:
+        return None
+    if not parts[0] or not parts[1]:
+        return None
+    return CachedPyc(path, head[: -len("/__pycache__")] + "/" + parts[0] + ".py", parts[1], optimize)
+
+
+def sourceless_path(source: str) -> str:
+    """Where the import system finds the bytecode of `source` when the source is gone."""
+    return source[:-3] + ".pyc"
+
+
+# --------------------------------------------------------------------------------------------
 # What a module imports
 
 
@@ -646,8 +681,9 @@ def _closure(trace: tr.Trace, kept: set[str], root: Root, exclude_modules: tuple
     for path in sorted(kept):
         if not path.endswith((".py", ".pyc", ".so")):
             continue
-        if "/__pycache__/" in path:
-            path = path.split("/__pycache__/")[0] + "/" + os.path.basename(path).split(".", 1)[0] + ".py"
+        cached = cached_pyc(path)
+        if cached is not None:
+            path = cached.source
         named = module_name(path, entries)
         if named is None:
             continue

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from elftools.elf.elffile import ELFFile
 
-from tracejail import rootfs
+from tracejail import pyimports, rootfs
 from tracejail import trace as tr
 from tracejail.errors import TracejailError, UsageError
 from tracejail.root import Root, SourceChanged, Status, parent_of
@@ -335,37 +335,6 @@ for path, source, optimize, mtime, size, out in marshal.loads(sys.stdin.buffer.r
 """
 
 
-@dataclass(frozen=True)
-class CachedPyc:
-    """`D/__pycache__/NAME.TAG[.opt-N].pyc`, the interpreter's cache of `D/NAME.py`."""
-
-    path: str
-    source: str
-    tag: str          # e.g. "cpython-311"
-    optimize: int     # 0, or N of ".opt-N"
-
-
-def cached_pyc(path: str) -> CachedPyc | None:
-    head, _, name = path.rpartition("/")
-    if not head.endswith("/__pycache__") or not name.endswith(".pyc"):
-        return None
-    parts = name[:-4].split(".")
-    if len(parts) == 3 and parts[2].startswith("opt-") and parts[2][4:].isdigit():
-        optimize = int(parts[2][4:])
-    elif len(parts) == 2:
-        optimize = 0
-    else:
-        return None
-    if not parts[0] or not parts[1]:
-        return None
-    return CachedPyc(path, head[: -len("/__pycache__")] + "/" + parts[0] + ".py", parts[1], optimize)
-
-
-def sourceless_path(source: str) -> str:
-    """Where the import system finds the bytecode of `source` when the source is gone."""
-    return source[:-3] + ".pyc"
-
-
 def pyc_is_current(data: bytes, source: rootfs.Entry) -> bool | None:
     """True when a cached .pyc matches its source as the interpreter checks it, False when stale,
     None when tracejail cannot tell (a checked hash-based .pyc of another interpreter)."""
@@ -387,9 +356,9 @@ def pyc_is_current(data: bytes, source: rootfs.Entry) -> bool | None:
 def replaced_by_bytecode(path: str, tree: Root) -> bool:
     """True when `path` is a module source, or its cached .pyc, that an image built with
     --bytecode-only holds as sourceless bytecode: looking it up and not finding it is no miss."""
-    c = cached_pyc(path)
+    c = pyimports.cached_pyc(path)
     source = c.source if c is not None else path if path.endswith(".py") else None
-    return source is not None and tree.exists(sourceless_path(source))
+    return source is not None and tree.exists(pyimports.sourceless_path(source))
 
 
 def _link_targets(plan: rootfs.Plan) -> set[str]:
@@ -409,15 +378,15 @@ def _link_targets(plan: rootfs.Plan) -> set[str]:
 @dataclass
 class _Module:
     source: rootfs.Entry
-    pycs: list[CachedPyc]
-    chosen: CachedPyc
+    pycs: list[pyimports.CachedPyc]
+    chosen: pyimports.CachedPyc
 
 
 def _modules(plan: rootfs.Plan, read: set[str], result: ShrinkResult) -> list[_Module]:
     """Kept sources the run imported through their cached .pyc, and did not read as data."""
-    groups: dict[str, list[CachedPyc]] = {}
+    groups: dict[str, list[pyimports.CachedPyc]] = {}
     for path, e in plan.entries.items():
-        c = cached_pyc(path)
+        c = pyimports.cached_pyc(path)
         if c is not None and e.kind == "file":
             groups.setdefault(c.source, []).append(c)
     linked = _link_targets(plan)
@@ -433,8 +402,8 @@ def _modules(plan: rootfs.Plan, read: set[str], result: ShrinkResult) -> list[_M
             why = "the run read its source (as data, or to compile it)"
         elif len(tags) > 1:
             why = f"imported by {len(tags)} interpreters ({', '.join(tags)}); one sourceless .pyc serves one"
-        elif sourceless_path(source_path) in plan.entries:
-            why = f"{sourceless_path(source_path)} is already in the image"
+        elif pyimports.sourceless_path(source_path) in plan.entries:
+            why = f"{pyimports.sourceless_path(source_path)} is already in the image"
         elif source_path in linked or any(c.path in linked for c in pycs):
             why = "a link in the image points at it"
         if why:
@@ -491,7 +460,7 @@ def bytecode_plan(plan: rootfs.Plan, read: set[str], workdir: str, result: Shrin
                 compiled.add(out)
     for m, out in sorted(ready, key=lambda r: rootfs.sort_key(r[0].source.path)):
         src = m.source
-        target = sourceless_path(src.path)
+        target = pyimports.sourceless_path(src.path)
         size = os.stat(out).st_size
         before = src.size + sum(plan.entries[c.path].size for c in m.pycs)
         for gone in [src.path, *(c.path for c in m.pycs)]:
