@@ -305,6 +305,8 @@ def test_strip_and_bytecode_only_image_runs_and_reports_its_savings(recorded_app
     assert savings["--strip"]["files"] >= 1 and savings["--strip"]["bytes_saved"] > 0   # libtwice.so
     assert small["bytes"] == default["bytes"] - savings["--strip"]["bytes_saved"] \
         - savings["--bytecode-only"]["bytes_saved"]
+    # What the import closure added is still listed, a module shipped as bytecode included.
+    assert small["python_imports"]["modules"] == default["python_imports"]["modules"] > 0
     proc = subprocess.run([*TJ, "verify", str(trace), "--rootfs", str(tmp_path / "s")], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

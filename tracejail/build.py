@@ -144,12 +144,14 @@ class BuildResult:
     def _imports_summary(self) -> dict[str, Any]:
         """What the static import closure added: per module, what imports it and where (with
         --bytecode-only, a module's source counts as the sourceless .pyc that replaced it)."""
-        from tracejail.pyimports import sourceless_path
+        from tracejail.pyimports import cached_pyc, sourceless_path
 
         def in_image(f: str) -> str | None:
             if f in self.plan.entries:
                 return f
-            return sourceless_path(f) if f.endswith(".py") and sourceless_path(f) in self.plan.entries else None
+            cached = cached_pyc(f)
+            source = cached.source if cached is not None else f if f.endswith(".py") else None
+            return sourceless_path(source) if source and sourceless_path(source) in self.plan.entries else None
 
         added = [a for a in self.files.python_imports if any(in_image(f) for f in a.files)]
         files = [p for a in added for p in dict.fromkeys(in_image(f) for f in a.files) if p]
