@@ -189,7 +189,8 @@ if len(sys.argv) > 1 and sys.argv[1] == "report":
 else:
     print(json.dumps({"count": light.count([1, 2, 3])}))
 """
-HELPERS = "from decimal import Decimal\n\ndef total(xs):\n    return str(sum(Decimal(x) for x in xs))\n"
+HELPERS = ("from decimal import Decimal\ntry:\n    import tj_optional_not_installed\nexcept ImportError:\n"
+           "    tj_optional_not_installed = None\n\ndef total(xs):\n    return str(sum(Decimal(x) for x in xs))\n")
 LIGHT = "def count(xs):\n    return len(xs)\n"
 
 
@@ -248,6 +249,7 @@ def test_a_cli_recorded_on_one_path_runs_on_another(cli_app, tmp_path: Path) -> 
     added = {a["module"]: a for a in summary["python_imports"]["added"]}
     assert added["helpers"]["imported_by"] == str(app / "app.py") and added["helpers"]["line"] == 6
     assert {"csv", "statistics", "decimal"} <= set(added)
+    assert "tj_optional_not_installed" not in added       # an optional dependency that is not there
     assert summary["python_imports"]["bytes"] > 0
     code, out, err = run_in_tree(tmp_path / "with" / "rootfs", [PY, "app.py", "report"], str(app))
     assert (code, out) == (0, "2,3.5\n"), err
@@ -389,3 +391,45 @@ def test_parse_cache_skips_unchanged_files_and_parses_changed_ones(tree: Path, t
     # A cache directory others may write in is not used.
     cache_dir.chmod(0o777)
     assert pyimports.ParseCache(str(cache_dir)).entries == {}
+
+
+BYTECODE_SOURCE = """\
+import os
+from . import sib
+from .sub import thing, other
+def f():
+    import csv
+class C:
+    import json
+"""
+
+
+def test_bytecode_is_read_like_source(tmp_path: Path) -> None:
+    import py_compile
+
+    src, pyc = tmp_path / "m.py", tmp_path / "m.pyc"
+    src.write_text(BYTECODE_SOURCE)
+    py_compile.compile(str(src), str(pyc), doraise=True)
+    from_source = pyimports.imports_of(BYTECODE_SOURCE, "pkg")
+    assert pyimports.imports_of_bytecode(pyc.read_bytes(), "pkg") == from_source
+    with pytest.raises(ValueError, match="another Python version"):
+        pyimports.imports_of_bytecode(b"\0" * 32, "pkg")
+    with pytest.raises(ValueError, match="does not load"):
+        pyimports.imports_of_bytecode(pyc.read_bytes()[:16] + b"\xff" * 64, "pkg")
+
+
+def test_a_sourceless_module_is_followed_through_its_bytecode(tree: Path) -> None:
+    import py_compile
+
+    write(tree, "/app/main.py", "def cmd():\n    import shipped_as_bytecode\n    import broken_bytecode\n")
+    write(tree, "/build/shipped_as_bytecode.py", "import json\n")
+    py_compile.compile(str(tree / "build/shipped_as_bytecode.py"), str(tree / "app/shipped_as_bytecode.pyc"),
+                       doraise=True)
+    (tree / "app/broken_bytecode.pyc").write_bytes(b"\x7fELF not bytecode at all")
+    kept = ["/app/main.py", f"{STD}/os.py"]
+    trace = kept_trace(kept, ["/venv/bin/python3", "main.py"], "/app")
+    result = pyimports.closure(trace, kept, Root(str(tree)), cache=pyimports.ParseCache(None))
+    added = {a.name: a for a in result.added}
+    assert added["shipped_as_bytecode"].files == ("/app/shipped_as_bytecode.pyc",)
+    assert added["json"].importer == "/app/shipped_as_bytecode.pyc"
+    assert ("/app/broken_bytecode.pyc", "ValueError") in result.not_parsed

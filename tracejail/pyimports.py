@@ -2,7 +2,8 @@
 
 A trace shows the modules one run imported; other input takes other paths, whose imports the run
 never made (`app.py report` imports `csv`, which `app.py` never did). Starting from every Python
-module the file set keeps, this reads each one's source with `ast` (nothing is executed) and
+module the file set keeps, this reads each one's source with `ast` (nothing is executed; a
+sourceless module's bytecode, of tracejail's own Python version, in a child process) and
 follows every import it names — at any depth, inside functions, in `try: … except ImportError`
 alternatives, relative ones, `__import__("x")` and `importlib.import_module("x")` with literal
 names — resolved the way the recorded interpreter would find them: the run's script directories
@@ -93,7 +94,7 @@ class Found:
     name: str
     files: tuple[str, ...]
     package_dir: str | None
-    source: str | None          # the .py to read for its own imports
+    source: str | None          # the file to read for its own imports: the .py, or a sourceless .pyc
     entry: Entry
 
 
@@ -324,6 +325,58 @@ def imports_of(source: str | bytes, package: str, *, is_script: bool = False,
     scanner = _Scanner(package, is_script, by_name)
     scanner.statements(tree.body, False)
     return sorted(scanner.refs, key=lambda r: r.line)
+
+
+# Lists what a module's bytecode imports: (name, level, fromlist, line, in a function) for every
+# IMPORT_NAME. Run in a child: marshal is not safe on hostile input, and a crash stays there.
+_SCAN_BYTECODE = r"""
+import dis, json, marshal, sys
+code = marshal.loads(sys.stdin.buffer.read()[16:])
+out = []
+def walk(co, in_function):
+    line, prev = co.co_firstlineno, []
+    for ins in dis.get_instructions(co):
+        if ins.positions is not None and ins.positions.lineno:
+            line = ins.positions.lineno
+        if ins.opname == "IMPORT_NAME" and len(prev) == 2 and all(p.opname == "LOAD_CONST" for p in prev):
+            level, fromlist = prev[0].argval, prev[1].argval
+            out.append([ins.argval, level if isinstance(level, int) else 0,
+                        [f for f in (fromlist or ()) if isinstance(f, str)], line, in_function])
+        prev = (prev + [ins])[-2:]
+    for c in co.co_consts:
+        if isinstance(c, type(co)):
+            walk(c, in_function or bool(c.co_flags & 0x2))   # CO_NEWLOCALS: a function body
+walk(code, False)
+print(json.dumps(out))
+"""
+BYTECODE_TIMEOUT = 30.0
+
+
+def imports_of_bytecode(data: bytes, package: str) -> list[ImportRef]:
+    """What a sourceless module's bytecode imports (`import`/`from … import` statements; calls
+    by name are not seen). Only bytecode of tracejail's own Python version can be read: another
+    raises ValueError, as does bytecode the child cannot load."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if data[:4] != importlib.util.MAGIC_NUMBER:
+        raise ValueError("bytecode of another Python version")
+    try:
+        proc = subprocess.run([sys.executable, "-I", "-c", _SCAN_BYTECODE], input=data, capture_output=True,
+                              timeout=BYTECODE_TIMEOUT, env={"PATH": "/usr/bin:/bin"}, check=False)
+    except subprocess.TimeoutExpired:
+        raise ValueError("reading its bytecode took too long") from None
+    if proc.returncode != 0:
+        raise ValueError("its bytecode does not load")
+    refs = []
+    for name, level, fromlist, line, in_function in json.loads(proc.stdout):
+        base = _absolute(name or None, level, package)
+        if base is None:
+            continue
+        refs.append(ImportRef(base, line, in_function))
+        refs += [ImportRef(f"{base}.{f}", line, in_function) for f in fromlist if f != "*"]
+    return refs
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,8 +610,8 @@ class _Finder:
 
     def _found(self, full: str, directory: str, stem: str, filename: str, entry: Entry, *, package: bool) -> Found:
         files = [f"{directory}/{filename}"]
-        source = files[0] if filename.endswith(".py") else None
-        if source is not None and "__pycache__" in self.names(directory):
+        source = files[0]
+        if filename.endswith(".py") and "__pycache__" in self.names(directory):
             cached = self.names(f"{directory}/__pycache__")
             files += [f"{directory}/__pycache__/{stem}.{tag}.pyc" for tag in self.tags
                       if f"{stem}.{tag}.pyc" in cached]
@@ -692,6 +745,8 @@ def _closure(trace: tr.Trace, kept: set[str], root: Root, exclude_modules: tuple
             touched.add((entry.path, _top(name)))
         if path.endswith(".py") and (path in kept or root.exists(path)):
             start.append((path, package, entry, True))
+        elif path.endswith(".pyc") and cached is None and not root.exists(path[:-1]):
+            start.append((path, package, entry, True))      # sourceless: its bytecode is read
 
     def allowed(found: Found, importer_entry: Entry, importer_kept: bool) -> bool:
         if found.entry.where != Where.SITE:
@@ -759,7 +814,8 @@ def _closure(trace: tr.Trace, kept: set[str], root: Root, exclude_modules: tuple
         if refs is None:
             try:
                 data = root.read_head(res.path, MAX_SOURCE, res.node.identity)
-                refs = imports_of(data, package, is_script=is_script, filename=source)
+                refs = imports_of_bytecode(data, package) if source.endswith(".pyc") else \
+                    imports_of(data, package, is_script=is_script, filename=source)
             except Exception as err:  # noqa: BLE001 - a hostile file (SyntaxError, RecursionError...) must not stop the build
                 result.not_parsed.append((source, type(err).__name__))
                 continue
