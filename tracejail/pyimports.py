@@ -498,7 +498,8 @@ def _site_dir(path: str) -> str | None:
     return None
 
 
-def _python_processes(trace: tr.Trace) -> list[tr.ProcessInfo]:
+def python_processes(trace: tr.Trace) -> list[tr.ProcessInfo]:
+    """The recorded processes that ran a Python interpreter (by the executable's name)."""
     out = []
     for run in trace.runs:
         for p in run.processes:
@@ -534,7 +535,7 @@ def search_path(trace: tr.Trace, kept: Iterable[str], root: Root) -> tuple[list[
     interps = interpreters(kept, root)
     entries: dict[str, str] = {}
     scripts: set[str] = set()
-    pythons = _python_processes(trace)
+    pythons = python_processes(trace)
     for index, run in enumerate(trace.runs):
         for p in (p for p in pythons if p.run == index):
             script = _script_of(p, run.cwd)

@@ -1211,7 +1211,7 @@ def _check_interpreter(trace: tr.Trace) -> tuple[str, tr.Run] | None:
     bin/python, for its site-packages), and its run."""
     from tracejail import pyimports
 
-    for p in pyimports._python_processes(trace):
+    for p in pyimports.python_processes(trace):
         run = trace.runs[p.run]
         argv0 = p.argv[0] if p.argv else ""
         if "/" in argv0:
