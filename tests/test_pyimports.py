@@ -433,3 +433,14 @@ def test_a_sourceless_module_is_followed_through_its_bytecode(tree: Path) -> Non
     assert added["shipped_as_bytecode"].files == ("/app/shipped_as_bytecode.pyc",)
     assert added["json"].importer == "/app/shipped_as_bytecode.pyc"
     assert ("/app/broken_bytecode.pyc", "ValueError") in result.not_parsed
+
+
+def test_a_package_whose_init_is_an_extension_module_is_added_not_parsed(tree: Path) -> None:
+    write(tree, "/app/main.py", "def cmd():\n    import extpkg\n")
+    write(tree, "/app/extpkg/__init__.cpython-311-x86_64-linux-gnu.so", "\x7fELF import nothing")
+    kept = ["/app/main.py", f"{STD}/os.py"]
+    trace = kept_trace(kept, ["/venv/bin/python3", "main.py"], "/app")
+    result = pyimports.closure(trace, kept, Root(str(tree)), cache=pyimports.ParseCache(None))
+    added = {a.name: a for a in result.added}
+    assert added["extpkg"].files == ("/app/extpkg/__init__.cpython-311-x86_64-linux-gnu.so",)
+    assert result.not_parsed == []

@@ -611,7 +611,7 @@ class _Finder:
 
     def _found(self, full: str, directory: str, stem: str, filename: str, entry: Entry, *, package: bool) -> Found:
         files = [f"{directory}/{filename}"]
-        source = files[0]
+        source = files[0] if filename.endswith((".py", ".pyc")) else None   # an extension: no text
         if filename.endswith(".py") and "__pycache__" in self.names(directory):
             cached = self.names(f"{directory}/__pycache__")
             files += [f"{directory}/__pycache__/{stem}.{tag}.pyc" for tag in self.tags
