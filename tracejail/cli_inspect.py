@@ -51,7 +51,8 @@ def explain(trace_file: str, paths: tuple[str, ...], as_json: bool, **content: A
     \b
       traced (how, by which process), needed by which ELF through which search rule,
       a symlink on the way, a Python companion, a known run-time load, a family
-      looked up by name, --include; who owns it in the image and why; or left out,
+      looked up by name, a module a kept one imports on a path the run did not take
+      (the static import closure), --include; who owns it in the image and why; or left out,
       and by which rule. A relative PATH is taken relative to the recorded run's
       working directory. Takes build's options that decide what the image holds.
     """
