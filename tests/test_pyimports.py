@@ -444,3 +444,18 @@ def test_a_package_whose_init_is_an_extension_module_is_added_not_parsed(tree: P
     added = {a.name: a for a in result.added}
     assert added["extpkg"].files == ("/app/extpkg/__init__.cpython-311-x86_64-linux-gnu.so",)
     assert result.not_parsed == []
+
+
+def test_parse_cache_leaves_no_temporary_file_when_interrupted(tmp_path: Path, monkeypatch) -> None:
+    from tracejail.errors import Interrupted
+
+    cache = pyimports.ParseCache(str(tmp_path / "cache"))
+    cache.put("k", [pyimports.ImportRef("os", 1)])
+
+    def interrupted(*_a, **_k):
+        raise Interrupted(15)
+
+    monkeypatch.setattr(pyimports.json, "dump", interrupted)
+    with pytest.raises(Interrupted):
+        cache.save()
+    assert os.listdir(tmp_path / "cache") == []

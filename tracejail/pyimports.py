@@ -462,10 +462,15 @@ class ParseCache:
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(entries, f, separators=(",", ":"))
             os.replace(tmp, self.path)
         except OSError:
+            pass        # no cache this time
+        finally:        # also when SIGTERM lands mid-write: no temporary file stays behind
             try:
                 os.unlink(tmp)
             except OSError:
