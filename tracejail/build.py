@@ -11,7 +11,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from tracejail import __version__
 from tracejail import fileset as fsel
@@ -144,14 +144,13 @@ class BuildResult:
     def _imports_summary(self) -> dict[str, Any]:
         """What the static import closure added: per module, what imports it and where (with
         --bytecode-only, a module's source counts as the sourceless .pyc that replaced it)."""
-        from tracejail.pyimports import cached_pyc, sourceless_path
+        from tracejail.pyimports import sourceless_standin
 
         def in_image(f: str) -> str | None:
             if f in self.plan.entries:
                 return f
-            cached = cached_pyc(f)
-            source = cached.source if cached is not None else f if f.endswith(".py") else None
-            return sourceless_path(source) if source and sourceless_path(source) in self.plan.entries else None
+            standin = sourceless_standin(f)
+            return standin if standin in self.plan.entries else None
 
         added = [a for a in self.files.python_imports if any(in_image(f) for f in a.files)]
         files = [p for a in added for p in dict.fromkeys(in_image(f) for f in a.files) if p]
@@ -224,6 +223,26 @@ def secret_alerts(entrypoint: list[str], extra_env: list[str]) -> list[str]:
             alerts.append(f"--env {name} holds a secret and is in the image's config, readable by anyone who "
                           "can pull the image; pass it at run time instead (docker run -e)")
     return alerts
+
+
+def content_labels(options: BuildOptions) -> dict[str, str]:
+    """The labels that record how content options changed the image, so a rebuild (verify --fix)
+    and verify --import-check can do as the build did; read back by content_options."""
+    labels = {LABEL_IMPORTS: "off" if not options.import_closure else
+              "exclude=" + ",".join(options.exclude_modules) if options.exclude_modules else "on"}
+    shrunk = [name for name, on in (("strip", options.strip), ("bytecode-only", options.bytecode_only)) if on]
+    if shrunk:
+        labels[LABEL_SHRINK] = ",".join(shrunk)
+    return labels
+
+
+def content_options(labels: Mapping[str, str]) -> dict[str, Any]:
+    """The BuildOptions fields an image's content_labels record (an image without them: defaults)."""
+    shrunk = set(labels.get(LABEL_SHRINK, "").split(","))
+    imports = labels.get(LABEL_IMPORTS, "on")
+    excluded = imports.removeprefix("exclude=").split(",") if imports.startswith("exclude=") else []
+    return {"strip": "strip" in shrunk, "bytecode_only": "bytecode-only" in shrunk,
+            "import_closure": imports != "off", "exclude_modules": [m for m in excluded if m]}
 
 
 def trace_digest(path: str) -> str:
@@ -375,11 +394,7 @@ def build(trace_path: str, options: BuildOptions,
                for problem in tr.run_problems(run)]
     ports = sorted({p for r in trace.runs for p in r.listening_ports})
     labels = {LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)}
-    shrink_options = [name for name, on in (("strip", options.strip), ("bytecode-only", options.bytecode_only)) if on]
-    if shrink_options:
-        labels[LABEL_SHRINK] = ",".join(shrink_options)
-    labels[LABEL_IMPORTS] = ("off" if not options.import_closure else
-                             "exclude=" + ",".join(options.exclude_modules) if options.exclude_modules else "on")
+    labels.update(content_labels(options))
     env = image_env(run, options.env)
     if own.home and uid != 0 and not any(e.startswith("HOME=") for e in env):
         env = sorted(env + [f"HOME={own.home}"])
@@ -396,7 +411,7 @@ def build(trace_path: str, options: BuildOptions,
     with tempfile.TemporaryDirectory(prefix="tracejail-build-") as workdir:
         notes = _generated_entries(plan, uid, gid, workdir, own.home if uid != 0 else None)
         shrunk = None
-        if shrink_options:
+        if options.strip or options.bytecode_only:
             shrunk = shrink.shrink(plan, workdir, strip=options.strip, bytecode_only=options.bytecode_only,
                                    read=shrink.read_paths(trace, root) if options.bytecode_only else set(),
                                    owned=plan.ownership)

@@ -151,6 +151,14 @@ def cached_pyc(path: str) -> CachedPyc | None:
     return CachedPyc(path, head[: -len("/__pycache__")] + "/" + parts[0] + ".py", parts[1], optimize)
 
 
+def sourceless_standin(path: str) -> str | None:
+    """The sourceless .pyc that takes the place of `path` when `path` is a module's source or its
+    cached .pyc (--bytecode-only ships it so); None for any other file."""
+    cached = cached_pyc(path)
+    source = cached.source if cached is not None else path if path.endswith(".py") else None
+    return sourceless_path(source) if source is not None else None
+
+
 def sourceless_path(source: str) -> str:
     """Where the import system finds the bytecode of `source` when the source is gone."""
     return source[:-3] + ".pyc"
@@ -737,12 +745,16 @@ def _closure(trace: tr.Trace, kept: set[str], root: Root, exclude_modules: tuple
     # The distributions the run imported from: top-level names of kept modules in site-packages.
     touched: set[tuple[str, str]] = set()
     start: list[tuple[str, str, Entry, bool]] = []       # (source, package, entry, trace-kept)
+    seen_sources: set[str] = set()                       # a .py and its cached .pyc: one module
     for path in sorted(kept):
         if not path.endswith((".py", ".pyc", ".so")):
             continue
         cached = cached_pyc(path)
         if cached is not None:
             path = cached.source
+        if path in seen_sources:
+            continue
+        seen_sources.add(path)
         named = module_name(path, entries)
         if named is None:
             continue
@@ -761,7 +773,7 @@ def _closure(trace: tr.Trace, kept: set[str], root: Root, exclude_modules: tuple
             return True
         return importer_kept or importer_entry.where == Where.APP
 
-    seen_sources = {s for s, *_ in start}
+    seen_sources = {s for s, *_ in start}      # the sources parsed, or queued to be
     queue = deque(start)
     have = set(kept)
 

@@ -71,7 +71,6 @@ class ShrinkResult:
     kept: list[tuple[str, str, str]] = field(default_factory=list)    # (option, path, why)
     # Image paths whose content the build made from another file, and how (provenance, explain).
     derived: dict[str, str] = field(default_factory=dict)
-    removed: list[str] = field(default_factory=list)   # image paths dropped (sources, cached .pyc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,9 +355,8 @@ def pyc_is_current(data: bytes, source: rootfs.Entry) -> bool | None:
 def replaced_by_bytecode(path: str, tree: Root) -> bool:
     """True when `path` is a module source, or its cached .pyc, that an image built with
     --bytecode-only holds as sourceless bytecode: looking it up and not finding it is no miss."""
-    c = pyimports.cached_pyc(path)
-    source = c.source if c is not None else path if path.endswith(".py") else None
-    return source is not None and tree.exists(pyimports.sourceless_path(source))
+    standin = pyimports.sourceless_standin(path)
+    return standin is not None and tree.exists(standin)
 
 
 def _link_targets(plan: rootfs.Plan) -> set[str]:
@@ -466,7 +464,6 @@ def bytecode_plan(plan: rootfs.Plan, read: set[str], workdir: str, result: Shrin
         for gone in [src.path, *(c.path for c in m.pycs)]:
             del plan.entries[gone]
             plan.ownership.pop(gone, None)
-            result.removed.append(gone)
         mode = src.mode & ~0o111     # bytecode is read, never executed
         plan.entries[target] = rootfs.Entry(target, "file", mode, out, None, size, src.uid, src.gid, src.mtime)
         how = "compiled" if out in compiled else "current cached"
@@ -475,7 +472,7 @@ def bytecode_plan(plan: rootfs.Plan, read: set[str], workdir: str, result: Shrin
         saving.files += 1
         saving.bytes_before += before
         saving.bytes_after += size
-    _drop_empty_pycache_dirs(plan, set(keep_dirs), result)
+    _drop_empty_pycache_dirs(plan, set(keep_dirs))
     saving.seconds = time.monotonic() - started
     return saving
 
@@ -496,13 +493,12 @@ def _compile(jobs: list[tuple[str, bytes, int, int, int, str]]) -> dict[str, str
     return failed
 
 
-def _drop_empty_pycache_dirs(plan: rootfs.Plan, keep: set[str], result: ShrinkResult) -> None:
+def _drop_empty_pycache_dirs(plan: rootfs.Plan, keep: set[str]) -> None:
     parents = {parent_of(p) for p in plan.entries}
     for path in sorted(plan.entries, key=rootfs.sort_key, reverse=True):
         e = plan.entries[path]
         if e.kind == "dir" and path.endswith("/__pycache__") and path not in parents and path not in keep:
             del plan.entries[path]
-            result.removed.append(path)
 
 
 # --------------------------------------------------------------------------------------------

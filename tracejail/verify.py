@@ -46,7 +46,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 from tracejail import build as tjbuild
-from tracejail import jail, sensitive, shrink
+from tracejail import fileset as fsel
+from tracejail import jail, pyimports, sensitive, shrink
 from tracejail import trace as tr
 from tracejail.errors import Interrupted, TraceFormatError, TracejailError, UsageError
 from tracejail.record import listening_ports, run_exercise, spawn_captured
@@ -816,12 +817,8 @@ class Target:
         entry = info.entrypoint if info.entrypoint and info.entrypoint != default else None
         tree = self.jail_rootfs_if_made()
         provenance = tree is not None and os.path.lexists(tree + IMAGE_PATH)
-        shrunk = set(info.labels.get(tjbuild.LABEL_SHRINK, "").split(","))
-        imports = info.labels.get(tjbuild.LABEL_IMPORTS, "on")
         return tjbuild.BuildOptions(user=self.user or tjbuild.DEFAULT_USER, env=extra, entrypoint=entry,
-                                    provenance=provenance, strip="strip" in shrunk,
-                                    bytecode_only="bytecode-only" in shrunk, import_closure=imports != "off",
-                                    exclude_modules=_excluded_modules(imports))
+                                    provenance=provenance, **tjbuild.content_options(info.labels))
 
 
 class DockerTarget(Target):
@@ -1209,8 +1206,6 @@ _IMPORT_FAIL, _IMPORT_DONE = "TJ-IMPORT-FAIL ", "TJ-IMPORT-DONE"
 def _check_interpreter(trace: tr.Trace) -> tuple[str, tr.Run] | None:
     """The interpreter of the first recorded Python process, as it was started (a venv's
     bin/python, for its site-packages), and its run."""
-    from tracejail import pyimports
-
     for p in pyimports.python_processes(trace):
         run = trace.runs[p.run]
         argv0 = p.argv[0] if p.argv else ""
@@ -1221,25 +1216,17 @@ def _check_interpreter(trace: tr.Trace) -> tuple[str, tr.Run] | None:
     return None
 
 
-def _excluded_modules(label: str) -> list[str]:
-    """The --exclude-module names an io.tracejail.imports label records."""
-    return [m for m in label.removeprefix("exclude=").split(",") if m] if label.startswith("exclude=") else []
-
-
 def import_check(target: Target, trace: tr.Trace, opts: VerifyOptions) -> ImportCheck:
     """Import, inside the image, every module the static import closure added for it (the image's
     io.tracejail.imports label says how it was built), with the recorded interpreter."""
-    from tracejail import fileset as fsel
-    from tracejail import pyimports
-
     found = _check_interpreter(trace)
     if found is None:
         return ImportCheck("", [], problem="the trace shows no Python process")
     python, run = found
-    label = target.config().labels.get(tjbuild.LABEL_IMPORTS, "")
-    if label == "off":
+    content = tjbuild.content_options(target.config().labels)
+    if not content["import_closure"]:
         return ImportCheck(python, [], problem="the image was built with --no-import-closure")
-    files = fsel.select(trace, fsel.SelectOptions(exclude_modules=tuple(_excluded_modules(label))), Root("/"))
+    files = fsel.select(trace, fsel.SelectOptions(exclude_modules=tuple(content["exclude_modules"])), Root("/"))
     names = sorted({a.name for a in files.python_imports})
     check = ImportCheck(python, names)
     if not names:
