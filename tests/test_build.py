@@ -78,7 +78,7 @@ def test_two_builds_are_byte_identical_and_skopeo_reads_both_transports(awk_trac
 @pytest.mark.docker
 def test_symlink_chain_program_runs_in_docker(awk_trace: Path, tmp_path: Path, docker_engine) -> None:
     result = tjbuild.build(str(awk_trace), tjbuild.BuildOptions(
-        tag="tj-test-awk:1", output=str(tmp_path / "awk.tar"), docker_env=docker_engine.env))
+        tags=["tj-test-awk:1"], output=str(tmp_path / "awk.tar"), docker_env=docker_engine.env))
     assert result.loaded_id
     proc = docker_engine.run("run", "--rm", "tj-test-awk:1")
     assert proc.stdout == "42\n"
@@ -380,3 +380,179 @@ def test_rootfs_output_never_overwrites_a_users_dockerfile(tmp_path: Path, awk_t
     proc = run_tj("build", str(awk_trace), "--rootfs", str(deep / "rootfs"), "--user", "1000:1000", "--no-load")
     assert proc.returncode == 0, proc.stderr
     assert (deep / "Dockerfile").read_text() != first and "USER 1000:1000" in (deep / "Dockerfile").read_text()
+
+
+# ------------------------------------------------------------------------------------------
+# The image behaves like every other image: ENTRYPOINT/CMD, Env, Created, names, labels, outputs
+
+
+def _config(archive: Path) -> tuple[dict, dict]:
+    """(the image config, the manifest) of an archive build wrote."""
+    import tarfile
+
+    with tarfile.open(archive) as t:
+        index = json.load(t.extractfile("index.json"))
+        manifest = json.load(t.extractfile("blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]))
+        config = json.load(t.extractfile("blobs/sha256/" + manifest["config"]["digest"].split(":")[1]))
+    return config, manifest
+
+
+def test_entrypoint_is_the_program_and_cmd_its_arguments(awk_trace: Path, tmp_path: Path) -> None:
+    run = tr.load(str(awk_trace)).runs[0]
+    assert run_tj("build", str(awk_trace), "-o", str(tmp_path / "a.tar")).returncode == 0
+    cfg, _ = _config(tmp_path / "a.tar")
+    assert cfg["config"]["Entrypoint"] == [run.executable]
+    assert cfg["config"]["Cmd"] == run.argv[1:]
+    assert run_tj("build", str(awk_trace), "-o", str(tmp_path / "b.tar"), "--cmd", "'BEGIN { print 1 }'").returncode == 0
+    cfg, _ = _config(tmp_path / "b.tar")
+    assert cfg["config"]["Entrypoint"] == [run.executable] and cfg["config"]["Cmd"] == ["BEGIN { print 1 }"]
+    # --entrypoint alone is the whole command, as a Dockerfile's ENTRYPOINT resets CMD.
+    assert run_tj("build", str(awk_trace), "-o", str(tmp_path / "c.tar"), "--entrypoint", "/usr/bin/awk -f /x"
+                  ).returncode == 0
+    cfg, _ = _config(tmp_path / "c.tar")
+    assert cfg["config"]["Entrypoint"] == ["/usr/bin/awk", "-f", "/x"] and "Cmd" not in cfg["config"]
+
+
+def test_env_keeps_only_what_the_image_holds(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": "/nonexistent/bin:/usr/local/sbin:/usr/bin:/bin",
+           "SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt", "LANG": "C.UTF-8", "PYTHONPATH": "/nowhere"}
+    trace = tmp_path / "t.json"
+    assert subprocess.run([*TJ, "record", "-o", str(trace), "--", "awk", "BEGIN { print 1 }"], env=env,
+                          capture_output=True, timeout=120).returncode == 0
+    proc = run_tj("build", str(trace), "-o", str(tmp_path / "a.tar"), "--env", "SSL_CERT_FILE=/given/as/is")
+    assert proc.returncode == 0, proc.stderr
+    cfg, _ = _config(tmp_path / "a.tar")
+    image_env = dict(e.split("=", 1) for e in cfg["config"]["Env"])
+    # /usr/bin holds awk; /bin only if the run went through it (a link the image then holds).
+    assert image_env["PATH"] in ("/usr/bin", "/usr/bin:/bin")
+    assert image_env["LANG"] == "C.UTF-8"
+    assert image_env["SSL_CERT_FILE"] == "/given/as/is"   # --env: exactly as given
+    assert "PYTHONPATH" not in image_env
+    assert "environment not carried into the image" in proc.stderr and "/nonexistent/bin" in proc.stderr
+
+
+def test_created_is_the_recording_start_or_source_date_epoch(awk_trace: Path, tmp_path: Path) -> None:
+    from datetime import datetime
+
+    started = datetime.fromisoformat(tr.load(str(awk_trace)).runs[0].started.replace("Z", "+00:00"))
+    assert run_tj("build", str(awk_trace), "-o", str(tmp_path / "a.tar")).returncode == 0
+    cfg, _ = _config(tmp_path / "a.tar")
+    assert cfg["created"] == started.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert cfg["config"]["Labels"][tjbuild.LABEL_CREATED] == cfg["created"]
+    # Reproducible all the same: the archive does not change between builds of one trace.
+    assert run_tj("build", str(awk_trace), "-o", str(tmp_path / "b.tar")).returncode == 0
+    assert sha256(tmp_path / "a.tar") == sha256(tmp_path / "b.tar")
+    proc = run_tj("build", str(awk_trace), "-o", str(tmp_path / "c.tar"),
+                  env={**os.environ, "SOURCE_DATE_EPOCH": "1000"})
+    assert proc.returncode == 0
+    assert _config(tmp_path / "c.tar")[0]["created"] == "1970-01-01T00:16:40Z"
+
+
+def test_labels_annotations_iidfile_metadata_and_quiet(awk_trace: Path, tmp_path: Path) -> None:
+    out = tmp_path / "a.tar"
+    proc = run_tj("build", str(awk_trace), "-o", str(out), "--label", "org.example.team=data",
+                  "--annotation", "org.opencontainers.image.source=https://example.org/x",
+                  "--iidfile", str(tmp_path / "iid"), "--metadata-file", str(tmp_path / "meta.json"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    cfg, manifest = _config(out)
+    image_id = proc.stdout.strip()
+    assert image_id.startswith("sha256:") and len(proc.stdout.splitlines()) == 1
+    assert (tmp_path / "iid").read_text() == image_id
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["containerimage.config.digest"] == image_id
+    assert meta["containerimage.descriptor"]["digest"] == meta["containerimage.digest"]
+    assert cfg["config"]["Labels"]["org.example.team"] == "data"
+    assert manifest["annotations"]["org.opencontainers.image.source"] == "https://example.org/x"
+    for bad in (["--label", "novalue"], ["--annotation", "=x"]):
+        proc = run_tj("build", str(awk_trace), "-o", str(tmp_path / "b.tar"), *bad)
+        assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr and not (tmp_path / "b.tar").exists()
+
+
+def test_progress_plain_tells_each_step_and_quiet_tells_none(awk_trace: Path, tmp_path: Path) -> None:
+    plain = run_tj("build", str(awk_trace), "-o", str(tmp_path / "a.tar"), "--progress", "plain")
+    assert plain.returncode == 0
+    assert "tracejail: planning" in plain.stderr and "tracejail: layer 1/1 rootfs" in plain.stderr
+    quiet = run_tj("build", str(awk_trace), "-o", str(tmp_path / "b.tar"), "--progress", "quiet")
+    assert quiet.returncode == 0 and "layer 1/1" not in quiet.stderr
+
+
+@pytest.mark.docker
+def test_tags_run_args_and_no_archive_left_behind(awk_trace: Path, tmp_path: Path, docker_engine) -> None:
+    env = {**docker_engine.env}
+    proc = subprocess.run([*TJ, "build", str(awk_trace), "-t", "tj-conv-a:1", "-t", "tj-conv-b:2"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(tmp_path) == []     # loaded; no NAME.tar in the working directory
+    try:
+        ids = {docker_engine.run("image", "inspect", "--format", "{{.Id}}", t).stdout.strip()
+               for t in ("tj-conv-a:1", "tj-conv-b:2")}
+        assert len(ids) == 1
+        assert docker_engine.run("run", "--rm", "tj-conv-a:1").stdout == "42\n"
+        assert docker_engine.run("run", "--rm", "tj-conv-a:1", "BEGIN { print 6 + 1 }").stdout == "7\n"
+        created = docker_engine.run("image", "inspect", "--format", "{{.Created}}", "tj-conv-a:1").stdout
+        assert not created.startswith("1970")
+    finally:
+        docker_engine.run("rmi", "-f", "tj-conv-a:1", "tj-conv-b:2", check=False)
+
+
+@pytest.mark.docker
+def test_init_passes_docker_stop_on_to_the_program(tmp_path: Path, docker_engine) -> None:
+    """`sleep` sets no SIGTERM handler: as PID 1 the kernel ignores the signal and docker kills it
+    after the timeout (137); behind --init, tini passes SIGTERM on and sleep dies of it (143)."""
+    trace = tmp_path / "t.json"
+    assert subprocess.run([*TJ, "record", "-o", str(trace), "--", "sleep", "0"], capture_output=True,
+                          timeout=120).returncode == 0
+    statuses = {}
+    for name, extra in (("tj-noinit:1", []), ("tj-init:1", ["--init"])):
+        proc = subprocess.run([*TJ, "build", str(trace), "-t", name, "--cmd", "300", *extra], capture_output=True,
+                              text=True, timeout=300, env=docker_engine.env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        cid = docker_engine.run("run", "-d", name).stdout.strip()
+        try:
+            time.sleep(0.5)
+            docker_engine.run("stop", "-t", "2", cid)
+            statuses[name] = docker_engine.run("inspect", "--format", "{{.State.ExitCode}}", cid).stdout.strip()
+        finally:
+            docker_engine.run("rm", "-f", cid, check=False)
+            docker_engine.run("rmi", "-f", name, check=False)
+    assert statuses == {"tj-noinit:1": "137", "tj-init:1": "143"}
+
+
+def test_docker_socket_permission_gets_its_own_diagnosis(awk_trace: Path, public_dir: str, unprivileged) -> None:
+    """An ordinary user who may not open the engine's socket is told so (and how to fix it); the
+    image goes to an archive instead; verify's advice leads somewhere that works."""
+    import socket
+
+    from conftest import _become_nobody
+
+    sock_path = os.path.join(public_dir, "docker.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sock_path)
+    server.listen(1)
+    os.chmod(sock_path, 0o600)     # root's only, like a docker.sock the user's group cannot open
+    work = Path(public_dir) / "work"
+    work.mkdir()
+    os.chown(work, 65534, 65534)
+    trace = work / "t.json"
+    shutil.copy(awk_trace, trace)
+    os.chmod(trace, 0o644)
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(work),
+           "DOCKER_HOST": f"unix://{sock_path}"}
+    try:
+        proc = subprocess.run([unprivileged.python, "-m", "tracejail", "build", str(trace), "-t", "app"],
+                              capture_output=True, text=True, timeout=300, cwd=work, env=env,
+                              preexec_fn=_become_nobody)
+        assert proc.returncode == 0, proc.stderr
+        assert "permission denied on the Docker socket" in proc.stderr and "docker group" in proc.stderr
+        assert (work / "app.tar").exists()
+        verify = subprocess.run([unprivileged.python, "-m", "tracejail", "verify", str(trace), "-t", "app"],
+                                capture_output=True, text=True, timeout=300, cwd=work, env=env,
+                                preexec_fn=_become_nobody)
+        assert verify.returncode != 0 and "Traceback" not in verify.stderr
+        assert "docker group" in verify.stderr
+        from tracejail import jail
+
+        if "--rootfs DIR" in verify.stderr:   # advised only where the jail can run for this user
+            assert jail.check_available(True) is None
+    finally:
+        server.close()

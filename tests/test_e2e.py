@@ -83,7 +83,7 @@ def test_workload_record_build_run(name: str, docker_engine, tmp_path: Path, ven
 
     tag = f"tj-e2e-{name}:latest"
     result = tjbuild.build(str(trace_path), tjbuild.BuildOptions(
-        tag=tag, output=str(tmp_path / "image.tar"), docker_env=docker_engine.env))
+        tags=[tag], output=str(tmp_path / "image.tar"), docker_env=docker_engine.env))
     assert result.loaded_id, result.warnings
     assert result.config.user == "65532:65532"
     got = run_image(docker_engine, w, tag)
@@ -96,7 +96,7 @@ def test_workload_record_build_run(name: str, docker_engine, tmp_path: Path, ven
 
     # The same trace with --strip --bytecode-only: a smaller image, the same output.
     small = tjbuild.build(str(trace_path), tjbuild.BuildOptions(
-        tag=tag, output=str(tmp_path / "small.tar"), docker_env=docker_engine.env, strip=True,
+        tags=[tag], output=str(tmp_path / "small.tar"), docker_env=docker_engine.env, strip=True,
         bytecode_only=True))
     assert small.loaded_id, small.warnings
     assert run_image(docker_engine, w, tag) == expected

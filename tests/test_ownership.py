@@ -112,7 +112,7 @@ def place(public_dir: str) -> Path:
 
 
 def build_and_run(engine, trace: Path, tag: str, *args: str, keep_image: bool = False, **opts) -> str:
-    result = tjbuild.build(str(trace), tjbuild.BuildOptions(tag=tag, output=str(trace.parent / "i.tar"),
+    result = tjbuild.build(str(trace), tjbuild.BuildOptions(tags=[tag], output=str(trace.parent / "i.tar"),
                                                            docker_env=engine.env, compress_level=1, **opts))
     assert result.loaded_id and result.config.user == "65532:65532", result.warnings
     proc = engine.run("run", "--rm", tag, *args, check=False, timeout=120)
@@ -163,7 +163,7 @@ def test_server_appending_a_file_on_each_request(place: Path, recorder, docker_e
     record(app, [PY, "app.py", str(port)], place / "t.json", recorder, place / "home", (url, url), port)
     tag = "tj-own-server:1"
     result = tjbuild.build(str(place / "t.json"), tjbuild.BuildOptions(
-        tag=tag, output=str(place / "i.tar"), docker_env=docker_engine.env, compress_level=1))
+        tags=[tag], output=str(place / "i.tar"), docker_env=docker_engine.env, compress_level=1))
     assert result.loaded_id
     name = f"tj-own-server-{os.getpid()}"
     docker_engine.run("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:{port}", tag)
@@ -222,7 +222,7 @@ def test_matplotlib_finds_its_fonts_even_when_it_rebuilds_the_font_list(place: P
     assert "findfont" not in out.stderr
     # The family is what makes that work: without it, the rebuilt font list is empty.
     result = tjbuild.build(str(traces / "t.json"), tjbuild.BuildOptions(
-        tag="tj-own-mpl:2", output=str(traces / "i.tar"), docker_env=docker_engine.env, compress_level=1,
+        tags=["tj-own-mpl:2"], output=str(traces / "i.tar"), docker_env=docker_engine.env, compress_level=1,
         families_off=("python-encodings",)))
     assert result.loaded_id
     out = docker_engine.run("run", "--rm", *fresh, "tj-own-mpl:2", check=False, timeout=120)

@@ -139,7 +139,7 @@ def stage(trace_path: Path, dest: Path, exclude: tuple[str, ...] = ()) -> Path:
 
 def build_image(trace_path: Path, tag: str, engine, exclude: tuple[str, ...] = ()) -> None:
     result = tjbuild.build(str(trace_path), tjbuild.BuildOptions(
-        tag=tag, output=str(trace_path.parent / "image.tar"), exclude=list(exclude),
+        tags=[tag], output=str(trace_path.parent / "image.tar"), exclude=list(exclude),
         compress_level=1, docker_env=engine.env))
     assert result.loaded_id, result.warnings
     os.unlink(trace_path.parent / "image.tar")

@@ -11,11 +11,13 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 from tracejail import __version__
 from tracejail import fileset as fsel
 from tracejail import image, rootfs, sensitive, shrink
+from tracejail import layers as layers_mod
 from tracejail import trace as tr
 from tracejail.errors import TracejailError, UsageError
 from tracejail.root import NodeKind, Root, SourceChanged
@@ -36,6 +38,10 @@ LABEL_TRACE_DIGEST = "io.tracejail.trace.digest"
 LABEL_CREATED = "org.opencontainers.image.created"
 # The content options that rewrote files ("strip,bytecode-only"): verify --fix rebuilds with them.
 LABEL_SHRINK = "io.tracejail.shrink"
+# The init build put at PID 1 (--init): verify runs replays through it.
+LABEL_INIT = "io.tracejail.init"
+# --layers as given ("auto", "7"): a rebuild (verify --fix) splits the same way.
+LABEL_LAYERS = "io.tracejail.layers"
 # How the static import closure ran: "on", "off" (--no-import-closure) or "exclude=a,b" (verify
 # --import-check recomputes what it added).
 LABEL_IMPORTS = "io.tracejail.imports"
@@ -43,12 +49,23 @@ LABEL_IMPORTS = "io.tracejail.imports"
 
 @dataclass
 class BuildOptions:
-    tag: str | None = None
-    output: str | None = None             # archive path; default NAME.tar (or image.tar)
+    tags: list[str] = field(default_factory=list)   # -t: names to load (and push) the image as
+    output: str | None = None             # archive path (-o); written only when asked, or when no
+                                          # other output would hold the image
     rootfs_dir: str | None = None
     oci_dir: str | None = None
     user: str = DEFAULT_USER
-    entrypoint: list[str] | None = None
+    entrypoint: list[str] | None = None   # --entrypoint: the program (default: the recorded one)
+    cmd: list[str] | None = None          # --cmd: its arguments (default: the recorded ones)
+    init: bool = False                    # --init: a minimal init (tini) at PID 1
+    labels: dict[str, str] = field(default_factory=dict)        # --label
+    annotations: dict[str, str] = field(default_factory=dict)   # --annotation (manifest)
+    layers: str = "1"                     # --layers N|auto (layers.py)
+    layer_cache: bool = True              # reuse unchanged layers (with --layers); --no-cache
+    push: bool = False                    # push every -t to its registry (registry.py)
+    insecure_registries: list[str] = field(default_factory=list)
+    iidfile: str | None = None            # write the image ID here
+    metadata_file: str | None = None      # write buildx-style metadata JSON here
     env: list[str] = field(default_factory=list)
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
@@ -90,6 +107,8 @@ class BuildResult:
     metadata: Any = None                  # provenance.BuildMetadata: why each entry is there, packages
     sbom: str | None = None
     shrunk: Any = None                    # shrink.ShrinkResult when --strip or --bytecode-only
+    layers: Any = None                    # layers.LayerSet: the layers made, and their groups
+    pushed: list[Any] = field(default_factory=list)   # registry.PushResult per -t pushed
 
     def summary(self) -> dict[str, Any]:
         entries = self.plan.entries.values()
@@ -129,7 +148,15 @@ class BuildResult:
             "dropped_setuid": self.plan.dropped_setuid,
             "vanished": self.files.vanished,
             "unresolved_libraries": [{"name": n, "needed_by": b} for n, b in self.files.unresolved],
+            "manifest_digest": self.image.manifest_digest if self.image else None,
+            "layers": [{"name": g.name, "digest": la.blob.digest, "size": la.blob.size, "files": la.files,
+                        "content_bytes": la.content_bytes, "cached": la.cached}
+                       for g, la in zip(self.layers.groups, self.layers.layers)] if self.layers else [],
+            "pushed": [{"reference": p.reference, "digest": p.manifest_digest, "uploaded": len(p.uploaded),
+                        "skipped": len(p.skipped), "mounted": len(p.mounted), "bytes_uploaded": p.bytes_uploaded}
+                       for p in self.pushed],
             "entrypoint": self.config.entrypoint,
+            "cmd": self.config.cmd,
             "user": self.config.user,
             "exposed_ports": self.config.exposed_ports,
             "warnings": self.warnings,
@@ -188,6 +215,17 @@ def parse_user(user: str) -> tuple[int, int]:
     return uid, int(m.group(2)) if m.group(2) is not None else uid
 
 
+def env_pairs(items: list[str], option: str | None = None) -> dict[str, str]:
+    """NAME=VALUE items as a dict; an item without `=` is a usage error of `option`."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"{option or 'environment'} {item!r}: give NAME=VALUE")
+        out[name] = value
+    return out
+
+
 def image_env(run: tr.Run, extra: list[str]) -> list[str]:
     """The image's Env: allowed recorded variables whose values hold no secret (whatever the
     trace says: it may be old or foreign), then --env."""
@@ -195,11 +233,7 @@ def image_env(run: tr.Run, extra: list[str]) -> list[str]:
     for name, value in run.environment.items():
         if ENV_ALLOW.match(name) and tr.REDACTED not in value and not sensitive.secret_in_variable(name, value):
             env[name] = value
-    for item in extra:
-        if "=" not in item:
-            raise UsageError(f"--env {item!r}: give NAME=VALUE")
-        k, v = item.split("=", 1)
-        env[k] = v
+    env.update(env_pairs(extra, "--env"))
     return [f"{k}={v}" for k, v in sorted(env.items())]
 
 
@@ -225,14 +259,18 @@ def secret_alerts(entrypoint: list[str], extra_env: list[str]) -> list[str]:
     return alerts
 
 
-def content_labels(options: BuildOptions) -> dict[str, str]:
-    """The labels that record how content options changed the image, so a rebuild (verify --fix)
+def content_labels(options: BuildOptions, init_path: str | None = None) -> dict[str, str]:
+    """The labels that record how build options shaped the image, so a rebuild (verify --fix)
     and verify --import-check can do as the build did; read back by content_options."""
     labels = {LABEL_IMPORTS: "off" if not options.import_closure else
               "exclude=" + ",".join(options.exclude_modules) if options.exclude_modules else "on"}
     shrunk = [name for name, on in (("strip", options.strip), ("bytecode-only", options.bytecode_only)) if on]
     if shrunk:
         labels[LABEL_SHRINK] = ",".join(shrunk)
+    if init_path:
+        labels[LABEL_INIT] = init_path
+    if options.layers != "1":
+        labels[LABEL_LAYERS] = options.layers
     return labels
 
 
@@ -241,8 +279,93 @@ def content_options(labels: Mapping[str, str]) -> dict[str, Any]:
     shrunk = set(labels.get(LABEL_SHRINK, "").split(","))
     imports = labels.get(LABEL_IMPORTS, "on")
     excluded = imports.removeprefix("exclude=").split(",") if imports.startswith("exclude=") else []
+    layers = labels.get(LABEL_LAYERS, "1")
     return {"strip": "strip" in shrunk, "bytecode_only": "bytecode-only" in shrunk,
-            "import_closure": imports != "off", "exclude_modules": [m for m in excluded if m]}
+            "import_closure": imports != "off", "exclude_modules": [m for m in excluded if m],
+            "init": LABEL_INIT in labels, "layers": layers if layers_mod.parse_layers(layers) else "1"}
+
+
+# Inits --init looks for on the host, best first: a static tini needs nothing else in the image.
+INIT_CANDIDATES = ("/usr/bin/tini-static", "/usr/bin/tini", "/usr/sbin/tini", "/usr/bin/catatonit",
+                   "/usr/libexec/podman/catatonit")
+
+
+def find_init(root: Root) -> str:
+    """The init --init puts at PID 1: tini or catatonit from the root's packages."""
+    for path in INIT_CANDIDATES:
+        res = root.resolve(path)
+        if res.ok and res.kind is NodeKind.FILE:
+            return path
+    raise UsageError("--init needs tini or catatonit on the host (apt-get install tini); none found in "
+                     + ", ".join(INIT_CANDIDATES))
+
+
+def created_time(run: tr.Run) -> str:
+    """The image's Created: SOURCE_DATE_EPOCH when set, else when the recording started (so the
+    same trace always gives the same image, and `docker images` shows a real age)."""
+    epoch = image.source_date_epoch()
+    if epoch is not None:
+        return image.rfc3339(epoch)
+    try:
+        when = datetime.fromisoformat(run.started.replace("Z", "+00:00"))
+    except ValueError:
+        return image.rfc3339(0)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return image.rfc3339(max(0, int(when.timestamp())))
+
+
+def in_image(plan: rootfs.Plan, path: str, want_dir: bool = False) -> bool:
+    """Whether `path` reaches a node of the image (following the image's own symlinks)."""
+    entries = plan.entries
+    path = os.path.normpath(path)
+    for _ in range(40):
+        parts = path.strip("/").split("/") if path != "/" else []
+        cur = "/"
+        for i, part in enumerate(parts):
+            nxt = os.path.join(cur, part)
+            e = entries.get(nxt)
+            if e is None:
+                return False
+            if e.kind == "symlink":
+                target = e.link_target or ""
+                rest = "/".join(parts[i + 1:])
+                base = target if target.startswith("/") else os.path.join(cur, target)
+                path = os.path.normpath(os.path.join(base, rest) if rest else base)
+                break
+            cur = nxt
+        else:
+            e = entries.get(cur)
+            return e is not None and (e.kind == "dir" if want_dir else True)
+    return False
+
+
+# Variables whose value names files or directories (a list of them, for the *PATH ones): in the
+# image they keep only what the image holds.
+PATH_VARIABLES = re.compile(r"^(PATH|LD_LIBRARY_PATH|PYTHONPATH|PYTHONHOME|PYTHONSTARTUP|VIRTUAL_ENV|"
+                            r"CONDA_PREFIX|JAVA_HOME|GEM_HOME|GEM_PATH|PERL5LIB|RUBYLIB|SSL_CERT_FILE|"
+                            r"SSL_CERT_DIR|REQUESTS_CA_BUNDLE|TERMINFO|NODE_PATH)$")
+
+
+def filter_env(env: list[str], plan: rootfs.Plan) -> tuple[list[str], list[str]]:
+    """Keep only values that make sense in the image: directories of PATH-like lists that exist
+    there, files that were kept. Returns (env, what was dropped)."""
+    out, dropped = [], []
+    for item in env:
+        name, _, value = item.partition("=")
+        if not PATH_VARIABLES.match(name) or not value.startswith("/"):
+            out.append(item)
+            continue
+        is_list = name.endswith("PATH") or name in ("PERL5LIB", "RUBYLIB", "SSL_CERT_DIR")
+        parts = value.split(":") if is_list else [value]
+        kept = [p for p in parts if p.startswith("/") and in_image(plan, p, want_dir=name == "PATH")]
+        if kept:
+            out.append(f"{name}={':'.join(kept)}")
+            if kept != parts:
+                dropped.append(f"{name}: {', '.join(p for p in parts if p not in kept)}")
+        else:
+            dropped.append(f"{name} (not in the image: {value})")
+    return out, dropped
 
 
 def trace_digest(path: str) -> str:
@@ -324,8 +447,9 @@ def plan_image(trace: tr.Trace, root: Root, options: BuildOptions,
     from tracejail import dpkg, ownership
 
     uid, gid = parse_user(options.user)
+    include = [*options.include, find_init(root)] if options.init else options.include
     files = fsel.select(trace, fsel.SelectOptions(
-        include=tuple(options.include), exclude=tuple(options.exclude), families_off=tuple(options.families_off),
+        include=tuple(include), exclude=tuple(options.exclude), families_off=tuple(options.families_off),
         import_closure=options.import_closure, exclude_modules=tuple(options.exclude_modules),
         extra_excluded_paths=extra_excluded), root)
     db = dpkg.read_database(root)
@@ -342,33 +466,67 @@ def plan_image(trace: tr.Trace, root: Root, options: BuildOptions,
     return ImagePlan(files, own, plan, db)
 
 
+def _outputs(options: BuildOptions) -> tuple[list[image.Reference], str | None, bool]:
+    """(-t names, the archive to keep, whether to load), decided before any work. An archive is
+    written only with -o, or when nothing else would hold the image (no -t to load or push, no
+    --rootfs or --oci-dir): `-t app` alone loads the image and leaves no file behind."""
+    refs = [image.parse_reference(t) for t in options.tags]   # a bad name fails before any work
+    if options.push and not refs:
+        raise UsageError("--push needs -t REGISTRY/REPO:TAG")
+    load = bool(refs) and options.load
+    archive = options.output
+    if archive is None and not (load or options.push or options.rootfs_dir or options.oci_dir):
+        archive = _default_archive(options.tags[0] if options.tags else None)
+    return refs, archive, load
+
+
 def build(trace_path: str, options: BuildOptions,
-          progress: Callable[[str, int, int], None] | None = None) -> BuildResult:
-    """Build the image described by `options` from the trace at `trace_path`."""
+          progress: Callable[[str, int, int], None] | None = None,
+          say: Callable[[str], None] | None = None) -> BuildResult:
+    """Build the image described by `options` from the trace at `trace_path`.
+
+    The layers are made once, then written to every output asked for (archive, --oci-dir,
+    the engine, registries). `say` gets one line per step (--progress plain)."""
     trace = tr.load(trace_path)
     if not trace.runs:
         raise TracejailError(f"{trace_path} holds no runs; record one with `tracejail record`")
     run = trace.runs[0]
     uid, gid = parse_user(options.user)
-    if options.tag:
-        image.parse_reference(options.tag)   # a bad name fails before any work
-    archive = options.output
-    if archive is None and (options.tag or not (options.rootfs_dir or options.oci_dir)):
-        archive = _default_archive(options.tag)
-    for out in (archive, options.sbom):
+    max_layers = layers_mod.parse_layers(options.layers)
+    if max_layers is None:
+        raise UsageError(f"--layers {options.layers!r}: give a number from 1 to {layers_mod.MAX_LAYERS}, or auto")
+    refs, archive, load = _outputs(options)
+    extra_env = env_pairs(options.env, "--env")
+    for out in (archive, options.sbom, options.iidfile, options.metadata_file):
         if out:
             tr.check_writable(out)
     if options.rootfs_dir:
         image.check_dockerfile_slot(options.rootfs_dir)
     if options.strip:
         shrink.strip_tool()      # missing binutils fails before any work
+    result_warnings: list[str] = []
+    if load:
+        from tracejail import docker_engine
+
+        problem = docker_engine.engine_problem(options.docker_env)
+        if problem is not None:
+            # Nothing is lost: the image goes to an archive instead, and the note says how to load it.
+            archive = archive or _default_archive(options.tags[0])
+            load = False
+            result_warnings.append(f"{problem}: the image is in {archive} (docker load -i {archive})")
+            tr.check_writable(archive)
+
+    def step(line: str) -> None:
+        if say is not None:
+            say(line)
 
     # The one place every stage takes its tree from.
     root = Root(options.root)
+    step("planning: trace, ELF closure, imports, ownership")
     chosen = plan_image(trace, root, options,
                         (os.path.abspath(trace_path),) + ((os.path.abspath(archive),) if archive else ()))
     files, own, plan, db = chosen.files, chosen.ownership, chosen.plan, chosen.db
-    result_warnings: list[str] = []
+    init_path = find_init(root) if options.init else None
 
     def warn_or_fail(msg: str) -> None:
         if options.strict:
@@ -388,30 +546,32 @@ def build(trace_path: str, options: BuildOptions,
     if plan.missing:
         warn_or_fail(f"{len(plan.missing)} file(s) vanished while planning, first: {plan.missing[0]}")
 
-    entrypoint = options.entrypoint or [run.executable, *run.argv[1:]]
-    alerts = secret_alerts(entrypoint, options.env)
+    # ENTRYPOINT is the program, CMD its arguments, so `docker run IMAGE OTHER ARGS` works.
+    entrypoint = options.entrypoint or [run.executable]
+    cmd = options.cmd if options.cmd is not None else ([] if options.entrypoint else run.argv[1:])
+    alerts = secret_alerts([*entrypoint, *cmd], options.env)
+    if init_path:
+        entrypoint = [init_path, "--", *entrypoint]
     alerts += [f"{problem}: the image reproduces the run as recorded, failure included"
                for problem in tr.run_problems(run)]
     ports = sorted({p for r in trace.runs for p in r.listening_ports})
     labels = {LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)}
-    labels.update(content_labels(options))
-    env = image_env(run, options.env)
-    if own.home and uid != 0 and not any(e.startswith("HOME=") for e in env):
-        env = sorted(env + [f"HOME={own.home}"])
+    labels.update(content_labels(options, init_path))
+    labels.update(options.labels)
     volumes = list(dict.fromkeys([*(os.path.normpath(v) for v in options.volumes),
                                   *(own.written_dirs if options.writable_volumes else [])]))
     for v in volumes:
         if not v.startswith("/"):
             raise UsageError(f"--volume {v!r}: give an absolute path in the image")
-    cfg = image.ImageConfig(
-        entrypoint=entrypoint, env=env, working_dir=run.cwd, volumes=volumes,
-        user=f"{uid}:{gid}", exposed_ports=[f"{p}/tcp" for p in ports], labels=labels)
-    labels[LABEL_CREATED] = cfg.created
+    created = created_time(run)
+    labels[LABEL_CREATED] = created
 
     with tempfile.TemporaryDirectory(prefix="tracejail-build-") as workdir:
         notes = _generated_entries(plan, uid, gid, workdir, own.home if uid != 0 else None)
         shrunk = None
         if options.strip or options.bytecode_only:
+            step("shrinking: " + ", ".join(o for o, on in (("--strip", options.strip),
+                                                          ("--bytecode-only", options.bytecode_only)) if on))
             shrunk = shrink.shrink(plan, workdir, strip=options.strip, bytecode_only=options.bytecode_only,
                                    read=shrink.read_paths(trace, root) if options.bytecode_only else set(),
                                    owned=plan.ownership)
@@ -422,11 +582,22 @@ def build(trace_path: str, options: BuildOptions,
             write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST], root=root, db=db,
             derived=shrunk.derived if shrunk else {})
         notes += metadata.notes
+        # The recorded environment, less what points outside the image; --env exactly as given.
+        recorded, dropped = filter_env(image_env(run, []), plan)
+        env_items = [f"{k}={v}" for k, v in sorted({**env_pairs(recorded), **extra_env}.items())]
+        if dropped:
+            notes.append("environment not carried into the image (it names what the image does not hold): "
+                         + "; ".join(dropped))
+        if own.home and uid != 0 and not any(e.startswith("HOME=") for e in env_items):
+            env_items = sorted(env_items + [f"HOME={own.home}"])
+        cfg = image.ImageConfig(
+            entrypoint=entrypoint, cmd=cmd, env=env_items, working_dir=run.cwd, volumes=volumes,
+            user=f"{uid}:{gid}", exposed_ports=[f"{p}/tcp" for p in ports], labels=labels, created=created)
         result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings,
                              alerts=alerts, metadata=metadata, shrunk=shrunk)
         total = plan.files_size()
 
-        def step(name: str) -> Callable[[int], None] | None:
+        def bar(name: str) -> Callable[[int], None] | None:
             if progress is None:
                 return None
             return lambda n: progress(name, n, total)
@@ -440,34 +611,106 @@ def build(trace_path: str, options: BuildOptions,
                 plan.changed.append((entry.path, str(err)))
 
         if options.rootfs_dir:
-            rootfs.stage(plan, options.rootfs_dir, progress=step("staging"), on_changed=changed)
+            step(f"staging the tree in {options.rootfs_dir}")
+            rootfs.stage(plan, options.rootfs_dir, progress=bar("staging"), on_changed=changed)
             result.rootfs_dir = options.rootfs_dir
             result.dockerfile = image.write_dockerfile(options.rootfs_dir, cfg)
-        if options.oci_dir:
-            result.image = image.write_oci_dir(plan, options.oci_dir, cfg, name=options.tag,
-                                               compress_level=options.compress_level,
-                                               progress=step("compressing"), on_changed=changed)
-        if archive:
-            result.image = image.write_archive(plan, archive, cfg, name=options.tag,
-                                               compress_level=options.compress_level,
-                                               progress=step("compressing"), on_changed=changed)
+        if archive or options.oci_dir or load or options.push:
+            near = os.path.dirname(os.path.abspath(archive or options.oci_dir or "."))
+            with image.blob_workdir(near) as blob_dir:
+                img = _make_image(plan, cfg, options, max_layers, blob_dir, workdir, files, own, metadata,
+                                  bar("compressing"), changed, step, result)
+                _write_outputs(img, refs, archive, load, options, blob_dir, step, result, progress)
         for path, why in plan.changed:
             result_warnings.append(f"left out {path}: {why}")
             plan.entries.pop(path, None)
         if options.sbom:
             from tracejail import sbom
 
-            sbom.write(options.sbom, options.sbom_format, options.tag or "image", metadata.packages, plan,
-                       image.rfc3339(image.source_date_epoch() or int(time.time())))
+            sbom.write(options.sbom, options.sbom_format, options.tags[0] if options.tags else "image",
+                       metadata.packages, plan, image.rfc3339(image.source_date_epoch() or int(time.time())))
             result.sbom = options.sbom
     result.warnings.extend(notes)
-    if archive and options.tag and options.load:
+    return result
+
+
+def _make_image(plan: rootfs.Plan, cfg: image.ImageConfig, options: BuildOptions, max_layers: int,
+                blob_dir: str, workdir: str, files: fsel.FileSet, own: Any, metadata: Any,
+                progress: Callable[[int], None] | None, changed: rootfs.OnChanged,
+                step: Callable[[str], None], result: BuildResult) -> image.Image:
+    """Group the plan into layers (layers.py), make each once (or take it from the cache), and
+    assemble config and manifest."""
+    written_by_build = frozenset(p for p, e in plan.entries.items()
+                                 if e.source is not None and e.source.startswith(workdir + os.sep))
+    if max_layers == 1:
+        groups = [layers_mod.LayerGroup("rootfs", layers_mod.Tier.OTHER, [p for p in plan.entries if p != "/"])]
+    else:
+        deb = {f: p.name for p in metadata.packages if p.ecosystem == "deb" for f in p.files}
+        pypi = {f: p.name for p in metadata.packages if p.ecosystem == "pypi" for f in p.files}
+        derived = set(result.shrunk.derived) if result.shrunk else set()
+        origins = layers_mod.Origins(deb=deb, pypi=pypi, interpreter_prefixes=tuple(own.prefixes),
+                                     app_trees=tuple(own.trees),
+                                     generated=frozenset(p for p in written_by_build if p not in derived)
+                                     | frozenset(p for p, e in plan.entries.items() if e.kind == "dir"
+                                                 and e.source is None))
+        groups = layers_mod.limit(layers_mod.group(plan, origins), max_layers)
+    cache = None
+    if max_layers > 1 and options.layer_cache and options.compress_level is not None:
+        try:
+            cache = layers_mod.LayerCache(layers_mod.cache_dir())
+        except OSError as err:
+            result.warnings.append(f"layer cache not used ({err.strerror}: {layers_mod.cache_dir()})")
+    made = layers_mod.make_layers(plan, groups, blob_dir, compress_level=options.compress_level, cache=cache,
+                                  generated=written_by_build, progress=progress, on_changed=changed)
+    for n, layer in enumerate(made.layers, 1):
+        how = "from the cache" if layer.cached else "made"
+        step(f"layer {n}/{len(made.layers)} {layer.name}: {layer.files} files, "
+             f"{layer.uncompressed_size} bytes -> {layer.blob.size} ({how})")
+    if cache is not None:
+        cache.prune()
+    img = image.assemble(made.layers, cfg, options.annotations)
+    result.layers = made
+    return img
+
+
+def _write_outputs(img: image.Image, refs: list[image.Reference], archive: str | None, load: bool,
+                   options: BuildOptions, blob_dir: str, step: Callable[[str], None], result: BuildResult,
+                   progress: Callable[[str, int, int], None] | None) -> None:
+    """Write the one image to every output asked for."""
+    if options.oci_dir:
+        step(f"writing the OCI layout {options.oci_dir}")
+        image.image_result(image.write_image_dir(img, options.oci_dir, refs), img, refs)
+    if archive:
+        step(f"writing {archive}")
+        image.write_image_archive(img, archive, refs)
+    result.image = image.image_result(archive or options.oci_dir or "", img, refs)
+    if load:
         from tracejail import docker_engine
 
-        if docker_engine.engine_available(options.docker_env):
-            result.loaded_id = docker_engine.load(archive, options.tag, options.docker_env)
-            result.load_note = options.tag
-        else:
-            result.warnings.append(f"no Docker engine reachable: the image is in {archive} "
-                                   f"(docker load -i {archive})")
-    return result
+        # An archive only for the engine, in the private blob directory: gone with it.
+        to_load = archive or image.write_image_archive(img, os.path.join(blob_dir, "load.tar"), refs)
+        step("loading into the Docker engine")
+        result.loaded_id = docker_engine.load(to_load, [r.familiar for r in refs], options.docker_env)
+        result.load_note = ", ".join(options.tags)
+    if options.push:
+        from tracejail import registry
+
+        for ref in refs:
+            step(f"pushing {ref.full}")
+        result.pushed = registry.push(img, refs, registry.PushOptions(
+            insecure_registries=tuple(options.insecure_registries), progress=progress,
+            environ=options.docker_env))
+    if options.iidfile:
+        _write_small(options.iidfile, img.image_id)
+    if options.metadata_file:
+        import json
+
+        meta = {"containerimage.config.digest": img.image_id, "containerimage.digest": img.manifest.digest,
+                "containerimage.descriptor": img.manifest.descriptor(),
+                "image.name": ",".join(r.full for r in refs)}
+        _write_small(options.metadata_file, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _write_small(path: str, text: str) -> None:
+    with image.atomic_file(path) as f:
+        f.write(text.encode())

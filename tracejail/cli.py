@@ -260,16 +260,43 @@ def image_content(user: str, include: tuple[str, ...], exclude: tuple[str, ...],
             "import_closure": not no_import_closure, "exclude_modules": list(exclude_modules)}
 
 
+def _key_values(items: tuple[str, ...], option: str) -> dict[str, str]:
+    from tracejail.errors import UsageError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{option} {item!r}: give KEY=VALUE")
+        out[key] = value
+    return out
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("trace_file", metavar="TRACE.json", type=click.Path(dir_okay=False))
-@click.option("-t", "--tag", metavar="NAME[:TAG]", help="Image name; loaded into Docker when reachable.")
-@click.option("-o", "--output", metavar="FILE", help="Image archive to write (default NAME.tar).")
+@click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]",
+              help="Name the image (repeatable): loaded into Docker when reachable, pushed with --push.")
+@click.option("-o", "--output", metavar="FILE",
+              help="Image archive to write (default: none when -t loads or pushes it, else NAME.tar).")
 @click.option("--rootfs", "rootfs_dir", metavar="DIR",
               help="Also stage the tree in DIR and write a Dockerfile beside it.")
 @click.option("--oci-dir", metavar="DIR", help="Also write a plain OCI image layout directory.")
+@click.option("--push", is_flag=True, help="Push every -t to its registry (OCI distribution API, no daemon).")
+@click.option("--insecure-registry", "insecure_registries", multiple=True, metavar="HOST[:PORT]",
+              help="Allow plain HTTP or an unverified certificate for this registry (loopback always is).")
+@click.option("--layers", default="1", show_default=True, metavar="N|auto",
+              help="Split the image into at most N layers by origin (libc, packages, interpreter, "
+                   "distributions, app), most shared first; auto: up to 32.")
+@click.option("--no-cache", is_flag=True, help="Compress every layer again instead of reusing unchanged ones.")
 @image_content_options
-@click.option("--entrypoint", metavar="CMD", help="Entrypoint (shell words) instead of the recorded command.")
+@click.option("--entrypoint", metavar="CMD", help="The program to run (shell words) instead of the recorded one.")
+@click.option("--cmd", metavar="ARGS", help="Its default arguments (shell words) instead of the recorded ones.")
+@click.option("--init", "use_init", is_flag=True,
+              help="Run a minimal init (tini from the host) as PID 1: signals and zombies are handled.")
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment (repeatable).")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="Image label (repeatable).")
+@click.option("--annotation", "annotations", multiple=True, metavar="K=V",
+              help="Manifest annotation (repeatable).")
 @click.option("--strip", is_flag=True,
               help="Strip kept ELF files (symbols, debug sections; GNU strip --strip-unneeded) in the image.")
 @click.option("--bytecode-only", is_flag=True,
@@ -277,7 +304,7 @@ def image_content(user: str, include: tuple[str, ...], exclude: tuple[str, ...],
 @click.option("--no-load", is_flag=True, help="Do not load the image into Docker.")
 @click.option("--strict", is_flag=True, help="Fail when a traced file vanished or a library is missing.")
 @click.option("--fast", is_flag=True, help="gzip level 1 instead of 6.")
-@click.option("--no-compress", is_flag=True, help="Uncompressed layer.")
+@click.option("--no-compress", is_flag=True, help="Uncompressed layers.")
 @click.option("--volume", "volumes", multiple=True, metavar="DIR",
               help="Declare DIR a volume in the image (repeatable): writable under docker run --read-only.")
 @click.option("--writable-volumes", is_flag=True,
@@ -291,57 +318,101 @@ def image_content(user: str, include: tuple[str, ...], exclude: tuple[str, ...],
               help="Leave out dpkg status.d stanzas and /etc/os-release (kept by default for scanners).")
 @click.option("--max-file-size", default="4G", show_default=True, metavar="SIZE",
               help="Refuse to stage a file bigger than this (e.g. 512M, 10G).")
+@click.option("--iidfile", metavar="FILE", help="Write the image ID to FILE.")
+@click.option("--metadata-file", metavar="FILE", help="Write the build result's metadata (buildx keys) to FILE.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
+@click.option("--progress", type=click.Choice(["auto", "plain", "quiet"]), default="auto", show_default=True,
+              help="auto: a bar on a terminal; plain: one line per step on stderr; quiet: none.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors
-def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str | None,
-          oci_dir: str | None, user: str, entrypoint: str | None, env: tuple[str, ...],
+def build(trace_file: str, tags: tuple[str, ...], output: str | None, rootfs_dir: str | None,
+          oci_dir: str | None, push: bool, insecure_registries: tuple[str, ...], layers: str, no_cache: bool,
+          user: str, entrypoint: str | None, cmd: str | None, use_init: bool, env: tuple[str, ...],
+          labels: tuple[str, ...], annotations: tuple[str, ...],
           include: tuple[str, ...], exclude: tuple[str, ...], strip: bool, bytecode_only: bool,
           no_load: bool, strict: bool,
           fast: bool, no_compress: bool, keep_setuid: bool, keep_modes: bool, families_off: tuple[str, ...],
           no_import_closure: bool, exclude_modules: tuple[str, ...],
           volumes: tuple[str, ...], writable_volumes: bool, keep_owners: bool, provenance: bool,
           sbom_file: str | None, sbom_format: str, no_package_metadata: bool, max_file_size: str,
+          iidfile: str | None, metadata_file: str | None, quiet: bool, progress: str,
           as_json: bool) -> None:
-    """Stage what TRACE.json touched (plus its ELF closure) into a FROM-scratch image."""
+    """Stage what TRACE.json touched (plus its ELF closure) into a FROM-scratch image.
+
+    \b
+      tracejail build trace.json -t app                      # load into Docker
+      tracejail build trace.json -t 127.0.0.1:5000/app:1 --push --layers auto
+      tracejail build trace.json -o app.tar                  # an archive for docker/podman load
+    """
     import shlex
 
     from tracejail.build import BuildOptions
     from tracejail.build import build as do_build
     from tracejail.errors import UsageError
-    from tracejail.text import human, parse_size
+    from tracejail.text import parse_size
 
     try:
         size_limit = parse_size(max_file_size)
     except ValueError as err:
         raise UsageError(f"--max-file-size: {err}") from None
+    if quiet:
+        progress = "quiet"
 
     opts = BuildOptions(
-        tag=tag, output=output, rootfs_dir=rootfs_dir, oci_dir=oci_dir,
-        entrypoint=shlex.split(entrypoint) if entrypoint else None, env=list(env),
+        tags=list(tags), output=output, rootfs_dir=rootfs_dir, oci_dir=oci_dir,
+        entrypoint=shlex.split(entrypoint) if entrypoint else None, cmd=shlex.split(cmd) if cmd is not None else None,
+        init=use_init, env=list(env), labels=_key_values(labels, "--label"),
+        annotations=_key_values(annotations, "--annotation"), layers=layers, layer_cache=not no_cache,
+        push=push, insecure_registries=list(insecure_registries), iidfile=iidfile, metadata_file=metadata_file,
         load=not no_load, strict=strict, compress_level=None if no_compress else (1 if fast else 6),
         provenance=provenance, volumes=list(volumes), writable_volumes=writable_volumes,
         package_metadata=not no_package_metadata, sbom=sbom_file, sbom_format=sbom_format,
         max_file_size=size_limit, strip=strip, bytecode_only=bytecode_only,
         **image_content(user, include, exclude, keep_setuid, keep_modes, keep_owners, families_off,
                         no_import_closure, exclude_modules))
-    bar = _Progress()
+    bar = _Progress() if progress == "auto" else None
+    plain = (lambda line: tell("", line)) if progress == "plain" else None
     try:
-        result = do_build(trace_file, opts, progress=bar)
+        result = do_build(trace_file, opts, progress=bar, say=plain)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     summary = result.summary()
     for alert in result.alerts:
         tell("WARNING", alert)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
+    if quiet:
+        click.echo(summary["image_id"] or "")
+        return
     for w in result.warnings:
         tell("note", w)
+    say(build_report(summary, result, oci_dir, sbom_format))
+
+
+def build_report(summary: dict[str, Any], result: Any, oci_dir: str | None, sbom_format: str) -> str:
+    """The lines build ends with: sizes, where the image went, what was added and changed."""
+    from tracejail.text import human
+
     lines = [f"{summary['files']} files, {human(summary['bytes'])} on disk"]
     if summary["image_size"] is not None:
-        lines.append(f"image {human(summary['image_size'])} compressed -> {summary['archive'] or oci_dir}")
+        where = summary["archive"] or oci_dir
+        layers = summary["layers"]
+        lines.append(f"image {summary['image_id'][:19]}, {human(summary['image_size'])} compressed"
+                     + (f" in {len(layers)} layers" if len(layers) > 1 else "") + (f" -> {where}" if where else ""))
+        if len(layers) > 1:
+            cached = sum(1 for la in layers if la["cached"])
+            lines += [f"  {human(la['size']):>9}  {shown(la['name'])}" + ("  (cached)" if la["cached"] else "")
+                      for la in layers]
+            if cached:
+                lines.append(f"  {cached} of {len(layers)} layers taken from the layer cache (--no-cache: make all)")
     if result.loaded_id:
-        lines.append(f"loaded into Docker as {tag} ({result.loaded_id[:19]})")
+        lines.append(f"loaded into Docker as {summary['tag']} ({result.loaded_id[:19]})")
+    for pushed in summary["pushed"]:
+        lines.append(f"pushed {pushed['reference']}@{pushed['digest'][:19]}: {pushed['uploaded']} blobs uploaded "
+                     f"({human(pushed['bytes_uploaded'])}), {pushed['skipped']} already there, "
+                     f"{pushed['mounted']} mounted")
     if result.rootfs_dir:
         lines.append(f"rootfs staged in {result.rootfs_dir}, Dockerfile {result.dockerfile}")
     if result.sbom:
@@ -370,9 +441,52 @@ def build(trace_file: str, tag: str | None, output: str | None, rootfs_dir: str 
         lines.append(f"given to the image user ({summary['user']}): {len(given)} path(s), e.g. "
                      + ", ".join(f"{shown(g['path'])} ({shown(g['why'])})" for g in given[:3]))
     if summary["mode_changes"]:
-        lines.append(f"opened up for uid {user}: {len(summary['mode_changes'])} path(s), e.g. "
+        lines.append(f"opened up for uid {summary['user']}: {len(summary['mode_changes'])} path(s), e.g. "
                      + ", ".join(f"{shown(m['path'])} {m['old']}->{m['new']}" for m in summary["mode_changes"][:3]))
-    say("\n".join(lines))
+    return "\n".join(lines)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("source", metavar="ARCHIVE|DIR", type=click.Path(exists=True))
+@click.argument("refs", nargs=-1, required=True, metavar="REGISTRY/REPO:TAG...")
+@click.option("--insecure-registry", "insecure_registries", multiple=True, metavar="HOST[:PORT]",
+              help="Allow plain HTTP or an unverified certificate for this registry (loopback always is).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was pushed as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+@handle_errors
+def push(source: str, refs: tuple[str, ...], insecure_registries: tuple[str, ...], as_json: bool,
+         quiet: bool) -> None:
+    """Push an image archive (tracejail build -o) or OCI layout directory to registries.
+
+    Speaks the OCI distribution API itself (no daemon): blobs the registry has are skipped or
+    mounted from another repository; credentials come from docker's config.json (credential
+    helpers included), podman's REGISTRY_AUTH_FILE, or TRACEJAIL_REGISTRY_USERNAME/PASSWORD.
+
+    \b
+      tracejail push app.tar 127.0.0.1:5000/app:1
+    """
+    from tracejail import image, registry
+    from tracejail.text import human
+
+    references = [image.parse_reference(r) for r in refs]
+    img, _names = registry.read_layout(source)
+    bar = _Progress()
+    try:
+        results = registry.push(img, references, registry.PushOptions(
+            insecure_registries=insecure_registries, progress=None if quiet else bar))
+    finally:
+        bar.close()
+    if as_json:
+        click.echo(json.dumps([{"reference": r.reference, "digest": r.manifest_digest, "uploaded": r.uploaded,
+                                "skipped": r.skipped, "mounted": r.mounted, "bytes_uploaded": r.bytes_uploaded}
+                               for r in results], indent=2, sort_keys=True))
+        return
+    if quiet:
+        click.echo(img.manifest.digest)
+        return
+    say("\n".join(f"pushed {r.reference}@{r.manifest_digest}: {len(r.uploaded)} blobs uploaded "
+                   f"({human(r.bytes_uploaded)}), {len(r.skipped)} already there, {len(r.mounted)} mounted"
+                   for r in results))
 
 
 @main.command(context_settings=CONTEXT)

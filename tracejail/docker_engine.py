@@ -19,6 +19,8 @@ INFO_TIMEOUT = 10.0
 LOAD_TIMEOUT = 1800.0
 
 _LOADED_NAME = re.compile(r"^Loaded image: (\S+)\s*$", re.M)
+_SOCKET_DENIED = re.compile(r"permission denied while trying to connect to the Docker daemon socket"
+                            r"(?: at (?:unix://)?(\S+?)[:;,]?(?:\s|$))?", re.I)
 _LOADED_ID = re.compile(r"^Loaded image ID: (sha256:[0-9a-f]{64})\s*$", re.M)
 
 
@@ -40,14 +42,35 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def engine_available(env: Mapping[str, str] | None = None, timeout: float = INFO_TIMEOUT) -> bool:
-    """True when the docker CLI exists and `docker info` reaches an engine within `timeout`."""
+def engine_problem(env: Mapping[str, str] | None = None, timeout: float = INFO_TIMEOUT) -> str | None:
+    """None when the docker CLI exists and `docker info` reaches an engine within `timeout`;
+    otherwise why not, in one phrase (a socket the user may not open gets its own diagnosis)."""
     try:
         proc = _run(["info", "--format", "{{json .ServerVersion}}"], env, timeout)
-    except (TracejailError, subprocess.TimeoutExpired, OSError):
-        return False
+    except TracejailError:
+        return "no docker CLI on PATH"
+    except subprocess.TimeoutExpired:
+        return f"the Docker engine did not answer in {timeout:.0f} s"
+    except OSError as err:
+        return f"the docker CLI could not run ({err.strerror})"
     # Some clients exit 0 and print an error field when the engine is down: insist on a version.
-    return proc.returncode == 0 and proc.stdout.strip() not in ("", '""', "null")
+    if proc.returncode == 0 and proc.stdout.strip() not in ("", '""', "null"):
+        return None
+    return diagnose(proc.stderr + proc.stdout)
+
+
+def diagnose(output: str) -> str:
+    """One phrase for why the docker CLI could not reach an engine."""
+    m = _SOCKET_DENIED.search(output)
+    if m:
+        return (f"permission denied on the Docker socket {m.group(1) or '/var/run/docker.sock'}: add your user "
+                "to the docker group (sudo usermod -aG docker $USER, then log in again) or run as root")
+    return f"no Docker engine reachable ({_last_line(output)}); start Docker or set DOCKER_HOST"
+
+
+def engine_available(env: Mapping[str, str] | None = None, timeout: float = INFO_TIMEOUT) -> bool:
+    """True when the docker CLI exists and `docker info` reaches an engine within `timeout`."""
+    return engine_problem(env, timeout) is None
 
 
 def image_id(ref: str, env: Mapping[str, str] | None = None) -> str:
@@ -63,20 +86,22 @@ def parse_load_output(output: str) -> tuple[list[str], list[str]]:
     return _LOADED_NAME.findall(output), _LOADED_ID.findall(output)
 
 
-def load(archive: str, tag: str | None = None, env: Mapping[str, str] | None = None) -> str:
-    """`docker load -i archive`, tag the result as `tag` if it is not already; return its image ID.
+def load(archive: str, tags: Sequence[str] | str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """`docker load -i archive`, tag the result with every name in `tags` that the archive did not
+    already name; return its image ID.
 
     Raises TracejailError with docker's own last error line when the engine refuses.
     """
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
     try:
         proc = _run(["load", "-i", archive], env, LOAD_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise TracejailError(f"docker load of {archive} did not finish in {LOAD_TIMEOUT:.0f} s; check the engine") from None
     if proc.returncode != 0:
-        detail = _last_line(proc.stderr or proc.stdout)
-        if "Cannot connect" in detail or "daemon running" in detail:
-            raise TracejailError(f"no Docker engine reachable ({detail}); start Docker or set DOCKER_HOST")
-        raise TracejailError(f"docker load refused {archive}: {detail}")
+        detail = proc.stderr or proc.stdout
+        if "Cannot connect" in detail or "daemon running" in detail or _SOCKET_DENIED.search(detail):
+            raise TracejailError(diagnose(detail))
+        raise TracejailError(f"docker load refused {archive}: {_last_line(detail)}")
     names, ids = parse_load_output(proc.stdout)
     if ids:
         loaded = ids[-1]
@@ -85,7 +110,9 @@ def load(archive: str, tag: str | None = None, env: Mapping[str, str] | None = N
     else:
         raise TracejailError(f"docker load of {archive} reported no image: {_last_line(proc.stdout + proc.stderr)}")
     ident = image_id(loaded, env)
-    if tag and not any(_same_name(tag, n) for n in names):
+    for tag in tags:
+        if any(_same_name(tag, n) for n in names):
+            continue
         tagged = _run(["tag", ident, tag], env, INFO_TIMEOUT * 3)
         if tagged.returncode != 0:
             raise TracejailError(f"docker could not tag {ident} as {tag}: {_last_line(tagged.stderr)}")

@@ -22,16 +22,17 @@ import secrets
 import shutil
 import stat
 import tarfile
+import tempfile
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import BinaryIO, Callable, Iterator, Union
+from typing import BinaryIO, Callable, Iterator, Mapping, Union
 
 from tracejail import rootfs
-from tracejail.errors import TracejailError
+from tracejail.errors import TracejailError, UsageError
 from tracejail.root import SourceChanged
 
 LAYER_MEDIA_TYPE_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -134,7 +135,7 @@ def parse_reference(name: str) -> Reference:
     """Normalise an image name the way docker does (app -> docker.io/library/app:latest)."""
     bad = f"invalid image name {name!r}; use [registry/]name[:tag] in lower case, e.g. myapp:1.0"
     if not name or "@" in name or name != name.strip():
-        raise TracejailError(bad)
+        raise UsageError(bad)
     slash = name.rfind("/")
     colon = name.rfind(":")
     if colon > slash:
@@ -146,13 +147,13 @@ def parse_reference(name: str) -> Reference:
     if len(parts) > 1 and ("." in first or ":" in first or first == "localhost" or first != first.lower()):
         domain, path_parts = first, parts[1:]
         if not _DOMAIN.match(domain):
-            raise TracejailError(bad)
+            raise UsageError(bad)
     else:
         domain, path_parts = "docker.io", parts
         if len(path_parts) == 1:
             path_parts = ["library", *path_parts]
     if not _TAG.match(tag) or not all(_PATH_COMPONENT.match(p) for p in path_parts):
-        raise TracejailError(bad)
+        raise UsageError(bad)
     return Reference(domain, "/".join(path_parts), tag)
 
 
@@ -170,8 +171,11 @@ def canonical_json(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def image_config_json(config: ImageConfig, diff_id: str) -> bytes:
+def image_config_json(config: ImageConfig, diff_ids: list[str] | str,
+                      layer_names: list[str] | None = None) -> bytes:
     """The image configuration blob; its sha256 is the image ID docker reports."""
+    if isinstance(diff_ids, str):
+        diff_ids = [diff_ids]
     run: dict[str, object] = {"WorkingDir": config.working_dir or "/"}
     if config.entrypoint:
         run["Entrypoint"] = list(config.entrypoint)
@@ -187,18 +191,59 @@ def image_config_json(config: ImageConfig, diff_id: str) -> bytes:
         run["Labels"] = dict(config.labels)
     if config.volumes:
         run["Volumes"] = {v: {} for v in config.volumes}
+    names = layer_names or ["rootfs"] * len(diff_ids)
+    # One history entry per layer (docker history shows them): what the layer holds.
+    history = [{"created": config.created, "created_by": "tracejail build" + ("" if len(diff_ids) == 1 else f": {n}")}
+               for n in names]
     return canonical_json({
         "architecture": config.architecture,
         "os": config.os,
         "created": config.created,
         "config": run,
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created": config.created, "created_by": "tracejail build"}],
+        "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+        "history": history,
     })
 
 
 # --------------------------------------------------------------------------------------------
-# Results
+# The image as values: blobs made once, written to every output (archive, layout, registry)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Content-addressed bytes: held in memory (`data`) or in a file from `offset` (a layer made
+    by make_layer, or a member of an archive being pushed)."""
+
+    media_type: str
+    digest: str  # "sha256:..." of the bytes
+    size: int
+    data: bytes | None = None
+    path: str | None = None
+    offset: int = 0
+
+    @classmethod
+    def of(cls, media_type: str, data: bytes) -> Blob:
+        return cls(media_type, _digest(data), len(data), data=data)
+
+    def descriptor(self) -> dict[str, object]:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+
+    def chunks(self, chunk_size: int = _READ_CHUNK) -> Iterator[bytes]:
+        """The bytes, in pieces; a file that no longer holds `size` bytes is an error."""
+        if self.data is not None:
+            for at in range(0, len(self.data), chunk_size):
+                yield self.data[at:at + chunk_size]
+            return
+        assert self.path is not None
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            left = self.size
+            while left:
+                chunk = f.read(min(left, chunk_size))
+                if not chunk:
+                    raise TracejailError(f"{self.path} is shorter than the blob {self.digest[:19]} it should hold")
+                left -= len(chunk)
+                yield chunk
 
 
 @dataclass(frozen=True)
@@ -210,16 +255,54 @@ class LayerInfo:
     media_type: str
 
 
+@dataclass(frozen=True)
+class Layer:
+    """One layer blob and what it holds: `name` says where its files come from (layers.py)."""
+
+    blob: Blob
+    diff_id: str
+    uncompressed_size: int
+    name: str = "rootfs"
+    files: int = 0
+    content_bytes: int = 0
+    cached: bool = False  # taken from the layer cache, not compressed again
+
+    @property
+    def info(self) -> LayerInfo:
+        return LayerInfo(self.blob.digest, self.diff_id, self.blob.size, self.uncompressed_size,
+                         self.blob.media_type)
+
+
+@dataclass(frozen=True)
+class Image:
+    """A whole image, independent of where it goes: layers, config and manifest blobs."""
+
+    layers: tuple[Layer, ...]
+    config: Blob
+    manifest: Blob
+    architecture: str
+    os: str
+
+    @property
+    def image_id(self) -> str:
+        return self.config.digest
+
+    def blobs(self) -> list[Blob]:
+        """Layers then config, each digest once (two layers may hold the same bytes)."""
+        return list({b.digest: b for b in [*(layer.blob for layer in self.layers), self.config]}.values())
+
+
 @dataclass
 class ImageResult:
     archive: str  # the archive file, or the OCI layout directory
     image_id: str  # "sha256:..." = config digest
     manifest_digest: str
-    layer_digest: str
+    layer_digest: str  # the last (or only) layer
     diff_id: str
-    compressed_size: int
+    compressed_size: int  # all layers
     uncompressed_size: int
     reference: str | None = None  # full name written into the annotations, if any
+    layers: list[LayerInfo] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +472,7 @@ def pyc_sources(entries: list[rootfs.Entry]) -> set[str]:
     return out
 
 
-def _mtime_policy(
+def mtime_policy(
     entries: list[rootfs.Entry], mtime_clamp: int | None, preserve_mtimes: bool
 ) -> tuple[int, Callable[[rootfs.Entry], int]]:
     """Return (the archive's own timestamp, per-entry mtime function).
@@ -406,7 +489,7 @@ def _mtime_policy(
 
 
 def write_layer(
-    source: Source,
+    source: Source | list[rootfs.Entry],
     write: Callable[[bytes], object],
     *,
     compress_level: int | None = 6,
@@ -415,17 +498,21 @@ def write_layer(
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
     on_changed: rootfs.OnChanged | None = None,
+    mtime_of: Callable[[rootfs.Entry], int] | None = None,
 ) -> LayerInfo:
-    """Stream the layer blob for `source` (a Plan or a staged rootfs dir) into `write`.
+    """Stream the layer blob for `source` (a Plan, a staged rootfs dir, or parents-first entries)
+    into `write`.
 
     compress_level None writes a plain tar. `progress` gets the number of file-content bytes
     just written (they add up to the plan's files_size()). `workers` is the gzip thread count
-    (default: CPUs); it never changes the output.
+    (default: CPUs); it never changes the output. `mtime_of` (from mtime_policy over the whole
+    image) overrides mtime_clamp and preserve_mtimes.
     """
     if compress_level is not None and not 0 <= compress_level <= 9:
         raise TracejailError(f"compression level {compress_level} is out of range; use 0-9")
-    entries = _entries_of(source)
-    _, mtime_of = _mtime_policy(entries, mtime_clamp, preserve_mtimes)
+    entries = source if isinstance(source, list) else _entries_of(source)
+    if mtime_of is None:
+        _, mtime_of = mtime_policy(entries, mtime_clamp, preserve_mtimes)
     diff_hash, blob_hash = hashlib.sha256(), hashlib.sha256()
     sizes = {"tar": 0, "blob": 0}
 
@@ -467,13 +554,57 @@ def write_layer(
 
 
 # --------------------------------------------------------------------------------------------
-# Manifests
+# Layers and manifests
 
 
-def _descriptor(media_type: str, data_or_digest: bytes | str, size: int | None = None) -> dict[str, object]:
-    if isinstance(data_or_digest, bytes):
-        return {"mediaType": media_type, "digest": _digest(data_or_digest), "size": len(data_or_digest)}
-    return {"mediaType": media_type, "digest": data_or_digest, "size": size}
+def make_layer(
+    entries: list[rootfs.Entry],
+    blob_dir: str,
+    *,
+    mtime_of: Callable[[rootfs.Entry], int],
+    name: str = "rootfs",
+    compress_level: int | None = 6,
+    progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
+    on_changed: rootfs.OnChanged | None = None,
+) -> Layer:
+    """Write the layer blob for parents-first `entries` into `blob_dir` (named by its digest)."""
+    tmp = os.path.join(blob_dir, f".layer.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb", buffering=_READ_CHUNK) as f:
+            info = write_layer(entries, f.write, compress_level=compress_level, progress=progress,
+                               workers=workers, on_changed=on_changed, mtime_of=mtime_of)
+        final = os.path.join(blob_dir, info.digest.split(":", 1)[1])
+        os.replace(tmp, final)
+    except OSError as err:
+        _unlink_quietly(tmp)
+        raise _os_error(f"cannot write a layer in {blob_dir}", err) from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    files = [e for e in entries if e.kind == "file"]
+    return Layer(Blob(info.media_type, info.digest, info.size, path=final), info.diff_id, info.uncompressed_size,
+                 name=name, files=len(files) + sum(1 for e in entries if e.kind == "hardlink"),
+                 content_bytes=sum(e.size for e in files))
+
+
+def assemble(layers: list[Layer] | tuple[Layer, ...], config: ImageConfig,
+             annotations: Mapping[str, str] | None = None) -> Image:
+    """The config and manifest for `layers` (bottom first). The manifest's annotations are the
+    labels plus `annotations` (--annotation)."""
+    config_blob = Blob.of(CONFIG_MEDIA_TYPE, image_config_json(
+        config, [layer.diff_id for layer in layers], [layer.name for layer in layers]))
+    manifest: dict[str, object] = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": config_blob.descriptor(),
+        "layers": [layer.blob.descriptor() for layer in layers],
+    }
+    notes = {**config.labels, **(annotations or {})}
+    if notes:
+        manifest["annotations"] = notes
+    return Image(tuple(layers), config_blob, Blob.of(MANIFEST_MEDIA_TYPE, canonical_json(manifest)),
+                 config.architecture, config.os)
 
 
 def _digest(data: bytes) -> str:
@@ -484,51 +615,42 @@ def _blob_path(digest: str) -> str:
     return "blobs/sha256/" + digest.split(":", 1)[1]
 
 
-@dataclass(frozen=True)
-class _Metadata:
-    config: bytes
-    manifest: bytes
-    index: bytes
-    docker_manifest: bytes
-    oci_layout: bytes
-
-
-def _metadata(config: ImageConfig, layer: LayerInfo, ref: Reference | None) -> _Metadata:
-    config_blob = image_config_json(config, layer.diff_id)
-    manifest: dict[str, object] = {
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": _descriptor(CONFIG_MEDIA_TYPE, config_blob),
-        "layers": [_descriptor(layer.media_type, layer.digest, layer.size)],
-    }
-    if config.labels:
-        manifest["annotations"] = dict(config.labels)
-    manifest_blob = canonical_json(manifest)
-    desc = _descriptor(MANIFEST_MEDIA_TYPE, manifest_blob)
-    desc["platform"] = {"architecture": config.architecture, "os": config.os}
-    if ref is not None:
-        # podman and containerd name the image from io.containerd.image.name (full reference);
-        # skopeo's oci-archive:FILE:TAG and umoci look at ref.name (the tag).
-        desc["annotations"] = {"io.containerd.image.name": ref.full, "org.opencontainers.image.ref.name": ref.tag}
-    index = canonical_json({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": [desc]})
+def _layout_files(img: Image, refs: list[Reference]) -> list[tuple[str, bytes]]:
+    """index.json (one descriptor per name, as podman and containerd read it), the docker
+    manifest.json (docker load 20.10 needs it), and oci-layout."""
+    descs = []
+    for ref in refs or [None]:
+        desc = img.manifest.descriptor()
+        desc["platform"] = {"architecture": img.architecture, "os": img.os}
+        if ref is not None:
+            # podman and containerd name the image from io.containerd.image.name (full reference);
+            # skopeo's oci-archive:FILE:TAG and umoci look at ref.name (the tag).
+            desc["annotations"] = {"io.containerd.image.name": ref.full, "org.opencontainers.image.ref.name": ref.tag}
+        descs.append(desc)
+    index = canonical_json({"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": descs})
     docker = canonical_json([{
-        "Config": _blob_path(_digest(config_blob)),
-        "RepoTags": [ref.familiar] if ref else [],
-        "Layers": [_blob_path(layer.digest)],
+        "Config": _blob_path(img.config.digest),
+        "RepoTags": [ref.familiar for ref in refs],
+        "Layers": [_blob_path(layer.blob.digest) for layer in img.layers],
     }])
-    return _Metadata(config_blob, manifest_blob, index, docker, canonical_json({"imageLayoutVersion": "1.0.0"}))
+    return [(_blob_path(img.config.digest), img.config.data or b""),
+            (_blob_path(img.manifest.digest), img.manifest.data or b""),
+            ("index.json", index), ("manifest.json", docker),
+            ("oci-layout", canonical_json({"imageLayoutVersion": "1.0.0"}))]
 
 
-def _result(where: str, layer: LayerInfo, meta: _Metadata, ref: Reference | None) -> ImageResult:
+def image_result(where: str, img: Image, refs: list[Reference]) -> ImageResult:
+    last = img.layers[-1]
     return ImageResult(
         archive=where,
-        image_id=_digest(meta.config),
-        manifest_digest=_digest(meta.manifest),
-        layer_digest=layer.digest,
-        diff_id=layer.diff_id,
-        compressed_size=layer.size,
-        uncompressed_size=layer.uncompressed_size,
-        reference=ref.full if ref else None,
+        image_id=img.image_id,
+        manifest_digest=img.manifest.digest,
+        layer_digest=last.blob.digest,
+        diff_id=last.diff_id,
+        compressed_size=sum(layer.blob.size for layer in img.layers),
+        uncompressed_size=sum(layer.uncompressed_size for layer in img.layers),
+        reference=refs[0].full if refs else None,
+        layers=[layer.info for layer in img.layers],
     )
 
 
@@ -549,7 +671,7 @@ def _fsync_dir(path: str) -> None:
 
 
 @contextmanager
-def _atomic_file(out: str) -> Iterator[BinaryIO]:
+def atomic_file(out: str) -> Iterator[BinaryIO]:
     """A temp file beside `out`, renamed over it only after everything was written and fsync'ed.
 
     On any failure the temp file is removed and `out` is left as it was.
@@ -597,6 +719,102 @@ def _outer_header(name: str, size: int, mtime: int, is_dir: bool = False) -> byt
     return _tar_header(info)
 
 
+def write_image_archive(img: Image, out: str, refs: list[Reference] | None = None,
+                        mtime: int | None = None) -> str:
+    """Write `img` as one archive file `out`, atomically; return its absolute path."""
+    refs = refs or []
+    archive_mtime = mtime if mtime is not None else (source_date_epoch() or 0)
+    with atomic_file(out) as f:
+        f.write(_outer_header("blobs/", 0, archive_mtime, is_dir=True))
+        f.write(_outer_header("blobs/sha256/", 0, archive_mtime, is_dir=True))
+        for blob in img.blobs():
+            if blob.data is not None:
+                continue   # the config goes with the other small members below
+            f.write(_outer_header(_blob_path(blob.digest), blob.size, archive_mtime))
+            _copy_blob(blob, f)
+            f.write(_pad(blob.size))
+        for member, data in _layout_files(img, refs):
+            f.write(_outer_header(member, len(data), archive_mtime) + data + _pad(len(data)))
+        f.write(b"\0" * (2 * _BLOCK))
+        f.write(b"\0" * (-f.tell() % _RECORD))
+    return os.path.abspath(out)
+
+
+def _copy_blob(blob: Blob, f: BinaryIO) -> None:
+    """Append a blob to `f`: in the kernel (copy_file_range) when it can, else by reading."""
+    if blob.path is None:
+        f.write(blob.data or b"")
+        return
+    f.flush()
+    start = f.seek(0, os.SEEK_END)
+    try:
+        with open(blob.path, "rb", buffering=0) as src:
+            left, at = blob.size, blob.offset
+            while left:
+                n = os.copy_file_range(src.fileno(), f.fileno(), left, at)
+                if n == 0:
+                    raise TracejailError(f"{blob.path} is shorter than the blob {blob.digest[:19]} it should hold")
+                left -= n
+                at += n
+        f.seek(0, os.SEEK_END)
+        return
+    except OSError:
+        pass   # another filesystem on an old kernel, or no copy_file_range: copy by reading
+    f.seek(start)
+    f.truncate()
+    for chunk in blob.chunks():
+        f.write(chunk)
+
+
+def write_image_dir(img: Image, out_dir: str, refs: list[Reference] | None = None) -> str:
+    """Write `img` as an OCI image layout directory (plus manifest.json), atomically: `out_dir`
+    must not exist or be empty; the layout is made beside it and renamed into place."""
+    refs = refs or []
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    if os.path.lexists(out_dir) and (not os.path.isdir(out_dir) or os.path.islink(out_dir) or os.listdir(out_dir)):
+        raise TracejailError(f"{out_dir} exists and is not an empty directory; remove it or choose another")
+    if not os.path.isdir(parent):
+        raise TracejailError(f"cannot write {out_dir}: directory {parent} does not exist; create it first")
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.mkdir(tmp, 0o777)
+        blobs = os.path.join(tmp, "blobs", "sha256")
+        os.makedirs(blobs)
+        members = [(_blob_path(b.digest), b) for b in img.blobs() if b.data is None]
+        for member, blob in members:
+            with open(os.path.join(tmp, member), "xb") as f:
+                _copy_blob(blob, f)
+                f.flush()
+                os.fsync(f.fileno())
+        for member, data in _layout_files(img, refs):
+            with open(os.path.join(tmp, member), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for d in (blobs, os.path.join(tmp, "blobs"), tmp):
+            _fsync_dir(d)
+        os.rename(tmp, out_dir)  # replaces an empty directory atomically
+        _fsync_dir(parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(f"cannot write {out_dir}", err) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _single_layer_image(source: Source, blob_dir: str, config: ImageConfig, *, compress_level: int | None,
+                        mtime_clamp: int | None, preserve_mtimes: bool, progress: Callable[[int], None] | None,
+                        workers: int | None, on_changed: rootfs.OnChanged | None) -> Image:
+    entries = _entries_of(source)
+    _, mtime_of = mtime_policy(entries, mtime_clamp, preserve_mtimes)
+    layer = make_layer(entries, blob_dir, mtime_of=mtime_of, compress_level=compress_level, progress=progress,
+                       workers=workers, on_changed=on_changed)
+    return assemble([layer], config)
+
+
 def write_archive(
     source: Source,
     out: str,
@@ -610,41 +828,15 @@ def write_archive(
     workers: int | None = None,
     on_changed: rootfs.OnChanged | None = None,
 ) -> ImageResult:
-    """Write the image archive `out` atomically from a Plan or a staged rootfs directory.
-
-    The layer is streamed straight into the archive behind a placeholder header that is
-    patched once the layer's size and digest are known: no temp layer file, no second pass.
-    """
-    ref = parse_reference(name) if name else None
-    archive_mtime, _ = _mtime_policy([], mtime_clamp, preserve_mtimes)
-    with _atomic_file(out) as f:
-        f.write(_outer_header("blobs/", 0, archive_mtime, is_dir=True))
-        f.write(_outer_header("blobs/sha256/", 0, archive_mtime, is_dir=True))
-        header_at = f.tell()
-        f.write(b"\0" * _BLOCK)  # layer header placeholder: its name (digest) and size come last
-        layer = write_layer(source, f.write, compress_level=compress_level, mtime_clamp=mtime_clamp,
-                            preserve_mtimes=preserve_mtimes, progress=progress, workers=workers,
-                            on_changed=on_changed)
-        f.write(_pad(layer.size))
-        end = f.tell()
-        f.seek(header_at)
-        header = _outer_header(_blob_path(layer.digest), layer.size, archive_mtime)
-        assert len(header) == _BLOCK  # blob names are 77 characters: never a long-name record
-        f.write(header)
-        f.seek(end)
-        meta = _metadata(config, layer, ref)
-        members = [
-            (_blob_path(_digest(meta.config)), meta.config),
-            (_blob_path(_digest(meta.manifest)), meta.manifest),
-            ("index.json", meta.index),
-            ("manifest.json", meta.docker_manifest),
-            ("oci-layout", meta.oci_layout),
-        ]
-        for member, data in members:
-            f.write(_outer_header(member, len(data), archive_mtime) + data + _pad(len(data)))
-        f.write(b"\0" * (2 * _BLOCK))
-        f.write(b"\0" * (-f.tell() % _RECORD))
-    return _result(os.path.abspath(out), layer, meta, ref)
+    """Write a single-layer image archive `out` atomically from a Plan or a staged rootfs dir."""
+    refs = [parse_reference(name)] if name else []
+    archive_mtime, _ = mtime_policy([], mtime_clamp, preserve_mtimes)
+    with blob_workdir(os.path.dirname(os.path.abspath(out))) as blob_dir:
+        img = _single_layer_image(source, blob_dir, config, compress_level=compress_level, mtime_clamp=mtime_clamp,
+                                  preserve_mtimes=preserve_mtimes, progress=progress, workers=workers,
+                                  on_changed=on_changed)
+        where = write_image_archive(img, out, refs, archive_mtime)
+    return image_result(where, img, refs)
 
 
 def write_oci_dir(
@@ -660,54 +852,31 @@ def write_oci_dir(
     workers: int | None = None,
     on_changed: rootfs.OnChanged | None = None,
 ) -> ImageResult:
-    """Write an OCI image layout directory (plus manifest.json) atomically.
+    """Write a single-layer OCI image layout directory (plus manifest.json) atomically."""
+    refs = [parse_reference(name)] if name else []
+    with blob_workdir(os.path.dirname(os.path.abspath(out_dir))) as blob_dir:
+        img = _single_layer_image(source, blob_dir, config, compress_level=compress_level, mtime_clamp=mtime_clamp,
+                                  preserve_mtimes=preserve_mtimes, progress=progress, workers=workers,
+                                  on_changed=on_changed)
+        where = write_image_dir(img, out_dir, refs)
+    return image_result(where, img, refs)
 
-    `out_dir` must not exist or be empty; the layout is built in a temp directory beside it and
-    renamed into place.
-    """
-    ref = parse_reference(name) if name else None
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    if os.path.lexists(out_dir) and (not os.path.isdir(out_dir) or os.path.islink(out_dir) or os.listdir(out_dir)):
-        raise TracejailError(f"{out_dir} exists and is not an empty directory; remove it or choose another")
-    if not os.path.isdir(parent):
-        raise TracejailError(f"cannot write {out_dir}: directory {parent} does not exist; create it first")
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.{secrets.token_hex(4)}.tmp")
+
+@contextmanager
+def blob_workdir(near: str | None = None) -> Iterator[str]:
+    """A private directory for layer blobs, removed afterwards (also on errors and SIGTERM).
+
+    Made beside the output when it can be (same filesystem: copy_file_range can share extents),
+    else in the temp directory."""
+    parent = near if near and os.path.isdir(near) and os.access(near, os.W_OK | os.X_OK) else None
     try:
-        os.mkdir(tmp, 0o777)
-        blobs = os.path.join(tmp, "blobs", "sha256")
-        os.makedirs(blobs)
-        layer_tmp = os.path.join(blobs, ".layer.tmp")
-        with open(layer_tmp, "wb", buffering=_READ_CHUNK) as f:
-            layer = write_layer(source, f.write, compress_level=compress_level, mtime_clamp=mtime_clamp,
-                                preserve_mtimes=preserve_mtimes, progress=progress, workers=workers,
-                                on_changed=on_changed)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(layer_tmp, os.path.join(tmp, _blob_path(layer.digest)))
-        meta = _metadata(config, layer, ref)
-        for member, data in [
-            (_blob_path(_digest(meta.config)), meta.config),
-            (_blob_path(_digest(meta.manifest)), meta.manifest),
-            ("index.json", meta.index),
-            ("manifest.json", meta.docker_manifest),
-            ("oci-layout", meta.oci_layout),
-        ]:
-            with open(os.path.join(tmp, member), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for d in (blobs, os.path.join(tmp, "blobs"), tmp):
-            _fsync_dir(d)
-        os.rename(tmp, out_dir)  # replaces an empty directory atomically
-        _fsync_dir(parent)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(f"cannot write {out_dir}", err) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _result(out_dir, layer, meta, ref)
+        d = tempfile.mkdtemp(prefix=".tracejail-blobs-", dir=parent)
+    except OSError:
+        d = tempfile.mkdtemp(prefix="tracejail-blobs-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -793,6 +962,6 @@ def write_dockerfile(rootfs_dir: str, config: ImageConfig) -> str:
     check_dockerfile_slot(rootfs_dir)
     path = dockerfile_path(rootfs_dir)
     text = dockerfile_text(os.path.basename(rootfs_dir), config)
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         f.write(text.encode())
     return path

@@ -46,6 +46,8 @@ class Ownership:
     home: str | None = None                               # the image user's home, when the run used HOME
     system: list[str] = field(default_factory=list)       # written by the run, but system files: kept root's
     written_dirs: list[str] = field(default_factory=list)  # directories the run wrote in (--writable-volumes)
+    trees: list[str] = field(default_factory=list)        # the runs' own trees (canonical directories)
+    prefixes: list[str] = field(default_factory=list)     # interpreter installations (interpreter_prefixes)
 
 
 def interpreter_prefixes(trace: tr.Trace, root: Root) -> list[str]:
@@ -77,8 +79,8 @@ def compute(trace: tr.Trace, root: Root, kept: Iterable[str], *, package_owned=N
     """Which kept paths (canonical) the image user owns, and why. `kept` are the canonical paths
     the plan holds; `package_owned(path) -> bool` says whether a dpkg package lists a file."""
     kept = set(kept)
-    own = Ownership()
     prefixes = interpreter_prefixes(trace, root)
+    own = Ownership(prefixes=prefixes)
 
     def system(path: str) -> bool:
         return any(under(path, d) for d in (*SYSTEM_DIRS, *prefixes))
@@ -131,6 +133,8 @@ def compute(trace: tr.Trace, root: Root, kept: Iterable[str], *, package_owned=N
 
     for run in trace.runs:
         for top, why in _own_trees(run, root, system):
+            if top not in own.trees:
+                own.trees.append(top)
             for path in sorted(kept):
                 if under(path, top):
                     give(path, why)

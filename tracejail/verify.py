@@ -289,6 +289,7 @@ class ImageInfo:
     working_dir: str
     labels: dict[str, str]
     volumes: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
 
 
 def _env_dict(items: list[str]) -> dict[str, str]:
@@ -329,6 +330,8 @@ def read_dockerfile(rootfs_dir: str) -> ImageInfo | None:
                 info.user = rest.strip()
             elif word == "ENTRYPOINT":
                 info.entrypoint = list(json.loads(rest))
+            elif word == "CMD":
+                info.cmd = list(json.loads(rest))
             elif word == "VOLUME":
                 info.volumes = [str(v) for v in json.loads(rest)]
         except (ValueError, TypeError):
@@ -360,7 +363,7 @@ def inspect_image(ref: str, env: Mapping[str, str] | None) -> ImageInfo:
                              f"build it with `tracejail build TRACE.json -t {ref}`")
     cfg = json.loads(proc.stdout or "{}") or {}
     return ImageInfo(user=cfg.get("User") or "", env=_env_dict(cfg.get("Env") or []),
-                     entrypoint=list(cfg.get("Entrypoint") or []),
+                     entrypoint=list(cfg.get("Entrypoint") or []), cmd=list(cfg.get("Cmd") or []),
                      working_dir=cfg.get("WorkingDir") or "/", labels=dict(cfg.get("Labels") or {}),
                      volumes=sorted(cfg.get("Volumes") or {}))
 
@@ -813,11 +816,14 @@ class Target:
         info, run = self.config(), trace.runs[0]
         base = _env_dict(tjbuild.image_env(run, []))
         extra = [f"{k}={v}" for k, v in sorted(info.env.items()) if base.get(k) != v]
-        default = [run.executable, *run.argv[1:]]
-        entry = info.entrypoint if info.entrypoint and info.entrypoint != default else None
+        # What build would write by itself: the program, behind the init if there is one.
+        init = info.labels.get(tjbuild.LABEL_INIT)
+        program = info.entrypoint[2:] if init and info.entrypoint[:2] == [init, "--"] else info.entrypoint
+        entry = program if program and program != [run.executable] else None
+        cmd = info.cmd if entry is not None or info.cmd != run.argv[1:] else None
         tree = self.jail_rootfs_if_made()
         provenance = tree is not None and os.path.lexists(tree + IMAGE_PATH)
-        return tjbuild.BuildOptions(user=self.user or tjbuild.DEFAULT_USER, env=extra, entrypoint=entry,
+        return tjbuild.BuildOptions(user=self.user or tjbuild.DEFAULT_USER, env=extra, entrypoint=entry, cmd=cmd,
                                     provenance=provenance, **tjbuild.content_options(info.labels))
 
 
@@ -832,11 +838,12 @@ class DockerTarget(Target):
         if docker_engine.docker_cli(self.env) is None:
             raise TracejailError("docker CLI not found on PATH; install Docker, or verify a staged tree "
                                  "with --rootfs DIR (tracejail build TRACE.json --rootfs DIR)")
-        if not docker_engine.engine_available(self.env):
-            host = (self.env or os.environ).get("DOCKER_HOST", "the default socket")
-            raise TracejailError(f"no Docker engine reachable at {host}; start Docker or set DOCKER_HOST, "
-                                 "or verify a staged tree without Docker: tracejail build TRACE.json "
-                                 "--rootfs DIR, then tracejail verify TRACE.json --rootfs DIR")
+        problem = docker_engine.engine_problem(self.env)
+        if problem is not None:
+            # Advise the jail only where it can run: advice must never lead back here.
+            other = ("; or verify a staged tree without Docker: tracejail build TRACE.json --rootfs DIR, then "
+                     "tracejail verify TRACE.json --rootfs DIR") if jail.check_available(opts.userns) is None else ""
+            raise TracejailError(problem + other)
         self.info = inspect_image(image, self.env)
         self.user = opts.user or self.info.user or "root"
         self.notes = []
@@ -871,7 +878,10 @@ class DockerTarget(Target):
         from tracejail import docker_engine
 
         name = f"tj-verify-{uuid.uuid4().hex[:12]}"
-        args = ["run", "--rm", "--name", name, "--entrypoint", run.executable, "-w", run.cwd, *network]
+        # --init: the engine's tini is PID 1 and passes `docker stop`'s SIGTERM on, so a server
+        # that sets no handler of its own stops at once (as PID 1 it would ignore it for the whole
+        # stop timeout); the image's own init, when it has one, is the same kind of program.
+        args = ["run", "--rm", "--init", "--name", name, "--entrypoint", run.executable, "-w", run.cwd, *network]
         if self.opts.read_only:
             args += ["--read-only", "--tmpfs", "/tmp"]
         if self.opts.user:
@@ -909,7 +919,7 @@ class DockerTarget(Target):
     def rebuild(self, trace_path: str, trace: tr.Trace) -> str:
         bopts = self.build_options(trace)
         with tempfile.TemporaryDirectory(prefix="tj-verify-") as tmp:
-            bopts.tag, bopts.output, bopts.docker_env = self.image, os.path.join(tmp, "image.tar"), \
+            bopts.tags, bopts.output, bopts.docker_env = [self.image], os.path.join(tmp, "image.tar"), \
                 dict(self.env) if self.env is not None else None
             result = tjbuild.build(trace_path, bopts)
         if not result.loaded_id:
@@ -976,8 +986,14 @@ class RootfsTarget(Target):
                                  f"`tracejail build {trace_path} --rootfs {rootfs}`")
         problem = jail.check_available(opts.userns)
         if problem:
-            hint = ("; --no-user-namespace runs the jail without one, as root" if opts.userns and os.geteuid() == 0
-                    else "; verify the image with -t IMAGE instead")
+            from tracejail import docker_engine
+
+            if opts.userns and os.geteuid() == 0:
+                hint = "; --no-user-namespace runs the jail without one, as root"
+            elif docker_engine.engine_problem() is None:
+                hint = "; verify the image with -t IMAGE instead"
+            else:
+                hint = "; and no Docker engine is usable for -t IMAGE either, so verify on another machine"
             raise TracejailError(f"--rootfs cannot run here: {problem}{hint}")
         self.info = read_dockerfile(self.rootfs)
         self.user = opts.user or (self.info.user if self.info and self.info.user else tjbuild.DEFAULT_USER)
