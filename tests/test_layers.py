@@ -227,3 +227,31 @@ def test_layered_image_runs_in_docker_and_skopeo_reads_it(apps: dict[str, Path],
                                timeout=60)
     assert inspected.returncode == 0, inspected.stderr
     assert len(json.loads(inspected.stdout)["Layers"]) == len(summary["layers"])
+
+
+def test_podman_loads_a_layered_archive(apps: dict[str, Path], tmp_path: Path, layer_cache: Path) -> None:
+    import tempfile
+
+    podman = shutil.which("podman")
+    if podman is None:
+        pytest.skip("podman not installed (tests/run installs it)")
+    archive = tmp_path / "a.tar"
+    summary = _build(apps["json"], archive, "--layers", "auto", "-t", "tjtest/layered:1")
+    root = tmp_path / "podman-root"
+    runroot = Path(tempfile.mkdtemp(prefix="tj-pr-"))   # podman wants a runroot under 50 chars
+    base = [podman, "--root", str(root), "--runroot", str(runroot), "--storage-driver", "vfs"]
+    try:
+        proc = subprocess.run([*base, "load", "-i", str(archive)], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0 and "permission" in proc.stderr.lower():
+            pytest.skip(f"podman cannot run here: {proc.stderr.strip().splitlines()[-1]}")
+        assert proc.returncode == 0, proc.stderr
+        inspected = subprocess.run([*base, "image", "inspect", "docker.io/tjtest/layered:1"], capture_output=True,
+                                   text=True, timeout=60)
+        assert inspected.returncode == 0, inspected.stderr
+        info = json.loads(inspected.stdout)[0]
+        assert "sha256:" + info["Id"] == summary["image_id"]
+        assert len(info["RootFS"]["Layers"]) == len(summary["layers"])
+    finally:
+        subprocess.run([*base, "system", "reset", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(runroot, ignore_errors=True)

@@ -455,7 +455,7 @@ def test_parse_cache_leaves_no_temporary_file_when_interrupted(tmp_path: Path, m
     def interrupted(*_a, **_k):
         raise Interrupted(15)
 
-    monkeypatch.setattr(pyimports.json, "dump", interrupted)
+    monkeypatch.setattr(pyimports.cachedir.os, "replace", interrupted)   # SIGTERM between write and rename
     with pytest.raises(Interrupted):
         cache.save()
     assert os.listdir(tmp_path / "cache") == []

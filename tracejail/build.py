@@ -655,11 +655,12 @@ def _make_image(plan: rootfs.Plan, cfg: image.ImageConfig, options: BuildOptions
                                                  and e.source is None))
         groups = layers_mod.limit(layers_mod.group(plan, origins), max_layers)
     cache = None
-    if max_layers > 1 and options.layer_cache and options.compress_level is not None:
+    cache_dir = layers_mod.cache_dir()
+    if max_layers > 1 and options.layer_cache and options.compress_level is not None and cache_dir:
         try:
-            cache = layers_mod.LayerCache(layers_mod.cache_dir())
+            cache = layers_mod.LayerCache(cache_dir)
         except OSError as err:
-            result.warnings.append(f"layer cache not used ({err.strerror}: {layers_mod.cache_dir()})")
+            result.warnings.append(f"layer cache not used ({err.strerror}: {cache_dir})")
     made = layers_mod.make_layers(plan, groups, blob_dir, compress_level=options.compress_level, cache=cache,
                                   generated=written_by_build, progress=progress, on_changed=changed)
     for n, layer in enumerate(made.layers, 1):

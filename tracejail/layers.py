@@ -16,16 +16,16 @@ compressed again.
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import json
 import os
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
-from tracejail import image, rootfs
+from tracejail import cachedir, image, rootfs
 from tracejail.root import parent_of, under
 
 # Enough layers for the origins of a typical dynamic-language app; well under the engines' limits
@@ -181,11 +181,10 @@ def layer_entries(ordered: list[rootfs.Entry], paths: Iterable[str]) -> list[roo
 # The layer cache
 
 
-def cache_dir(environ: Mapping[str, str] | None = None) -> str:
-    env = os.environ if environ is None else environ
-    base = env.get("TRACEJAIL_CACHE_DIR") or os.path.join(
-        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "tracejail")
-    return os.path.join(base, "layers")
+def cache_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    """Where layers are cached (None: caching is off, TRACEJAIL_CACHE_DIR="")."""
+    root = cachedir.cache_root(environ)
+    return os.path.join(root, "layers") if root else None
 
 
 def cache_key(entries: list[rootfs.Entry], mtime_of: Callable[[rootfs.Entry], int],
@@ -212,13 +211,12 @@ class LayerCache:
         self.root = root
         self.blobs = os.path.join(root, "blobs")
         self.keys = os.path.join(root, "keys")
-        os.makedirs(self.blobs, mode=0o700, exist_ok=True)
-        os.makedirs(self.keys, mode=0o700, exist_ok=True)
+        if not all(cachedir.safe_dir(d, create=True) for d in (os.path.dirname(root), root, self.blobs, self.keys)):
+            raise OSError(errno.EACCES, "not a private directory of this user", root)
 
     def get(self, key: str, name: str) -> image.Layer | None:
         try:
-            with open(os.path.join(self.keys, key + ".json"), encoding="utf-8") as f:
-                meta = json.load(f)
+            meta = json.loads(cachedir.read_private(os.path.join(self.keys, key + ".json"), 1 << 16) or b"null")
             blob_path = os.path.join(self.blobs, meta["digest"].split(":", 1)[1])
             if os.stat(blob_path).st_size != meta["size"]:
                 return None
@@ -233,16 +231,7 @@ class LayerCache:
         meta = {"digest": layer.blob.digest, "size": layer.blob.size, "media_type": layer.blob.media_type,
                 "diff_id": layer.diff_id, "uncompressed_size": layer.uncompressed_size, "files": layer.files,
                 "content_bytes": layer.content_bytes}
-        tmp = os.path.join(self.keys, f".{key}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "x", encoding="utf-8") as f:
-                json.dump(meta, f)
-            os.replace(tmp, os.path.join(self.keys, key + ".json"))
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        cachedir.write_private(os.path.join(self.keys, key + ".json"), json.dumps(meta).encode())
 
     def prune(self, max_bytes: int = CACHE_MAX_BYTES, max_age: float = CACHE_MAX_AGE) -> None:
         """Drop blobs unused for `max_age`, then the least recently used beyond `max_bytes`; keys

@@ -36,12 +36,11 @@ import configparser
 import json
 import os
 import re
-import stat
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from tracejail import __version__
+from tracejail import __version__, cachedir
 from tracejail import trace as tr
 from tracejail.root import NodeKind, Root
 
@@ -392,12 +391,8 @@ def imports_of_bytecode(data: bytes, package: str) -> list[ImportRef]:
 
 
 def default_cache_dir() -> str | None:
-    """$TRACEJAIL_CACHE_DIR (empty: no cache), else $XDG_CACHE_HOME/tracejail or ~/.cache/tracejail."""
-    configured = os.environ.get("TRACEJAIL_CACHE_DIR")
-    if configured is not None:
-        return configured or None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "tracejail") if base.startswith("/") else None
+    """The cache directory (cachedir.cache_root); None: no cache."""
+    return cachedir.cache_root()
 
 
 class ParseCache:
@@ -420,29 +415,15 @@ class ParseCache:
 
     def _safe_dir(self, create: bool) -> bool:
         assert self.directory is not None
-        try:
-            if create:
-                os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            st = os.lstat(self.directory)
-        except OSError:
-            return False
-        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+        return cachedir.safe_dir(self.directory, create)
 
     def _load(self) -> dict[str, list[list[object]]]:
         assert self.path is not None
+        raw = cachedir.read_private(self.path, self.MAX_BYTES)
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+            data = json.loads(raw) if raw is not None else {}
+        except ValueError:
             return {}
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > self.MAX_BYTES:
-                return {}
-            data = json.loads(os.read(fd, self.MAX_BYTES + 1))
-        except (OSError, ValueError):
-            return {}
-        finally:
-            os.close(fd)
         return data if isinstance(data, dict) else {}
 
     @staticmethod
@@ -467,22 +448,8 @@ class ParseCache:
         if not (self.dirty and self.path and self._safe_dir(create=True)):
             return
         entries = dict(list(self.entries.items())[-self.LIMIT:])
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(entries, f, separators=(",", ":"))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass        # no cache this time
-        finally:        # also when SIGTERM lands mid-write: no temporary file stays behind
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        if cachedir.write_private(self.path, json.dumps(entries, separators=(",", ":")).encode()):
+            self.dirty = False
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ import ipaddress
 import json
 import os
 import re
-import secrets
 import shutil
 import socket
 import ssl
@@ -53,7 +52,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
-from tracejail import __version__, image
+from tracejail import __version__, cachedir, image
 from tracejail.errors import TracejailError
 from tracejail.text import shown
 
@@ -865,15 +864,6 @@ def _registry_error_detail(body: bytes) -> str:
 # Which repositories of a registry hold which blobs, between pushes
 
 
-def _cache_dir(environ: Mapping[str, str]) -> str | None:
-    """$TRACEJAIL_CACHE_DIR (empty: no record), else $XDG_CACHE_HOME/tracejail or ~/.cache/tracejail."""
-    configured = environ.get("TRACEJAIL_CACHE_DIR")
-    if configured is not None:
-        return configured or None
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(_home(environ), ".cache")
-    return os.path.join(base, "tracejail") if base.startswith("/") else None
-
-
 class BlobRecord:
     """A small record of (registry, digest, repository): where a mount can come from next time.
 
@@ -885,7 +875,7 @@ class BlobRecord:
     MAX_BYTES = 2 << 20
 
     def __init__(self, environ: Mapping[str, str]) -> None:
-        self.directory = _cache_dir(environ)
+        self.directory = cachedir.cache_root(environ)
         self.path = os.path.join(self.directory, BLOB_RECORD_FILE) if self.directory else None
         self.rows: dict[tuple[str, str, str], float] = {}
         self.dirty = False
@@ -894,32 +884,19 @@ class BlobRecord:
 
     def _safe_dir(self, create: bool) -> bool:
         assert self.directory is not None
-        try:
-            if create:
-                os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            st = os.lstat(self.directory)
-        except OSError:
-            return False
-        return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+        return cachedir.safe_dir(self.directory, create)
 
     def _load(self) -> None:
         assert self.path is not None
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
+        raw = cachedir.read_private(self.path, self.MAX_BYTES)
+        if raw is None:
             return
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > self.MAX_BYTES:
-                return
-            data = json.loads(os.read(fd, self.MAX_BYTES + 1))
-            for host, digest, repository, seen in data.get("blobs", []):
+            for host, digest, repository, seen in json.loads(raw).get("blobs", []):
                 if isinstance(host, str) and isinstance(repository, str) and _DIGEST.match(str(digest)):
                     self.rows[(host, digest, repository)] = float(seen)
-        except (OSError, ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError):
             self.rows = {}
-        finally:
-            os.close(fd)
 
     def repositories(self, registry: str, digest: str) -> list[str]:
         """Repositories of `registry` recorded with `digest`, most recently seen first."""
@@ -936,20 +913,8 @@ class BlobRecord:
         newest = sorted(self.rows.items(), key=lambda item: item[1])[-self.LIMIT:]
         data = json.dumps({"version": 1, "blobs": [[h, d, r, round(t, 3)] for (h, d, r), t in newest]},
                           separators=(",", ":")).encode()
-        tmp = f"{self.path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+        if cachedir.write_private(self.path, data):
             self.dirty = False
-        except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 # --------------------------------------------------------------------------------------------
