@@ -255,3 +255,25 @@ def test_podman_loads_a_layered_archive(apps: dict[str, Path], tmp_path: Path, l
         subprocess.run([*base, "system", "reset", "--force"], capture_output=True, timeout=120)
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(runroot, ignore_errors=True)
+
+
+@pytest.mark.docker
+def test_containerd_imports_a_layered_archive(apps: dict[str, Path], tmp_path: Path, layer_cache: Path,
+                                              docker_engine) -> None:
+    """containerd itself (the one the private engine runs) imports the archive and names it."""
+    ctr = shutil.which("ctr")
+    sock = Path(docker_engine.host.removeprefix("unix://")).parent / "exec" / "containerd" / "containerd.sock"
+    if ctr is None or not sock.exists():
+        pytest.skip("no ctr, or the engine does not run a containerd of its own here")
+    archive = tmp_path / "a.tar"
+    summary = _build(apps["json"], archive, "--layers", "auto", "-t", "tjtest/layered-ctr:1")
+    base = [ctr, "--address", str(sock), "--namespace", "tj-test"]
+    try:
+        proc = subprocess.run([*base, "images", "import", str(archive)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        listed = subprocess.run([*base, "images", "ls"], capture_output=True, text=True, timeout=60).stdout
+        line = next(ln for ln in listed.splitlines() if ln.startswith("docker.io/tjtest/layered-ctr:1"))
+        assert summary["manifest_digest"] in line
+    finally:
+        subprocess.run([*base, "images", "rm", "docker.io/tjtest/layered-ctr:1"], capture_output=True, timeout=60)
+        subprocess.run([*base, "content", "prune", "references"], capture_output=True, timeout=60)

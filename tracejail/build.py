@@ -215,13 +215,15 @@ def parse_user(user: str) -> tuple[int, int]:
     return uid, int(m.group(2)) if m.group(2) is not None else uid
 
 
-def env_pairs(items: list[str], option: str | None = None) -> dict[str, str]:
-    """NAME=VALUE items as a dict; an item without `=` is a usage error of `option`."""
+def name_values(items: list[str] | tuple[str, ...], option: str | None = None, form: str = "NAME=VALUE",
+              ) -> dict[str, str]:
+    """NAME=VALUE items (--env, --label, --annotation) as a dict; an item without `=` or a name
+    is a usage error of `option`."""
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise UsageError(f"{option or 'environment'} {item!r}: give NAME=VALUE")
+            raise UsageError(f"{option or 'environment'} {item!r}: give {form}")
         out[name] = value
     return out
 
@@ -233,7 +235,7 @@ def image_env(run: tr.Run, extra: list[str]) -> list[str]:
     for name, value in run.environment.items():
         if ENV_ALLOW.match(name) and tr.REDACTED not in value and not sensitive.secret_in_variable(name, value):
             env[name] = value
-    env.update(env_pairs(extra, "--env"))
+    env.update(name_values(extra, "--env"))
     return [f"{k}={v}" for k, v in sorted(env.items())]
 
 
@@ -496,7 +498,7 @@ def build(trace_path: str, options: BuildOptions,
     if max_layers is None:
         raise UsageError(f"--layers {options.layers!r}: give a number from 1 to {layers_mod.MAX_LAYERS}, or auto")
     refs, archive, load = _outputs(options)
-    extra_env = env_pairs(options.env, "--env")
+    extra_env = name_values(options.env, "--env")
     for out in (archive, options.sbom, options.iidfile, options.metadata_file):
         if out:
             tr.check_writable(out)
@@ -555,9 +557,9 @@ def build(trace_path: str, options: BuildOptions,
     alerts += [f"{problem}: the image reproduces the run as recorded, failure included"
                for problem in tr.run_problems(run)]
     ports = sorted({p for r in trace.runs for p in r.listening_ports})
-    labels = {LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)}
+    # --label first: tracejail's own labels are what verify reads back, so they are not replaced.
+    labels = {**options.labels, LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)}
     labels.update(content_labels(options, init_path))
-    labels.update(options.labels)
     volumes = list(dict.fromkeys([*(os.path.normpath(v) for v in options.volumes),
                                   *(own.written_dirs if options.writable_volumes else [])]))
     for v in volumes:
@@ -584,7 +586,7 @@ def build(trace_path: str, options: BuildOptions,
         notes += metadata.notes
         # The recorded environment, less what points outside the image; --env exactly as given.
         recorded, dropped = filter_env(image_env(run, []), plan)
-        env_items = [f"{k}={v}" for k, v in sorted({**env_pairs(recorded), **extra_env}.items())]
+        env_items = [f"{k}={v}" for k, v in sorted({**name_values(recorded), **extra_env}.items())]
         if dropped:
             notes.append("environment not carried into the image (it names what the image does not hold): "
                          + "; ".join(dropped))

@@ -260,18 +260,6 @@ def image_content(user: str, include: tuple[str, ...], exclude: tuple[str, ...],
             "import_closure": not no_import_closure, "exclude_modules": list(exclude_modules)}
 
 
-def _key_values(items: tuple[str, ...], option: str) -> dict[str, str]:
-    from tracejail.errors import UsageError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"{option} {item!r}: give KEY=VALUE")
-        out[key] = value
-    return out
-
-
 @main.command(context_settings=CONTEXT)
 @click.argument("trace_file", metavar="TRACE.json", type=click.Path(dir_okay=False))
 @click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]",
@@ -346,7 +334,7 @@ def build(trace_file: str, tags: tuple[str, ...], output: str | None, rootfs_dir
     """
     import shlex
 
-    from tracejail.build import BuildOptions
+    from tracejail.build import BuildOptions, name_values
     from tracejail.build import build as do_build
     from tracejail.errors import UsageError
     from tracejail.text import parse_size
@@ -361,8 +349,8 @@ def build(trace_file: str, tags: tuple[str, ...], output: str | None, rootfs_dir
     opts = BuildOptions(
         tags=list(tags), output=output, rootfs_dir=rootfs_dir, oci_dir=oci_dir,
         entrypoint=shlex.split(entrypoint) if entrypoint else None, cmd=shlex.split(cmd) if cmd is not None else None,
-        init=use_init, env=list(env), labels=_key_values(labels, "--label"),
-        annotations=_key_values(annotations, "--annotation"), layers=layers, layer_cache=not no_cache,
+        init=use_init, env=list(env), labels=name_values(labels, "--label", "KEY=VALUE"),
+        annotations=name_values(annotations, "--annotation", "KEY=VALUE"), layers=layers, layer_cache=not no_cache,
         push=push, insecure_registries=list(insecure_registries), iidfile=iidfile, metadata_file=metadata_file,
         load=not no_load, strict=strict, compress_level=None if no_compress else (1 if fast else 6),
         provenance=provenance, volumes=list(volumes), writable_volumes=writable_volumes,

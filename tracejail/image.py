@@ -805,61 +805,41 @@ def write_image_dir(img: Image, out_dir: str, refs: list[Reference] | None = Non
     return out_dir
 
 
-def _single_layer_image(source: Source, blob_dir: str, config: ImageConfig, *, compress_level: int | None,
+def _write_single_layer(source: Source, out: str, config: ImageConfig, name: str | None,
+                        write: Callable[[Image, list[Reference]], str], *, compress_level: int | None,
                         mtime_clamp: int | None, preserve_mtimes: bool, progress: Callable[[int], None] | None,
-                        workers: int | None, on_changed: rootfs.OnChanged | None) -> Image:
+                        workers: int | None, on_changed: rootfs.OnChanged | None) -> ImageResult:
+    refs = [parse_reference(name)] if name else []
     entries = _entries_of(source)
     _, mtime_of = mtime_policy(entries, mtime_clamp, preserve_mtimes)
-    layer = make_layer(entries, blob_dir, mtime_of=mtime_of, compress_level=compress_level, progress=progress,
-                       workers=workers, on_changed=on_changed)
-    return assemble([layer], config)
-
-
-def write_archive(
-    source: Source,
-    out: str,
-    config: ImageConfig,
-    *,
-    name: str | None = None,
-    compress_level: int | None = 6,
-    progress: Callable[[int], None] | None = None,
-    mtime_clamp: int | None = None,
-    preserve_mtimes: bool = False,
-    workers: int | None = None,
-    on_changed: rootfs.OnChanged | None = None,
-) -> ImageResult:
-    """Write a single-layer image archive `out` atomically from a Plan or a staged rootfs dir."""
-    refs = [parse_reference(name)] if name else []
-    archive_mtime, _ = mtime_policy([], mtime_clamp, preserve_mtimes)
     with blob_workdir(os.path.dirname(os.path.abspath(out))) as blob_dir:
-        img = _single_layer_image(source, blob_dir, config, compress_level=compress_level, mtime_clamp=mtime_clamp,
-                                  preserve_mtimes=preserve_mtimes, progress=progress, workers=workers,
-                                  on_changed=on_changed)
-        where = write_image_archive(img, out, refs, archive_mtime)
+        layer = make_layer(entries, blob_dir, mtime_of=mtime_of, compress_level=compress_level, progress=progress,
+                           workers=workers, on_changed=on_changed)
+        img = assemble([layer], config)
+        where = write(img, refs)
     return image_result(where, img, refs)
 
 
-def write_oci_dir(
-    source: Source,
-    out_dir: str,
-    config: ImageConfig,
-    *,
-    name: str | None = None,
-    compress_level: int | None = 6,
-    progress: Callable[[int], None] | None = None,
-    mtime_clamp: int | None = None,
-    preserve_mtimes: bool = False,
-    workers: int | None = None,
-    on_changed: rootfs.OnChanged | None = None,
-) -> ImageResult:
+def write_archive(source: Source, out: str, config: ImageConfig, *, name: str | None = None,
+                  compress_level: int | None = 6, progress: Callable[[int], None] | None = None,
+                  mtime_clamp: int | None = None, preserve_mtimes: bool = False, workers: int | None = None,
+                  on_changed: rootfs.OnChanged | None = None) -> ImageResult:
+    """Write a single-layer image archive `out` atomically from a Plan or a staged rootfs dir."""
+    archive_mtime, _ = mtime_policy([], mtime_clamp, preserve_mtimes)
+    return _write_single_layer(source, out, config, name, lambda img, refs: write_image_archive(
+        img, out, refs, archive_mtime), compress_level=compress_level, mtime_clamp=mtime_clamp,
+        preserve_mtimes=preserve_mtimes, progress=progress, workers=workers, on_changed=on_changed)
+
+
+def write_oci_dir(source: Source, out_dir: str, config: ImageConfig, *, name: str | None = None,
+                  compress_level: int | None = 6, progress: Callable[[int], None] | None = None,
+                  mtime_clamp: int | None = None, preserve_mtimes: bool = False, workers: int | None = None,
+                  on_changed: rootfs.OnChanged | None = None) -> ImageResult:
     """Write a single-layer OCI image layout directory (plus manifest.json) atomically."""
-    refs = [parse_reference(name)] if name else []
-    with blob_workdir(os.path.dirname(os.path.abspath(out_dir))) as blob_dir:
-        img = _single_layer_image(source, blob_dir, config, compress_level=compress_level, mtime_clamp=mtime_clamp,
-                                  preserve_mtimes=preserve_mtimes, progress=progress, workers=workers,
-                                  on_changed=on_changed)
-        where = write_image_dir(img, out_dir, refs)
-    return image_result(where, img, refs)
+    return _write_single_layer(source, out_dir, config, name, lambda img, refs: write_image_dir(img, out_dir, refs),
+                               compress_level=compress_level, mtime_clamp=mtime_clamp,
+                               preserve_mtimes=preserve_mtimes, progress=progress, workers=workers,
+                               on_changed=on_changed)
 
 
 @contextmanager
