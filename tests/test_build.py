@@ -558,3 +558,27 @@ def test_docker_socket_permission_gets_its_own_diagnosis(awk_trace: Path, public
             assert jail.check_available(True) is None
     finally:
         server.close()
+
+
+def test_layers_are_made_once_for_every_output(awk_trace: Path, tmp_path: Path, monkeypatch) -> None:
+    """An archive and an OCI layout asked for together hold the same image, compressed once."""
+    from tracejail import image
+
+    made = []
+    real = image.make_layer
+
+    def counting(*args, **kwargs):
+        layer = real(*args, **kwargs)
+        made.append(layer.blob.digest)
+        return layer
+
+    monkeypatch.setattr(image, "make_layer", counting)
+    result = tjbuild.build(str(awk_trace), tjbuild.BuildOptions(output=str(tmp_path / "a.tar"),
+                                                                oci_dir=str(tmp_path / "layout"), load=False))
+    assert made == [result.image.layer_digest]
+    index = json.loads((tmp_path / "layout" / "index.json").read_text())
+    _, manifest = _config(tmp_path / "a.tar")
+    assert index["manifests"][0]["digest"] == result.image.manifest_digest
+    assert [la["digest"] for la in manifest["layers"]] == made
+    assert (tmp_path / "layout" / "blobs" / "sha256" / made[0].split(":")[1]).exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tracejail-blobs-")]   # the blob dir is gone
