@@ -465,14 +465,14 @@ def test_secret_values_never_reach_the_trace_or_the_image(tmp_path: Path) -> Non
     img = tmp_path / "i.tar"
     built = run_tj("build", str(out), "-o", str(img), "--provenance", "--no-compress", "--env", "EXTRA_TOKEN=zzz")
     assert built.returncode == 0, built.stderr
-    assert "WARNING: the image's Entrypoint holds <redacted> (argument 4)" in built.stderr
+    assert "WARNING: the image's command (Entrypoint and Cmd) holds <redacted> (argument 4)" in built.stderr
     assert "WARNING: --env EXTRA_TOKEN holds a secret" in built.stderr
     data = img.read_bytes()
     for secret in ("hunter2", "deadbeefcafe", "MIIEvQIBADAN", "hunter3", GH_TOKEN_VALUE, "hunter4"):
         assert secret.encode() not in data, secret
     result = tjbuild.build(str(out), tjbuild.BuildOptions(output=str(tmp_path / "j.tar"), load=False,
                                                           entrypoint=["/bin/sh", "-c", "x", "--token", "abc"]))
-    assert any("Entrypoint holds a secret (argument 4)" in a for a in result.alerts)
+    assert any("(Entrypoint and Cmd) holds a secret (argument 4)" in a for a in result.alerts)
     assert not any(e.startswith(("DATABASE_URL", "SENTRY_DSN", "JAVA_OPTS", "NODE_GREETING"))
                    for e in result.config.env)
 

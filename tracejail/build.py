@@ -239,20 +239,22 @@ def image_env(run: tr.Run, extra: list[str]) -> list[str]:
     return [f"{k}={v}" for k, v in sorted(env.items())]
 
 
-def secret_alerts(entrypoint: list[str], extra_env: list[str]) -> list[str]:
-    """What in the image's config holds a secret, or stands where the recorded one held one."""
+def secret_alerts(command: list[str], extra_env: list[str]) -> list[str]:
+    """What in the image's config (`command`: Entrypoint then Cmd) holds a secret, or stands where
+    the recorded one held one."""
     alerts = []
-    placeholders = [i for i, w in enumerate(entrypoint) if tr.REDACTED in w]
+    placeholders = [i for i, w in enumerate(command) if tr.REDACTED in w]
+    where = "the image's command (Entrypoint and Cmd) holds"
     if placeholders:
-        alerts.append(f"the image's Entrypoint holds {tr.REDACTED} (argument {', '.join(map(str, placeholders))}) "
-                      "where the recorded command had a secret, so the image cannot run it as recorded: give "
-                      "the command with --entrypoint, or have the program read the secret from its "
-                      "environment at run time (docker run -e)")
-    _, held = sensitive.redact_argv(entrypoint)
+        alerts.append(f"{where} {tr.REDACTED} (argument {', '.join(map(str, placeholders))}) where the recorded "
+                      "command had a secret, so the image cannot run it as recorded: give the command with "
+                      "--entrypoint/--cmd, or have the program read the secret from its environment at run "
+                      "time (docker run -e)")
+    _, held = sensitive.redact_argv(command)
     held = [i for i in held if i not in placeholders]
     if held:
-        alerts.append(f"the image's Entrypoint holds a secret (argument {', '.join(map(str, held))}): anyone who "
-                      "can pull the image can read it; pass it at run time instead (docker run -e)")
+        alerts.append(f"{where} a secret (argument {', '.join(map(str, held))}): anyone who can pull the image "
+                      "can read it; pass it at run time instead (docker run -e)")
     for item in extra_env:
         name, _, value = item.partition("=")
         if sensitive.secret_in_variable(name, value):
