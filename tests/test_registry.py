@@ -1122,3 +1122,18 @@ def test_push_command_pushes_an_archive(plain_registry: RunningRegistry, tmp_pat
         assert bad.returncode == code, (bad_args, bad.stderr)
         assert "Traceback" not in bad.stderr
         assert bad.stderr.strip().splitlines()[-1].startswith(("tracejail: ", "Error: "))
+
+
+def test_build_push_without_an_engine_pushes_and_leaves_no_archive(plain_registry: RunningRegistry,
+                                                                   tmp_path: Path) -> None:
+    from test_layers import APP_JSON, record_app
+
+    trace = record_app(tmp_path / "app", APP_JSON, "z")
+    env = {**os.environ, "TRACEJAIL_CACHE_DIR": str(tmp_path / "cache"), "DOCKER_HOST": f"unix://{tmp_path}/no.sock"}
+    ref = f"{plain_registry.host}/tj/no-engine:1"
+    proc = _tj("build", str(trace), "-t", ref, "--push", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "not loaded into Docker" in proc.stderr and f"pushed {ref}@" in proc.stdout
+    assert not list(tmp_path.glob("*.tar"))
+    status, _, _ = plain_registry.get("/v2/tj/no-engine/manifests/1", accept=image.MANIFEST_MEDIA_TYPE)
+    assert status == 200

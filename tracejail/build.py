@@ -514,11 +514,14 @@ def build(trace_path: str, options: BuildOptions,
 
         problem = docker_engine.engine_problem(options.docker_env)
         if problem is not None:
-            # Nothing is lost: the image goes to an archive instead, and the note says how to load it.
-            archive = archive or _default_archive(options.tags[0])
             load = False
-            result_warnings.append(f"{problem}: the image is in {archive} (docker load -i {archive})")
-            tr.check_writable(archive)
+            if options.push or archive or options.oci_dir:
+                result_warnings.append(f"not loaded into Docker: {problem}")
+            else:
+                # Nothing is lost: the image goes to an archive instead, and the note says how to load it.
+                archive = _default_archive(options.tags[0])
+                result_warnings.append(f"{problem}: the image is in {archive} (docker load -i {archive})")
+                tr.check_writable(archive)
 
     def step(line: str) -> None:
         if say is not None:
