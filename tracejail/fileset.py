@@ -198,11 +198,16 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
         else:
             consider(inc, "--include", top)
 
-    if options.import_closure:
-        _add_python_imports(trace, fs, root, consider, options.exclude_modules)
-    if options.use_closure:
-        _add_closure(trace, fs, root, consider)
-    _add_python_companions(fs, root, consider)
+    # One cache of per-file facts between builds (what a module imports, what a RECORD installs).
+    cache = pyimports.ParseCache(pyimports.default_cache_dir())
+    try:
+        if options.import_closure:
+            _add_python_imports(trace, fs, root, consider, options.exclude_modules, cache)
+        if options.use_closure:
+            _add_closure(trace, fs, root, consider)
+        _add_python_companions(fs, root, consider, cache)
+    finally:
+        cache.save()
 
     if options.exclude:
         for path in list(fs.wanted):
@@ -221,11 +226,11 @@ Consider = Callable[..., bool]
 
 
 def _add_python_imports(trace: tr.Trace, fs: FileSet, root: Root, consider: Consider,
-                        exclude_modules: tuple[str, ...]) -> None:
+                        exclude_modules: tuple[str, ...], cache: pyimports.ParseCache) -> None:
     """What the kept Python modules import on paths the run did not take (pyimports.py); before
     the ELF closure, which then covers the extension modules added here."""
     kept = [p for p in fs.wanted if p not in fs.dirs_only]
-    result = pyimports.closure(trace, kept, root, exclude_modules=exclude_modules)
+    result = pyimports.closure(trace, kept, root, exclude_modules=exclude_modules, cache=cache)
     for added in result.added:
         files = tuple(f for f in added.files if f not in fs.wanted and consider(f, added.reason()))
         if files:
@@ -285,7 +290,7 @@ def _head(root: Root, res: Resolution, n: int) -> bytes:
         return b""
 
 
-def _add_python_companions(fs: FileSet, root: Root, consider: Consider) -> None:
+def _add_python_companions(fs: FileSet, root: Root, consider: Consider, cache: pyimports.ParseCache) -> None:
     """Python validates a cached .pyc against its .py, and reads .pth and dist-info metadata."""
     site_dirs: set[str] = set()
     for path in list(fs.wanted):
@@ -303,7 +308,7 @@ def _add_python_companions(fs: FileSet, root: Root, consider: Consider) -> None:
             if name.endswith(".pth"):
                 consider(full, "a .pth file of a kept site-packages (run at interpreter start)")
             elif name.endswith(".dist-info") and root.resolve(full).kind is NodeKind.DIR:
-                tops = _distribution_tops(root, full)
+                tops = _distribution_tops(root, full, cache)
                 if tops & kept_tops:
                     why = "dist-info of a kept distribution"
                     consider(full, why)
@@ -323,11 +328,20 @@ def _top_name(rel: str) -> str:
     return first
 
 
-def _distribution_tops(root: Root, dist_info: str) -> set[str]:
-    """Top-level names (packages, modules, .libs folders) a distribution installed."""
-    tops: set[str] = set()
-    for line in (root.read_text(dist_info + "/RECORD") or "").splitlines():
-        rel = line.split(",", 1)[0]
-        if rel and not rel.startswith("..") and ".dist-info" not in rel.split("/", 1)[0]:
-            tops.add(_top_name(rel))
-    return tops
+def _distribution_tops(root: Root, dist_info: str, cache: pyimports.ParseCache) -> set[str]:
+    """Top-level names (packages, modules, .libs folders) a distribution installed, from its
+    RECORD (remembered by the file's identity: an interpreter's site-packages may hold hundreds)."""
+    res = root.resolve(dist_info + "/RECORD")
+    if not res.ok or res.kind is not NodeKind.FILE or res.node is None:
+        return set()
+    key = pyimports.ParseCache.key(res.path, res.node.st, "record-tops", False)
+    names = cache.get_names(key)
+    if names is None:
+        tops: set[str] = set()
+        for line in (root.read_text(res.path) or "").splitlines():
+            rel = line.split(",", 1)[0]
+            if rel and not rel.startswith("..") and ".dist-info" not in rel.split("/", 1)[0]:
+                tops.add(_top_name(rel))
+        names = sorted(tops)
+        cache.put_names(key, names)
+    return set(names)

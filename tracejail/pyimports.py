@@ -444,6 +444,17 @@ class ParseCache:
         self.entries[key] = [[r.name, r.line, r.in_function] for r in refs]
         self.dirty = True
 
+    def get_names(self, key: str) -> list[str] | None:
+        """A list of names kept under `key` (another fact about a file, e.g. a RECORD's top names)."""
+        raw = self.entries.get(key)
+        if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+            return None
+        return list(raw)   # type: ignore[arg-type]
+
+    def put_names(self, key: str, names: list[str]) -> None:
+        self.entries[key] = list(names)   # type: ignore[assignment]
+        self.dirty = True
+
     def save(self) -> None:
         if not (self.dirty and self.path and self._safe_dir(create=True)):
             return
