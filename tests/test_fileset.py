@@ -174,3 +174,29 @@ def test_what_the_run_created_is_left_out_but_the_directory_it_was_made_in_is_ke
     assert "the run created /srv/app/site in it" in files.wanted["/srv/app"]
     assert "/srv/app" in files.dirs_only
     assert files.wanted["/srv/app/old"] == ["the run removed /srv/app/old/x.tmp from it"]
+
+
+def test_dist_info_follows_its_record_and_a_changed_record_is_read_again(tmp_path: Path) -> None:
+    """A distribution's metadata is kept when its RECORD names a kept module; the RECORD's top
+    names are remembered by the file's identity, so an edited RECORD is read again."""
+    t = tmp_path / "root"
+    site = t / "opt/app/lib/python3.11/site-packages"
+    (site / "foo").mkdir(parents=True)
+    (site / "foo/__init__.py").write_text("X = 1\n")
+    dist = site / "foo-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: foo\nVersion: 1.0\n")
+    (dist / "RECORD").write_text("foo/__init__.py,,\nfoo-1.0.dist-info/METADATA,,\n")
+    trace = crafted("/opt/app/lib/python3.11/site-packages/foo/__init__.py")
+    meta = "/opt/app/lib/python3.11/site-packages/foo-1.0.dist-info/METADATA"
+    options = fileset.SelectOptions(import_closure=False)
+    for _ in range(2):   # the second time from the cache
+        assert meta in fileset.select(trace, options, Root(str(t))).wanted
+    from tracejail import pyimports
+
+    if pyimports.default_cache_dir():
+        cached = pyimports.ParseCache(pyimports.default_cache_dir()).entries
+        record = "/opt/app/lib/python3.11/site-packages/foo-1.0.dist-info/RECORD"
+        assert any(k.startswith(record + "\0") and "record-tops" in k for k in cached)
+    (dist / "RECORD").write_text("bar/__init__.py,,\nfoo-1.0.dist-info/METADATA,,\n")
+    assert meta not in fileset.select(trace, options, Root(str(t))).wanted
