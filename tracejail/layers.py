@@ -78,7 +78,7 @@ def parse_layers(value: str) -> int | None:
     return None
 
 
-_STDLIB = re.compile(r"(/.*)?/lib/python[0-9]+\.[0-9]+")
+_STDLIB = re.compile(r"(/.*)?/lib/python[0-9]+\.[0-9]+(?=/|$)")
 _SITE = re.compile(r".*/(?:site|dist)-packages")
 _LIBC_PACKAGES = re.compile(r"libc6(?:-[a-z0-9]+)?$|musl$")
 
@@ -117,7 +117,7 @@ def _group_of(path: str, e: rootfs.Entry, origins: Origins) -> tuple[Tier, str]:
         return Tier.DISTRIBUTION, "python " + _distribution_of_top(top)
     for prefix in origins.interpreter_prefixes:
         if under(path, prefix):
-            if stdlib and under(path, path[:stdlib.end()]) and path != path[:stdlib.end()]:
+            if stdlib and path != path[:stdlib.end()]:
                 return Tier.STDLIB, "python stdlib " + path[:stdlib.end()]
             return Tier.INTERPRETER, "interpreter " + prefix
     for tree in origins.app_trees:
