@@ -65,11 +65,15 @@ def write_private(path: str, data: bytes) -> bool:
     """Replace `path` with `data` atomically (a 0600 temporary file beside it, renamed over it).
     False when it could not; no temporary file stays behind, also when SIGTERM lands mid-write."""
     tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    # One try around the open too: SIGTERM right after the file exists would otherwise leave it.
+    # Only a failed open (O_EXCL: maybe someone else's name) has nothing of ours to remove.
+    open_failed = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return False
-    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError:
+            open_failed = True
+            return False
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -77,7 +81,8 @@ def write_private(path: str, data: bytes) -> bool:
     except OSError:
         return False
     finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if not open_failed:
+            try:
+                os.unlink(tmp)   # gone already after the rename
+            except OSError:
+                pass

@@ -683,12 +683,16 @@ def atomic_file(out: str) -> Iterator[BinaryIO]:
     if not os.path.isdir(parent):
         raise TracejailError(f"cannot write {out}: directory {parent} does not exist; create it first")
     tmp = os.path.join(parent, f".{os.path.basename(out)}.{secrets.token_hex(4)}.tmp")
+    # One try around the open too: SIGTERM right after the file exists (before a second try
+    # began) would otherwise leave it behind. Only a failed open has nothing of ours to remove.
+    open_failed = False
     try:
-        # O_EXCL: never reuse someone else's file; 0o666 lets the umask decide, as for any output.
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    except OSError as err:
-        raise _os_error(f"cannot write {out}", err) from None
-    try:
+        try:
+            # O_EXCL: never reuse someone else's file; 0o666 lets the umask decide, as for any output.
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except OSError as err:
+            open_failed = True
+            raise _os_error(f"cannot write {out}", err) from None
         with os.fdopen(fd, "w+b", buffering=_READ_CHUNK) as f:
             yield f
             f.flush()
@@ -699,7 +703,8 @@ def atomic_file(out: str) -> Iterator[BinaryIO]:
         _unlink_quietly(tmp)
         raise _os_error(f"cannot write {out}", err) from None
     except BaseException:
-        _unlink_quietly(tmp)
+        if not open_failed:
+            _unlink_quietly(tmp)
         raise
 
 
@@ -849,14 +854,20 @@ def blob_workdir(near: str | None = None) -> Iterator[str]:
     Made beside the output when it can be (same filesystem: copy_file_range can share extents),
     else in the temp directory."""
     parent = near if near and os.path.isdir(near) and os.access(near, os.W_OK | os.X_OK) else None
+    # The name is chosen first and made inside the try: SIGTERM right after mkdir removes it too.
+    d = os.path.join(parent or tempfile.gettempdir(), f".tracejail-blobs-{secrets.token_hex(6)}")
+    made = False
     try:
-        d = tempfile.mkdtemp(prefix=".tracejail-blobs-", dir=parent)
-    except OSError:
-        d = tempfile.mkdtemp(prefix="tracejail-blobs-")
-    try:
+        try:
+            os.mkdir(d, 0o700)
+        except OSError:
+            d = os.path.join(tempfile.gettempdir(), f"tracejail-blobs-{secrets.token_hex(6)}")
+            os.mkdir(d, 0o700)
+        made = True
         yield d
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        if made or os.path.isdir(d):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
