@@ -319,29 +319,13 @@ def created_time(run: tr.Run) -> str:
     return image.rfc3339(max(0, int(when.timestamp())))
 
 
-def in_image(plan: rootfs.Plan, path: str, want_dir: bool = False) -> bool:
-    """Whether `path` reaches a node of the image (following the image's own symlinks)."""
-    entries = plan.entries
-    path = os.path.normpath(path)
-    for _ in range(40):
-        parts = path.strip("/").split("/") if path != "/" else []
-        cur = "/"
-        for i, part in enumerate(parts):
-            nxt = os.path.join(cur, part)
-            e = entries.get(nxt)
-            if e is None:
-                return False
-            if e.kind == "symlink":
-                target = e.link_target or ""
-                rest = "/".join(parts[i + 1:])
-                base = target if target.startswith("/") else os.path.join(cur, target)
-                path = os.path.normpath(os.path.join(base, rest) if rest else base)
-                break
-            cur = nxt
-        else:
-            e = entries.get(cur)
-            return e is not None and (e.kind == "dir" if want_dir else True)
-    return False
+def in_image(plan: rootfs.Plan, root: Root, path: str, want_dir: bool = False) -> bool:
+    """Whether `path` reaches a node of the image: the root's one resolver walks it, and the plan
+    must hold every hop (each directory and symlink on the way, and the node reached)."""
+    res = root.resolve(path)
+    if not res.ok or (want_dir and res.kind is not NodeKind.DIR):
+        return False
+    return all(h.path in plan.entries for h in res.hops) and (res.path == "/" or res.path in plan.entries)
 
 
 # Variables whose value names files or directories (a list of them, for the *PATH ones): in the
@@ -351,7 +335,7 @@ PATH_VARIABLES = re.compile(r"^(PATH|LD_LIBRARY_PATH|PYTHONPATH|PYTHONHOME|PYTHO
                             r"SSL_CERT_DIR|REQUESTS_CA_BUNDLE|TERMINFO|NODE_PATH)$")
 
 
-def filter_env(env: list[str], plan: rootfs.Plan) -> tuple[list[str], list[str]]:
+def filter_env(env: list[str], plan: rootfs.Plan, root: Root) -> tuple[list[str], list[str]]:
     """Keep only values that make sense in the image: directories of PATH-like lists that exist
     there, files that were kept. Returns (env, what was dropped)."""
     out, dropped = [], []
@@ -362,7 +346,7 @@ def filter_env(env: list[str], plan: rootfs.Plan) -> tuple[list[str], list[str]]
             continue
         is_list = name.endswith("PATH") or name in ("PERL5LIB", "RUBYLIB", "SSL_CERT_DIR")
         parts = value.split(":") if is_list else [value]
-        kept = [p for p in parts if p.startswith("/") and in_image(plan, p, want_dir=name == "PATH")]
+        kept = [p for p in parts if p.startswith("/") and in_image(plan, root, p, want_dir=name == "PATH")]
         if kept:
             out.append(f"{name}={':'.join(kept)}")
             if kept != parts:
@@ -442,6 +426,7 @@ class ImagePlan:
     ownership: Any            # ownership.Ownership
     plan: rootfs.Plan
     db: Any                   # dpkg.Database | None: the root's package database, read once
+    init: str | None = None   # the init --init added (find_init), to put before the program
 
 
 def plan_image(trace: tr.Trace, root: Root, options: BuildOptions,
@@ -451,7 +436,8 @@ def plan_image(trace: tr.Trace, root: Root, options: BuildOptions,
     from tracejail import dpkg, ownership
 
     uid, gid = parse_user(options.user)
-    include = [*options.include, find_init(root)] if options.init else options.include
+    init = find_init(root) if options.init else None
+    include = [*options.include, init] if init else options.include
     files = fsel.select(trace, fsel.SelectOptions(
         include=tuple(include), exclude=tuple(options.exclude), families_off=tuple(options.families_off),
         import_closure=options.import_closure, exclude_modules=tuple(options.exclude_modules),
@@ -467,7 +453,7 @@ def plan_image(trace: tr.Trace, root: Root, options: BuildOptions,
                                      secrets=frozenset(files.secrets),
                                      owned={} if uid == 0 else own.owned, keep_owners=options.keep_owners)
     plan = rootfs.plan(sorted(files.wanted), root=root, options=stage_opts, dirs_only=sorted(files.dirs_only))
-    return ImagePlan(files, own, plan, db)
+    return ImagePlan(files, own, plan, db, init)
 
 
 def _outputs(options: BuildOptions) -> tuple[list[image.Reference], str | None, bool]:
@@ -532,8 +518,7 @@ def build(trace_path: str, options: BuildOptions,
     step("planning: trace, ELF closure, imports, ownership")
     chosen = plan_image(trace, root, options,
                         (os.path.abspath(trace_path),) + ((os.path.abspath(archive),) if archive else ()))
-    files, own, plan, db = chosen.files, chosen.ownership, chosen.plan, chosen.db
-    init_path = find_init(root) if options.init else None
+    files, own, plan, db, init_path = chosen.files, chosen.ownership, chosen.plan, chosen.db, chosen.init
 
     def warn_or_fail(msg: str) -> None:
         if options.strict:
@@ -590,7 +575,7 @@ def build(trace_path: str, options: BuildOptions,
             derived=shrunk.derived if shrunk else {})
         notes += metadata.notes
         # The recorded environment, less what points outside the image; --env exactly as given.
-        recorded, dropped = filter_env(image_env(run, []), plan)
+        recorded, dropped = filter_env(image_env(run, []), plan, root)
         env_items = [f"{k}={v}" for k, v in sorted({**name_values(recorded), **extra_env}.items())]
         if dropped:
             notes.append("environment not carried into the image (it names what the image does not hold): "

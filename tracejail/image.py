@@ -171,11 +171,8 @@ def canonical_json(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def image_config_json(config: ImageConfig, diff_ids: list[str] | str,
-                      layer_names: list[str] | None = None) -> bytes:
+def image_config_json(config: ImageConfig, diff_ids: list[str], layer_names: list[str] | None = None) -> bytes:
     """The image configuration blob; its sha256 is the image ID docker reports."""
-    if isinstance(diff_ids, str):
-        diff_ids = [diff_ids]
     run: dict[str, object] = {"WorkingDir": config.working_dir or "/"}
     if config.entrypoint:
         run["Entrypoint"] = list(config.entrypoint)
@@ -228,18 +225,20 @@ class Blob:
     def descriptor(self) -> dict[str, object]:
         return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
 
-    def chunks(self, chunk_size: int = _READ_CHUNK) -> Iterator[bytes]:
-        """The bytes, in pieces; a file that no longer holds `size` bytes is an error."""
+    def chunks(self, start: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """`length` bytes (default: the rest) from `start`, in pieces, without reading the others;
+        a file that no longer holds them is an error."""
+        end = self.size if length is None else start + length
         if self.data is not None:
-            for at in range(0, len(self.data), chunk_size):
-                yield self.data[at:at + chunk_size]
+            for at in range(start, end, _READ_CHUNK):
+                yield self.data[at:min(at + _READ_CHUNK, end)]
             return
         assert self.path is not None
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.offset)
-            left = self.size
+            f.seek(self.offset + start)
+            left = end - start
             while left:
-                chunk = f.read(min(left, chunk_size))
+                chunk = f.read(min(left, _READ_CHUNK))
                 if not chunk:
                     raise TracejailError(f"{self.path} is shorter than the blob {self.digest[:19]} it should hold")
                 left -= len(chunk)

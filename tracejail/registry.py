@@ -50,7 +50,7 @@ import tarfile
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 from tracejail import __version__, cachedir, image
 from tracejail.errors import TracejailError
@@ -921,16 +921,6 @@ class BlobRecord:
 # Pushing
 
 
-def _blob_range(blob: image.Blob, start: int, length: int) -> Iterator[bytes]:
-    """`length` bytes of `blob` from `start`, in pieces, without reading the rest."""
-    if blob.data is not None:
-        for at in range(start, start + length, 1 << 20):
-            yield blob.data[at:min(at + (1 << 20), start + length)]
-        return
-    part = image.Blob(blob.media_type, blob.digest, length, path=blob.path, offset=blob.offset + start)
-    yield from part.chunks()
-
-
 @dataclass
 class _PushState:
     """What this push learnt: which repositories of each registry hold which blobs."""
@@ -1040,7 +1030,7 @@ class _Pusher:
                 response = self.call("PATCH", location, doing, headers={
                     "Content-Type": OCTET_STREAM, "Content-Range": f"{offset}-{offset + length - 1}",
                     "Content-Length": str(length)},
-                    body=functools.partial(_blob_range, blob, offset, length), on_sent=sent)
+                    body=functools.partial(blob.chunks, offset, length), on_sent=sent)
                 if response.status != 202 or not response.header("Location"):
                     raise self.fail(response, doing)
                 location = self.registry.resolve(response.header("Location"), location)
@@ -1193,6 +1183,15 @@ def _json_of(files: _LayoutFiles, name: str, what: str) -> dict[str, object]:
     return value
 
 
+def _json_object(data: bytes) -> dict[str, object] | None:
+    """`data` as a JSON object; None when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _verified_blob(files: _LayoutFiles, desc: dict[str, object], what: str) -> bytes:
     """A small blob (manifest, config, index): read and checked against its digest and size."""
     name = _blob_name(desc.get("digest"), f"the {what} descriptor in {files.path}")
@@ -1215,11 +1214,8 @@ def _manifest_candidates(files: _LayoutFiles, index: dict[str, object], depth: i
             continue
         media_type = desc.get("mediaType")
         if media_type in INDEX_TYPES and depth < 3:
-            try:
-                nested = json.loads(_verified_blob(files, desc, "image index"))
-            except ValueError:
-                nested = None
-            if not isinstance(nested, dict):
+            nested = _json_object(_verified_blob(files, desc, "image index"))
+            if nested is None:
                 raise LayoutError(f"the image index {str(desc.get('digest'))[:19]} in {files.path} is not a JSON "
                                   "object; the image is corrupt")
             for inner in _manifest_candidates(files, nested, depth + 1):
@@ -1277,23 +1273,17 @@ def read_layout(path: str) -> tuple[image.Image, list[str]]:
                 names.append(name)
 
     manifest_bytes = _verified_blob(files, descriptor, "manifest")
-    try:
-        manifest = json.loads(manifest_bytes)
-    except ValueError:
-        manifest = None
-    config_desc = manifest.get("config") if isinstance(manifest, dict) else None
-    layer_descs = manifest.get("layers") if isinstance(manifest, dict) else None
-    if not isinstance(manifest, dict) or not isinstance(config_desc, dict) or not isinstance(layer_descs, list):
+    manifest = _json_object(manifest_bytes)
+    config_desc = manifest.get("config") if manifest is not None else None
+    layer_descs = manifest.get("layers") if manifest is not None else None
+    if manifest is None or not isinstance(config_desc, dict) or not isinstance(layer_descs, list):
         raise LayoutError(f"the manifest {chosen[:19]} in {path} is not an image manifest; the image is corrupt")
     manifest_type = str(manifest.get("mediaType") or descriptor.get("mediaType") or image.MANIFEST_MEDIA_TYPE)
     config_bytes = _verified_blob(files, config_desc, "config")
-    try:
-        config = json.loads(config_bytes)
-    except ValueError:
-        config = None
-    rootfs_section = config.get("rootfs") if isinstance(config, dict) else None
+    config = _json_object(config_bytes)
+    rootfs_section = config.get("rootfs") if config is not None else None
     diff_ids = rootfs_section.get("diff_ids") if isinstance(rootfs_section, dict) else None
-    if not isinstance(config, dict) or not isinstance(diff_ids, list):
+    if config is None or not isinstance(diff_ids, list):
         raise LayoutError(f"the config {str(config_desc['digest'])[:19]} in {path} has no rootfs.diff_ids; "
                           "the image is corrupt")
     if len(diff_ids) != len(layer_descs):
