@@ -28,7 +28,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -416,3 +418,66 @@ def public_dir() -> Iterator[str]:
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def static_program(directory: Path, source: str) -> Path:
+    """C `source` compiled with `gcc -static` in `directory` (an image needs no libc for it); the
+    test is skipped where that cannot be done."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    (directory / "hello.c").write_text(source)
+    proc = subprocess.run(["gcc", "-static", "-O2", "-o", str(directory / "hello"), str(directory / "hello.c")],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"gcc -static does not work here (install libc6-dev): {proc.stderr.strip()[-200:]}")
+    return directory / "hello"
+
+
+@contextmanager
+def private_podman(tmp_path: Path) -> Iterator[list[str]]:
+    """The podman command line with a storage root and run root of the test's own, reset and
+    removed afterwards; skipped without podman."""
+    podman = shutil.which("podman")
+    if podman is None:
+        pytest.skip("podman not installed (tests/run installs it)")
+    root = tmp_path / "podman-root"
+    runroot = Path(tempfile.mkdtemp(prefix="tj-pr-"))   # podman wants a runroot under 50 chars
+    base = [podman, "--root", str(root), "--runroot", str(runroot), "--storage-driver", "vfs"]
+    try:
+        yield base
+    finally:
+        subprocess.run([*base, "system", "reset", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(runroot, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def containerd_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private containerd (own root, state and socket), for `ctr images import`."""
+    if shutil.which("containerd") is None or shutil.which("ctr") is None:
+        pytest.skip("containerd/ctr not installed")
+    if os.geteuid() != 0:
+        pytest.skip("a private containerd needs root")
+    d = tempfile.mkdtemp(prefix="tj-ctrd-", dir="/tmp")  # short: unix socket path limit
+    sock = os.path.join(d, "c.sock")
+    with open(os.path.join(d, "log"), "wb") as log:
+        proc = subprocess.Popen(["containerd", "--root", os.path.join(d, "root"), "--state", os.path.join(d, "state"),
+                                 "--address", sock], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(["ctr", "--address", sock, "version"], capture_output=True).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip("private containerd did not start: " + Path(d, "log").read_text()[-300:])
+            time.sleep(0.2)
+        yield sock
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with open("/proc/self/mountinfo") as f:
+            for point in sorted((ln.split()[4] for ln in f if ln.split()[4].startswith(d + "/")), reverse=True):
+                subprocess.run(["umount", "-l", point], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)

@@ -10,13 +10,13 @@ import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from conftest import private_podman, static_program
 from tracejail import docker_engine as engine_cli
 from tracejail import image, rootfs
 from tracejail.errors import TracejailError
@@ -41,15 +41,7 @@ int main(int argc, char **argv) {
 @pytest.fixture(scope="session")
 def hello_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A static program (no libc in the image needed) that prints its ids, $TJ_VALUE and a file."""
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
-    d = tmp_path_factory.mktemp("hello")
-    (d / "hello.c").write_text(HELLO_C)
-    proc = subprocess.run(["gcc", "-static", "-O2", "-o", str(d / "hello"), str(d / "hello.c")],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"gcc -static does not work here (install libc6-dev): {proc.stderr.strip()[-200:]}")
-    return d / "hello"
+    return static_program(tmp_path_factory.mktemp("hello"), HELLO_C)
 
 
 def make_host(root: Path, binary: Path, token: str) -> Path:
@@ -384,16 +376,10 @@ def test_skopeo_reads_both_transports(tmp_path: Path, plan: rootfs.Plan, skopeo:
 
 
 def test_podman_loads_and_names_it(tmp_path: Path, plan: rootfs.Plan, token: str) -> None:
-    podman = shutil.which("podman")
-    if podman is None:
-        pytest.skip("podman not installed (tests/run installs it)")
     out = tmp_path / "img.tar"
     name = f"tjtest/podman-{token}:1"
     res = image.write_archive(plan, str(out), config(), name=name)
-    root = tmp_path / "podman-root"
-    runroot = Path(tempfile.mkdtemp(prefix="tj-pr-"))   # podman wants a runroot under 50 chars
-    base = [podman, "--root", str(root), "--runroot", str(runroot), "--storage-driver", "vfs"]
-    try:
+    with private_podman(tmp_path) as base:
         proc = subprocess.run([*base, "load", "-i", str(out)], capture_output=True, text=True, timeout=180)
         if proc.returncode != 0 and "permission" in proc.stderr.lower():
             pytest.skip(f"podman cannot run here: {proc.stderr.strip().splitlines()[-1]}")
@@ -403,10 +389,6 @@ def test_podman_loads_and_names_it(tmp_path: Path, plan: rootfs.Plan, token: str
                                capture_output=True, text=True, timeout=60)
         assert ident.returncode == 0, ident.stderr
         assert "sha256:" + ident.stdout.strip() == res.image_id
-    finally:
-        subprocess.run([*base, "system", "reset", "--force"], capture_output=True, timeout=120)
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(runroot, ignore_errors=True)
 
 
 @pytest.mark.docker
@@ -461,40 +443,6 @@ def test_dockerfile_for_rootfs_builds_and_runs(tmp_path: Path, plan: rootfs.Plan
     assert inspected["Config"]["WorkingDir"] == "/app"
     assert inspected["Config"]["Labels"] == {"org.opencontainers.image.title": "hello"}
     docker_engine.run("rmi", tag)
-
-
-@pytest.fixture(scope="module")
-def containerd_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private containerd (own root, state and socket), for `ctr images import`."""
-    if shutil.which("containerd") is None or shutil.which("ctr") is None:
-        pytest.skip("containerd/ctr not installed")
-    if os.geteuid() != 0:
-        pytest.skip("a private containerd needs root")
-    import tempfile
-    import time
-    d = tempfile.mkdtemp(prefix="tj-ctrd-", dir="/tmp")  # short: unix socket path limit
-    sock = os.path.join(d, "c.sock")
-    with open(os.path.join(d, "log"), "wb") as log:
-        proc = subprocess.Popen(["containerd", "--root", os.path.join(d, "root"), "--state", os.path.join(d, "state"),
-                                 "--address", sock], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 20
-        while subprocess.run(["ctr", "--address", sock, "version"], capture_output=True).returncode != 0:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.skip("private containerd did not start: " + Path(d, "log").read_text()[-300:])
-            time.sleep(0.2)
-        yield sock
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        with open("/proc/self/mountinfo") as f:
-            for point in sorted((ln.split()[4] for ln in f if ln.split()[4].startswith(d + "/")), reverse=True):
-                subprocess.run(["umount", "-l", point], capture_output=True)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_containerd_imports_by_annotation_name(tmp_path: Path, plan: rootfs.Plan, containerd_address: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import private_podman
 from tracejail import build as tjbuild
 from tracejail import layers, rootfs
 from tracejail import trace as tr
@@ -230,17 +231,9 @@ def test_layered_image_runs_in_docker_and_skopeo_reads_it(apps: dict[str, Path],
 
 
 def test_podman_loads_a_layered_archive(apps: dict[str, Path], tmp_path: Path, layer_cache: Path) -> None:
-    import tempfile
-
-    podman = shutil.which("podman")
-    if podman is None:
-        pytest.skip("podman not installed (tests/run installs it)")
     archive = tmp_path / "a.tar"
     summary = _build(apps["json"], archive, "--layers", "auto", "-t", "tjtest/layered:1")
-    root = tmp_path / "podman-root"
-    runroot = Path(tempfile.mkdtemp(prefix="tj-pr-"))   # podman wants a runroot under 50 chars
-    base = [podman, "--root", str(root), "--runroot", str(runroot), "--storage-driver", "vfs"]
-    try:
+    with private_podman(tmp_path) as base:
         proc = subprocess.run([*base, "load", "-i", str(archive)], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0 and "permission" in proc.stderr.lower():
             pytest.skip(f"podman cannot run here: {proc.stderr.strip().splitlines()[-1]}")
@@ -251,29 +244,16 @@ def test_podman_loads_a_layered_archive(apps: dict[str, Path], tmp_path: Path, l
         info = json.loads(inspected.stdout)[0]
         assert "sha256:" + info["Id"] == summary["image_id"]
         assert len(info["RootFS"]["Layers"]) == len(summary["layers"])
-    finally:
-        subprocess.run([*base, "system", "reset", "--force"], capture_output=True, timeout=120)
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(runroot, ignore_errors=True)
 
 
-@pytest.mark.docker
 def test_containerd_imports_a_layered_archive(apps: dict[str, Path], tmp_path: Path, layer_cache: Path,
-                                              docker_engine) -> None:
-    """containerd itself (the one the private engine runs) imports the archive and names it."""
-    ctr = shutil.which("ctr")
-    sock = Path(docker_engine.host.removeprefix("unix://")).parent / "exec" / "containerd" / "containerd.sock"
-    if ctr is None or not sock.exists():
-        pytest.skip("no ctr, or the engine does not run a containerd of its own here")
+                                              containerd_address: str) -> None:
+    """containerd itself (a private one) imports the archive and names it."""
     archive = tmp_path / "a.tar"
     summary = _build(apps["json"], archive, "--layers", "auto", "-t", "tjtest/layered-ctr:1")
-    base = [ctr, "--address", str(sock), "--namespace", "tj-test"]
-    try:
-        proc = subprocess.run([*base, "images", "import", str(archive)], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        listed = subprocess.run([*base, "images", "ls"], capture_output=True, text=True, timeout=60).stdout
-        line = next(ln for ln in listed.splitlines() if ln.startswith("docker.io/tjtest/layered-ctr:1"))
-        assert summary["manifest_digest"] in line
-    finally:
-        subprocess.run([*base, "images", "rm", "docker.io/tjtest/layered-ctr:1"], capture_output=True, timeout=60)
-        subprocess.run([*base, "content", "prune", "references"], capture_output=True, timeout=60)
+    base = ["ctr", "--address", containerd_address, "--namespace", "tj-test"]
+    proc = subprocess.run([*base, "images", "import", str(archive)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    listed = subprocess.run([*base, "images", "ls"], capture_output=True, text=True, timeout=60).stdout
+    line = next(ln for ln in listed.splitlines() if ln.startswith("docker.io/tjtest/layered-ctr:1"))
+    assert summary["manifest_digest"] in line

@@ -32,7 +32,7 @@ from typing import Iterator, cast
 
 import pytest
 
-from conftest import DockerEngine
+from conftest import DockerEngine, static_program
 from tracejail import image, registry, rootfs
 from tracejail.registry import PushOptions, RegistryError
 
@@ -358,15 +358,7 @@ def creds_env(env: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def hello_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
-    d = tmp_path_factory.mktemp("hello")
-    (d / "hello.c").write_text(HELLO_C)
-    proc = subprocess.run(["gcc", "-static", "-O2", "-o", str(d / "hello"), str(d / "hello.c")],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"gcc -static does not work here (install libc6-dev): {proc.stderr.strip()[-200:]}")
-    return d / "hello"
+    return static_program(tmp_path_factory.mktemp("hello"), HELLO_C)
 
 
 @dataclass
