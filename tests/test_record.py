@@ -576,3 +576,20 @@ def test_a_failed_recording_says_so_in_one_line_and_a_warning(tmp_path: Path) ->
     assert no_leftovers("sleep 30.0913") == []
     fine = run_tj("record", "-o", str(out), "--", "true")
     assert fine.returncode == 0 and "recorded: exit 0, 1 processes" in fine.stderr and "warning" not in fine.stderr
+
+
+def test_pythons_own_locale_coercion_does_not_reach_the_command(tmp_path: Path) -> None:
+    """Started in the C locale, Python sets LC_CTYPE=C.UTF-8 for itself (PEP 538): the recorded
+    program never had it, so neither its trace nor an image built from it gets it."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+           "TRACEJAIL_CACHE_DIR": ""}
+    out = subprocess.run([sys.executable, "-m", "tracejail", "record", "-o", str(tmp_path / "t.json"), "--",
+                          "sh", "-c", "echo ctype=${LC_CTYPE-unset}"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "ctype=unset\n"
+    assert "LC_CTYPE" not in tr.load(str(tmp_path / "t.json")).runs[0].environment
+    given = subprocess.run([sys.executable, "-m", "tracejail", "record", "-o", str(tmp_path / "t2.json"), "--",
+                            "sh", "-c", "echo ctype=${LC_CTYPE-unset}"], capture_output=True, text=True,
+                           env={**env, "LC_CTYPE": "C.UTF-8"}, timeout=60)
+    assert given.stdout == "ctype=C.UTF-8\n"

@@ -61,6 +61,23 @@ class Recording:
         return all(e.exit_code == 0 for e in self.run.exercises)
 
 
+def host_environment() -> dict[str, str]:
+    """Our environment as the command should get it: without the LC_CTYPE that Python itself set
+    when it started in the C locale (PEP 538 locale coercion). The recorded program would not
+    have it, and an image built from the trace would carry it. /proc/self/environ still holds the
+    environment this process was started with."""
+    env = dict(os.environ)
+    if "LC_CTYPE" in env:
+        try:
+            with open("/proc/self/environ", "rb") as f:
+                started = f.read().split(b"\0")
+        except OSError:
+            return env
+        if not any(item.startswith(b"LC_CTYPE=") for item in started):
+            del env["LC_CTYPE"]
+    return env
+
+
 def resolve_command(name: str, path: str | None, cwd: str | None = None) -> str:
     """Find COMMAND like a shell in `cwd`: names with a slash as they are, others on PATH."""
     base = cwd or os.getcwd()
@@ -245,7 +262,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
     opts = options or RecordOptions()
     if not argv:
         raise UsageError("no command given: put it after `--`, e.g. tracejail record -- python3 app.py")
-    env = dict(os.environ if opts.env is None else opts.env)
+    env = host_environment() if opts.env is None else dict(opts.env)
     executable = resolve_command(argv[0], env.get("PATH"), opts.cwd)
     cwd = os.path.abspath(opts.cwd or os.getcwd())
     warnings: list[str] = []
