@@ -1,6 +1,7 @@
 """Unpacking an image's file system that someone else made: nothing escapes, nothing privileged."""
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import stat
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tracejail.unpack import unpack_tar
+from tracejail.errors import TracejailError
+from tracejail.unpack import LayerTree, unpack_tar
 
 
 def hostile_tar(outside: Path) -> bytes:
@@ -71,3 +73,64 @@ def test_a_hostile_image_unpacks_safely(tmp_path: Path, gzip: bool) -> None:
     assert why["dev/sda"] == "a device node or FIFO is not created"
     assert why["../../../tmp/dotdot"] == "its name leaves the tree"
     assert why["hard"] == "a hard link out of the tree"
+
+
+def layer(*entries: tuple) -> bytes:
+    """A layer tar from (name, kind, data, extra attributes) entries."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, kind, data, *extra in entries:
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data)
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            for k, v in (extra[0] if extra else {}).items():
+                setattr(info, k, v)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+D, F, L, H = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
+
+
+def test_layers_stack_like_an_engine_stacks_them(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    lower = layer(("a", D, b""), ("a/x", F, b"x"), ("a/y", F, b"y"), ("b", F, b"b"), ("c", D, b""),
+                  ("c/old", F, b"old"), ("d", D, b""), ("d/deep", D, b""), ("d/deep/f", F, b"f"),
+                  ("e", F, b"e-file"), ("keep", F, b"1"), ("link", L, b"", {"linkname": "keep"}),
+                  ("evil", L, b"", {"linkname": str(outside)}))
+    upper = layer(("a/.wh.x", F, b""),                       # one file goes
+                  (".wh.b", F, b""),
+                  ("c/new", F, b"new"), ("c/.wh..wh..opq", F, b""),   # opaque after this layer's own entry
+                  ("d", F, b"a file where a directory was"),         # a directory replaced, whole
+                  ("e", D, b""), ("e/inside", F, b"dir now"),        # a file replaced by a directory
+                  ("keep", F, b"2"),                                  # a later version wins
+                  ("hard", H, b"", {"linkname": "keep"}),             # a hard link to this layer's file
+                  ("evil/owned", F, b"through a symlink"),            # never written through it
+                  ("evil/.wh.victim", F, b""),                        # nor removed through it
+                  ("a/.wh..", F, b""))                                # nonsense whiteout: ignored
+    (outside / "victim").write_text("stays")
+    with LayerTree(str(dest)) as tree:
+        tree.apply(io.BytesIO(lower))
+        tree.apply(io.BytesIO(gzip.compress(upper)))
+        result = tree.finish()
+    assert sorted(os.listdir(dest / "a")) == ["y"]
+    assert not (dest / "b").exists()
+    assert sorted(os.listdir(dest / "c")) == ["new"]
+    assert (dest / "d").read_text() == "a file where a directory was"
+    assert (dest / "e/inside").read_text() == "dir now"
+    assert (dest / "keep").read_text() == "2" and (dest / "link").is_symlink()
+    assert os.stat(dest / "hard").st_ino == os.stat(dest / "keep").st_ino
+    assert os.listdir(outside) == ["victim"]
+    why = dict(result.skipped)
+    assert why["evil/owned"] == "a parent directory is a symlink or a file"
+    assert why["evil/.wh.victim"] == "a whiteout below a symlink or a file"
+
+
+def test_a_layer_that_is_not_a_tar_is_one_error(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with LayerTree(str(dest)) as tree, pytest.raises(TracejailError, match="layer 2 of the image is not a readable tar"):
+        tree.apply(io.BytesIO(b"\x1f\x8b" + b"garbage" * 100), "layer 2")

@@ -12,12 +12,20 @@ nothing it unpacks may grant privileges on this host. So:
 * setuid and setgid bits are dropped, and device nodes and FIFOs are not created at all;
 * owners are kept (numerically) when running as root, so the tree is what the image says;
   directory modes are set last, deepest first, so a 0555 directory still takes its children.
+
+An image's layers are applied in order on one tree (`LayerTree`), as a container engine stacks
+them: a `.wh.NAME` entry removes NAME of the layers below, `.wh..wh..opq` empties its directory
+of what the layers below put there, and a later entry replaces an earlier one of the same name,
+a whole directory included (never by writing through a symlink: removal is fd-based too).
 """
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
 import stat
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -25,6 +33,8 @@ from tracejail.errors import TracejailError
 from tracejail.rootfs import open_dir_nofollow
 
 _COPY_CHUNK = 1 << 20
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
 
 
 @dataclass
@@ -43,11 +53,14 @@ def _normal(name: str) -> str | None:
 
 
 class _Tree:
-    def __init__(self, dest: str) -> None:
+    def __init__(self, dest: str, layered: bool = False) -> None:
         self.dest = dest
         self.fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.as_root = os.geteuid() == 0
-        self.dirs: list[tuple[str, int, int, int, int]] = []   # (rel, mode, uid, gid, mtime)
+        self.dirs: dict[str, tuple[int, int, int, int]] = {}   # rel -> (mode, uid, gid, mtime); last wins
+        # Layers replace what lower layers hold; one stream (an export) never replaces a directory.
+        self.layered = layered
+        self.this_layer: set[str] = set()   # names the layer being applied has put in place
 
     def parent(self, rel: str) -> tuple[int, str]:
         """(fd of the parent directory, last name); parents are created as plain directories."""
@@ -69,6 +82,21 @@ class _Tree:
             raise
         return fd, name
 
+    def finish(self) -> None:
+        """Directory owners, modes and times, deepest first (a 0555 directory took its children)."""
+        for rel, (mode, uid, gid, mtime) in sorted(self.dirs.items(), key=lambda d: -d[0].count("/")):
+            try:
+                fd = open_dir_nofollow(self.fd, "/" + rel)
+            except (TracejailError, OSError):
+                continue   # removed by a later layer, or replaced by something else
+            try:
+                if self.as_root:
+                    os.fchown(fd, uid, gid)
+                os.fchmod(fd, mode)
+                os.utime(fd, (mtime, mtime))
+            finally:
+                os.close(fd)
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -81,23 +109,71 @@ def unpack_tar(stream: BinaryIO, dest: str) -> Unpacked:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 _member(tar, member, tree, result)
-        for rel, mode, uid, gid, mtime in sorted(tree.dirs, key=lambda d: -d[0].count("/")):
-            try:
-                fd = open_dir_nofollow(tree.fd, "/" + rel)
-            except (TracejailError, OSError):
-                continue
-            try:
-                if tree.as_root:
-                    os.fchown(fd, uid, gid)
-                os.fchmod(fd, mode)
-                os.utime(fd, (mtime, mtime))
-            finally:
-                os.close(fd)
+        tree.finish()
     except tarfile.TarError as exc:
         raise TracejailError(f"the image's file system is not a readable tar stream: {exc}") from None
     finally:
         tree.close()
     return result
+
+
+class LayerTree:
+    """An image's layers applied one after another on the empty directory `dest`."""
+
+    def __init__(self, dest: str) -> None:
+        self.tree = _Tree(dest, layered=True)
+        self.result = Unpacked()
+
+    def apply(self, stream: BinaryIO, what: str = "a layer") -> None:
+        """Apply one layer (a tar, plain or compressed) read from `stream`."""
+        self.tree.this_layer = set()
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    _layer_member(tar, member, self.tree, self.result)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise TracejailError(f"{what} of the image is not a readable tar stream: {exc}") from None
+
+    def finish(self) -> Unpacked:
+        self.tree.finish()
+        return self.result
+
+    def close(self) -> None:
+        self.tree.close()
+
+    def __enter__(self) -> LayerTree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _layer_member(tar: tarfile.TarFile, m: tarfile.TarInfo, tree: _Tree, result: Unpacked) -> None:
+    """One entry of a layer: a whiteout removes from the layers below, anything else is unpacked."""
+    rel = _normal(m.name)
+    head, _, name = (rel or "").rpartition("/")
+    if rel is None or not name.startswith(WHITEOUT):
+        _member(tar, m, tree, result)
+        if rel is not None:
+            tree.this_layer.add(rel)
+        return
+    try:
+        pfd, _ = tree.parent(rel)
+    except TracejailError:
+        result.skipped.append((rel, "a whiteout below a symlink or a file"))
+        return
+    try:
+        if name == OPAQUE:
+            # Lower layers' entries go; what this layer put there already stays.
+            for child in os.listdir(pfd):
+                if (f"{head}/{child}" if head else child) not in tree.this_layer:
+                    _remove_any(pfd, child)
+        else:
+            target = name[len(WHITEOUT):]
+            if target and target not in (".", ".."):
+                _remove_any(pfd, target)
+    finally:
+        os.close(pfd)
 
 
 def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, tree: _Tree, result: Unpacked) -> None:
@@ -124,12 +200,18 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, tree: _Tree, result: Unpac
                 os.mkdir(name, 0o700, dir_fd=pfd)
             except FileExistsError:
                 if not stat.S_ISDIR(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode):
-                    result.skipped.append((rel, "a directory where something else already is"))
-                    return
-            tree.dirs.append((rel, mode, m.uid, m.gid, int(m.mtime)))
+                    if not tree.layered:
+                        result.skipped.append((rel, "a directory where something else already is"))
+                        return
+                    os.unlink(name, dir_fd=pfd)   # a lower layer's file or symlink
+                    os.mkdir(name, 0o700, dir_fd=pfd)
+            tree.dirs[rel] = (mode, m.uid, m.gid, int(m.mtime))
             return
         try:
-            _remove(pfd, name)
+            if tree.layered:
+                _remove_any(pfd, name)
+            else:
+                _remove(pfd, name)
         except TracejailError:
             result.skipped.append((rel, "a file where a directory already is"))
             return
@@ -190,3 +272,16 @@ def _remove(pfd: int, name: str) -> None:
     if stat.S_ISDIR(st.st_mode):
         raise TracejailError(f"refusing to replace the directory {name!r} with a file")
     os.unlink(name, dir_fd=pfd)
+
+
+def _remove_any(pfd: int, name: str) -> None:
+    """Remove `name` in the directory `pfd`, a whole directory tree included, never following a
+    symlink (shutil.rmtree with dir_fd is fd-based); nothing there is fine."""
+    try:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=pfd)
+    else:
+        os.unlink(name, dir_fd=pfd)
