@@ -1234,6 +1234,54 @@ def _platform_of(desc: dict[str, object]) -> tuple[str, str] | None:
     return None
 
 
+def read_image(path: str) -> tuple[image.Image, list[str]]:
+    """An image stored in `path`: an OCI layout (directory or tar, read_layout), or a
+    docker-archive as docker before 25 and `skopeo copy ... docker-archive:` write it (a
+    manifest.json naming a config file and layer tars)."""
+    files = _LayoutFiles(path)
+    if files.has("index.json") or not files.has("manifest.json"):
+        return read_layout(path)
+    return _read_docker_archive(files)
+
+
+def _read_docker_archive(files: _LayoutFiles) -> tuple[image.Image, list[str]]:
+    path = files.path
+    try:
+        entries = json.loads(files.read("manifest.json"))
+    except ValueError:
+        raise LayoutError(f"manifest.json in {path} is not valid JSON; the archive is corrupt") from None
+    if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
+        raise LayoutError(f"manifest.json in {path} names no image; the archive is corrupt")
+    if len(entries) > 1:
+        raise LayoutError(f"{path} holds {len(entries)} images; save the one you mean on its own")
+    entry = entries[0]
+    config_name, layer_names = entry.get("Config"), entry.get("Layers")
+    if not isinstance(config_name, str) or not isinstance(layer_names, list) or \
+            not all(isinstance(n, str) for n in layer_names):
+        raise LayoutError(f"manifest.json in {path} lacks Config or Layers; the archive is corrupt")
+    config_bytes = files.read(config_name)
+    config = _json_object(config_bytes)
+    rootfs_section = config.get("rootfs") if config is not None else None
+    diff_ids = rootfs_section.get("diff_ids") if isinstance(rootfs_section, dict) else None
+    if config is None or not isinstance(diff_ids, list) or len(diff_ids) != len(layer_names):
+        raise LayoutError(f"the config {config_name} in {path} does not list one diff_id per layer; "
+                          "the archive is corrupt")
+    layers = []
+    for number, (name, diff_id) in enumerate(zip(layer_names, diff_ids), 1):
+        where, offset, size = files.locate(name)
+        # A docker-archive stores layers as plain tars: the blob is the diff itself.
+        blob = image.Blob(image.LAYER_MEDIA_TYPE_TAR, str(diff_id), size, path=where, offset=offset)
+        layers.append(image.Layer(blob, str(diff_id), size, name=f"layer {number}"))
+    config_blob = image.Blob.of(image.CONFIG_MEDIA_TYPE, config_bytes)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": image.MANIFEST_MEDIA_TYPE,
+                           "config": config_blob.descriptor(),
+                           "layers": [layer.blob.descriptor() for layer in layers]}).encode()
+    img = image.Image(tuple(layers), config_blob, image.Blob.of(image.MANIFEST_MEDIA_TYPE, manifest),
+                      str(config.get("architecture", "")), str(config.get("os", "")))
+    tags = [t for t in entry.get("RepoTags") or [] if isinstance(t, str)]
+    return img, tags
+
+
 def read_layout(path: str) -> tuple[image.Image, list[str]]:
     """Open an image written as an OCI layout directory or a tar holding one (as `tracejail build`
     writes it, or `skopeo copy ... oci-archive:`) without extracting anything: layer blobs are

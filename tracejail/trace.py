@@ -7,7 +7,8 @@
       "tool": {"name": "tracejail", "version": "0.1.0"},
       "host": {"arch", "kernel", "libc", "os_release": {...}},
       "runs": [Run...],          # the first run is the image's default command
-      "files": [PathRecord...]   # sorted by path
+      "files": [PathRecord...],  # sorted by path
+      "source": ImageSource      # only when recorded from an image (record --image)
     }
 
 Every field is documented on the dataclasses below; README.md has the reader's version.
@@ -165,6 +166,24 @@ def run_problems(run: Run) -> list[str]:
     return out
 
 
+def scrub_source(config: SourceConfig, keep_env: Iterable[str] = ()) -> list[str]:
+    """Take secrets out of a source image's config before it is stored in a trace (the image holds
+    them; the trace, which travels, does not): Env values, Entrypoint/Cmd words, label values."""
+    said: list[str] = []
+    env = dict(item.split("=", 1) for item in config.env if "=" in item)
+    env, names = sensitive.redact_environment(env, keep_env)
+    config.env = [f"{k}={v}" for k, v in env.items()]
+    config.entrypoint = sensitive.redact_argv(["", *config.entrypoint])[0][1:]
+    config.cmd = sensitive.redact_argv(["", *config.cmd])[0][1:]
+    labels = {k: REDACTED if sensitive.secret_in_variable(k, v) else v for k, v in config.labels.items()}
+    names += [f"label {k}" for k, v in labels.items() if v == REDACTED and config.labels[k] != REDACTED]
+    config.labels = labels
+    if names:
+        said.append(f"the image's config holds secrets, stored as {REDACTED} in the trace: {', '.join(names[:6])}"
+                    f"{', ...' if len(names) > 6 else ''}")
+    return said
+
+
 def scrub_run(run: Run, keep_env: Iterable[str] = (), keep_argv: bool = False) -> list[str]:
     """Take secrets out of a run before it is stored: environment values (by name and by value,
     except names in `keep_env`), command lines (`--password=X`, tokens, URL passwords; the run's
@@ -201,12 +220,43 @@ def scrub_run(run: Run, keep_env: Iterable[str] = (), keep_argv: bool = False) -
 
 
 @dataclass
+class SourceConfig:
+    """What the source image's config says about how it runs, kept so the minified image can
+    keep it (`record --image`; build reads it, never the image again)."""
+
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)           # KEY=VALUE
+    working_dir: str = ""
+    user: str = ""                                         # as the image says it ("" is root)
+    exposed_ports: list[str] = field(default_factory=list)  # "8000/tcp"
+    labels: dict[str, str] = field(default_factory=dict)
+    volumes: list[str] = field(default_factory=list)
+    stop_signal: str = ""
+
+
+@dataclass
+class ImageSource:
+    """Where the paths of a trace recorded from an image point: that image's file system, not
+    the recording host's. `rootfs` is where it was unpacked (build unpacks it again when that is
+    gone or is not tracejail's own unpack of `image_id`)."""
+
+    image: str                 # as the user named it: an engine image, an archive or a layout
+    image_id: str              # "sha256:..." of its config: the image itself
+    rootfs: str | None         # the unpacked tree, when it was kept (the cache)
+    config: SourceConfig = field(default_factory=SourceConfig)
+    compressed_size: int = 0   # its layers as stored
+    content_size: int = 0      # its files' bytes, unpacked
+
+
+@dataclass
 class Trace:
     runs: list[Run] = field(default_factory=list)
     files: dict[str, PathRecord] = field(default_factory=dict)
     host: dict[str, Any] = field(default_factory=dict)
     tool_version: str = __version__
     format: str = FORMAT
+    source: ImageSource | None = None   # None: the paths are the recording host's
 
     def record(self, path: str) -> PathRecord:
         rec = self.files.get(path)
@@ -242,6 +292,15 @@ class Trace:
             if rec.owner and not mine.owner:
                 mine.owner, mine.reason = rec.owner, mine.reason or rec.reason
 
+    def check_same_source(self, other: Trace) -> None:
+        """`--append` merges runs of one tree only: the host's, or one image's."""
+        mine = self.source.image_id if self.source else None
+        theirs = other.source.image_id if other.source else None
+        if mine != theirs:
+            where = {None: "the host"}
+            raise TracejailError(f"cannot append a run recorded in {where.get(theirs, theirs)} to a trace "
+                                 f"recorded in {where.get(mine, mine)}; record into a new trace", 2)
+
     # --- JSON -------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
@@ -251,6 +310,7 @@ class Trace:
             "host": self.host,
             "runs": [asdict(r) for r in self.runs],
             "files": [_record_to_json(self.files[p]) for p in sorted(self.files)],
+            **({"source": asdict(self.source)} if self.source else {}),
         }
 
     @classmethod
@@ -268,8 +328,10 @@ class Trace:
     @classmethod
     def _assemble(cls, data: dict[str, Any], runs: list[Run], files: dict[str, PathRecord]) -> Trace:
         tool = _dict(data.get("tool", {}), "tool")
+        source = data.get("source")
         return cls(runs=runs, files=files, host=_host_from_json(data.get("host", {})),
-                   tool_version=_str(tool.get("version", "?"), "tool.version", 64), format=FORMAT)
+                   tool_version=_str(tool.get("version", "?"), "tool.version", 64), format=FORMAT,
+                   source=_source_from_json(source) if source is not None else None)
 
 
 def _check_format(data: Any, source: str) -> None:
@@ -499,6 +561,41 @@ def _host_from_json(v: Any) -> dict[str, Any]:
     out = _scalars(host, "host")
     out["os_release"] = {k: _str(x, f"host.os_release.{k}") for k, x in _dict(release, "host.os_release").items()}
     return out
+
+
+def source_from_json(v: Any) -> ImageSource:
+    """An ImageSource from its JSON form (the trace's "source", or the image cache's marker)."""
+    try:
+        return _source_from_json(v)
+    except _Bad as bad:
+        raise TraceFormatError(f"not a valid image source: {bad}") from None
+
+
+_IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}\Z")
+
+
+def _source_from_json(v: Any) -> ImageSource:
+    d = _dict(v, "source")
+    image_id = _str(_key(d, "image_id", "source"), "source.image_id", 80)
+    if not _IMAGE_ID.match(image_id):
+        raise _Bad("source.image_id", "a sha256: digest", image_id)
+    rootfs = d.get("rootfs")
+    c = _dict(d.get("config", {}), "source.config")
+    where = "source.config"
+    config = SourceConfig(
+        entrypoint=_strs(c.get("entrypoint", []), f"{where}.entrypoint"),
+        cmd=_strs(c.get("cmd", []), f"{where}.cmd"),
+        env=_strs(c.get("env", []), f"{where}.env"),
+        working_dir=_str(c.get("working_dir", ""), f"{where}.working_dir", MAX_PATH),
+        user=_str(c.get("user", ""), f"{where}.user", 256),
+        exposed_ports=_strs(c.get("exposed_ports", []), f"{where}.exposed_ports"),
+        labels={k: _str(x, f"{where}.labels.{k}") for k, x in _dict(c.get("labels", {}), f"{where}.labels").items()},
+        volumes=_strs(c.get("volumes", []), f"{where}.volumes"),
+        stop_signal=_str(c.get("stop_signal", ""), f"{where}.stop_signal", 32))
+    return ImageSource(image=_str(_key(d, "image", "source"), "source.image", MAX_PATH), image_id=image_id,
+                       rootfs=_abs_path(rootfs, "source.rootfs") if rootfs is not None else None, config=config,
+                       compressed_size=_int(d.get("compressed_size", 0), "source.compressed_size"),
+                       content_size=_int(d.get("content_size", 0), "source.content_size"))
 
 
 _KINDS = {k: k for k in ACCESS_KINDS}
