@@ -26,6 +26,7 @@ import shutil
 import stat
 import tarfile
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -33,6 +34,7 @@ from tracejail.errors import TracejailError
 from tracejail.rootfs import open_dir_nofollow
 
 _COPY_CHUNK = 1 << 20
+_OPEN_DIRS = 64   # directory fds kept open while unpacking
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 
@@ -61,26 +63,51 @@ class _Tree:
         # Layers replace what lower layers hold; one stream (an export) never replaces a directory.
         self.layered = layered
         self.this_layer: set[str] = set()   # names the layer being applied has put in place
+        # Directories opened lately (a tar lists a directory's files together): rel -> fd. Every
+        # one was reached without following a symlink; any directory removal clears them all.
+        self.opened: OrderedDict[str, int] = OrderedDict()
 
     def parent(self, rel: str) -> tuple[int, str]:
         """(fd of the parent directory, last name); parents are created as plain directories."""
         head, _, name = rel.rpartition("/")
         if not head:
             return os.dup(self.fd), name
-        fd = os.dup(self.fd)
+        return os.dup(self._directory(head)), name
+
+    def _directory(self, head: str) -> int:
+        """An fd of directory `head` (made when missing), walked from its nearest opened ancestor."""
+        hit = self.opened.get(head)
+        if hit is not None:
+            self.opened.move_to_end(head)
+            return hit
+        above, _, part = head.rpartition("/")
+        base = self._directory(above) if above else self.fd
         try:
-            for part in head.split("/"):
-                try:
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                except FileExistsError:
-                    pass
-                nfd = open_dir_nofollow(fd, "/" + part)
-                os.close(fd)
-                fd = nfd
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, name
+            os.mkdir(part, 0o755, dir_fd=base)
+        except FileExistsError:
+            pass
+        fd = open_dir_nofollow(base, "/" + part)
+        self.opened[head] = fd
+        if len(self.opened) > _OPEN_DIRS:
+            os.close(self.opened.popitem(last=False)[1])
+        return fd
+
+    def forget_directories(self) -> None:
+        while self.opened:
+            os.close(self.opened.popitem()[1])
+
+    def remove_any(self, pfd: int, name: str) -> None:
+        """Remove `name` in the directory `pfd`, a whole directory tree included, never following
+        a symlink (shutil.rmtree with dir_fd is fd-based); nothing there is fine."""
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.forget_directories()
+            shutil.rmtree(name, dir_fd=pfd)
+        else:
+            os.unlink(name, dir_fd=pfd)
 
     def finish(self) -> None:
         """Directory owners, modes and times, deepest first (a 0555 directory took its children)."""
@@ -98,6 +125,7 @@ class _Tree:
                 os.close(fd)
 
     def close(self) -> None:
+        self.forget_directories()
         os.close(self.fd)
 
 
@@ -167,11 +195,11 @@ def _layer_member(tar: tarfile.TarFile, m: tarfile.TarInfo, tree: _Tree, result:
             # Lower layers' entries go; what this layer put there already stays.
             for child in os.listdir(pfd):
                 if (f"{head}/{child}" if head else child) not in tree.this_layer:
-                    _remove_any(pfd, child)
+                    tree.remove_any(pfd, child)
         else:
             target = name[len(WHITEOUT):]
             if target and target not in (".", ".."):
-                _remove_any(pfd, target)
+                tree.remove_any(pfd, target)
     finally:
         os.close(pfd)
 
@@ -209,7 +237,7 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, tree: _Tree, result: Unpac
             return
         try:
             if tree.layered:
-                _remove_any(pfd, name)
+                tree.remove_any(pfd, name)
             else:
                 _remove(pfd, name)
         except TracejailError:
@@ -272,16 +300,3 @@ def _remove(pfd: int, name: str) -> None:
     if stat.S_ISDIR(st.st_mode):
         raise TracejailError(f"refusing to replace the directory {name!r} with a file")
     os.unlink(name, dir_fd=pfd)
-
-
-def _remove_any(pfd: int, name: str) -> None:
-    """Remove `name` in the directory `pfd`, a whole directory tree included, never following a
-    symlink (shutil.rmtree with dir_fd is fd-based); nothing there is fine."""
-    try:
-        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=pfd)
-    else:
-        os.unlink(name, dir_fd=pfd)
