@@ -54,7 +54,7 @@ class BuildOptions:
                                           # other output would hold the image
     rootfs_dir: str | None = None
     oci_dir: str | None = None
-    user: str = DEFAULT_USER
+    user: str | None = None               # --user (default: DEFAULT_USER; an image trace: the image's USER)
     entrypoint: list[str] | None = None   # --entrypoint: the program (default: the recorded one)
     cmd: list[str] | None = None          # --cmd: its arguments (default: the recorded ones)
     init: bool = False                    # --init: a minimal init (tini) at PID 1
@@ -215,6 +215,16 @@ def parse_user(user: str) -> tuple[int, int]:
     return uid, int(m.group(2)) if m.group(2) is not None else uid
 
 
+def build_user(trace: tr.Trace, root: Root, options: BuildOptions) -> tuple[int, int]:
+    """Who the image runs as: --user; else, for a trace recorded in an image, that image's USER
+    (names looked up in its own /etc/passwd); else DEFAULT_USER."""
+    from tracejail import source
+
+    if trace.source is not None:
+        return source.image_user(root, options.user if options.user is not None else trace.source.config.user)
+    return parse_user(options.user if options.user is not None else DEFAULT_USER)
+
+
 def name_values(items: list[str] | tuple[str, ...], option: str | None = None, form: str = "NAME=VALUE",
               ) -> dict[str, str]:
     """NAME=VALUE items (--env, --label, --annotation) as a dict; an item without `=` or a name
@@ -228,12 +238,15 @@ def name_values(items: list[str] | tuple[str, ...], option: str | None = None, f
     return out
 
 
-def image_env(run: tr.Run, extra: list[str]) -> list[str]:
+def image_env(run: tr.Run, extra: list[str], src: tr.SourceConfig | None = None) -> list[str]:
     """The image's Env: allowed recorded variables whose values hold no secret (whatever the
-    trace says: it may be old or foreign), then --env."""
+    trace says: it may be old or foreign), then --env. A run recorded in an image keeps that
+    image's own Env, any name, less secrets."""
     env: dict[str, str] = {}
-    for name, value in run.environment.items():
-        if ENV_ALLOW.match(name) and tr.REDACTED not in value and not sensitive.secret_in_variable(name, value):
+    items = dict(i.split("=", 1) for i in src.env if "=" in i) if src is not None else run.environment
+    for name, value in items.items():
+        if (src is not None or ENV_ALLOW.match(name)) and tr.REDACTED not in value \
+                and not sensitive.secret_in_variable(name, value):
             env[name] = value
     env.update(name_values(extra, "--env"))
     return [f"{k}={v}" for k, v in sorted(env.items())]
@@ -300,8 +313,9 @@ def find_init(root: Root) -> str:
         res = root.resolve(path)
         if res.ok and res.kind is NodeKind.FILE:
             return path
-    raise UsageError("--init needs tini or catatonit on the host (apt-get install tini); none found in "
-                     + ", ".join(INIT_CANDIDATES))
+    where = "on the host (apt-get install tini)" if root.is_host else \
+        f"in the image the trace was recorded in ({root.path}; add it to that image)"
+    raise UsageError(f"--init needs tini or catatonit {where}; none found in " + ", ".join(INIT_CANDIDATES))
 
 
 def created_time(run: tr.Run) -> str:
@@ -368,9 +382,11 @@ def _default_archive(tag: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name.split("@")[0].replace(":", "_")) + ".tar"
 
 
-def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str, home: str | None = None) -> list[str]:
+def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str, home: str | None = None,
+                       account: tuple[str, str] | None = None) -> list[str]:
     """/tmp, and passwd/group that know root and the image user (whose home is `home`, the
-    recorded HOME when the run used it), so getpwuid works."""
+    recorded HOME when the run used it), so getpwuid works. `account`: the image user's own
+    passwd and group lines (a trace recorded in an image that knows the user), kept as they are."""
     notes = []
     p.entries["/tmp"] = rootfs.Entry("/tmp", "dir", 0o1777, None, None, 0, 0, 0)
 
@@ -382,11 +398,14 @@ def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str, home: s
             p.entries["/etc"] = rootfs.Entry("/etc", "dir", 0o755, None, None, 0, 0, 0)
         p.entries[path] = rootfs.Entry(path, "file", 0o644, src, None, len(content.encode()), 0, 0)
 
+    if account is not None:
+        home = account[0].split(":")[5] or "/"
     home = home or ("/home/nonroot" if uid != 0 else "/root")
+    passwd_line = account[0] if account else f"{IMAGE_USER_NAME}:x:{uid}:{gid}:{IMAGE_USER_NAME}:{home}:/sbin/nologin\n"
+    group_line = account[1] if account and account[1] else f"{IMAGE_USER_NAME}:x:{gid}:\n"
     for path, name_line, user_line in (
-        ("/etc/passwd", "root:x:0:0:root:/root:/sbin/nologin\n",
-         f"{IMAGE_USER_NAME}:x:{uid}:{gid}:{IMAGE_USER_NAME}:{home}:/sbin/nologin\n"),
-        ("/etc/group", "root:x:0:\n", f"{IMAGE_USER_NAME}:x:{gid}:\n"),
+        ("/etc/passwd", "root:x:0:0:root:/root:/sbin/nologin\n", passwd_line),
+        ("/etc/group", "root:x:0:\n", group_line),
     ):
         entry = p.entries.get(path)
         if entry is not None and entry.kind != "file":
@@ -435,7 +454,7 @@ def plan_image(trace: tr.Trace, root: Root, options: BuildOptions,
     them (ownership.py) and plan every node, as `options` say."""
     from tracejail import dpkg, ownership
 
-    uid, gid = parse_user(options.user)
+    uid, gid = build_user(trace, root, options)
     init = find_init(root) if options.init else None
     include = [*options.include, init] if init else options.include
     files = fsel.select(trace, fsel.SelectOptions(
@@ -477,16 +496,19 @@ def build(trace_path: str, options: BuildOptions,
 
     The layers are made once, then written to every output asked for (archive, --oci-dir,
     the engine, registries). `say` gets one line per step (--progress plain)."""
+    from tracejail import source
+
     trace = tr.load(trace_path)
     if not trace.runs:
         raise TracejailError(f"{trace_path} holds no runs; record one with `tracejail record`")
-    run = trace.runs[0]
-    uid, gid = parse_user(options.user)
+    # Bad options fail before any work (an image trace's tree may have to be unpacked again).
+    if options.user is not None and trace.source is None:
+        parse_user(options.user)
     max_layers = layers_mod.parse_layers(options.layers)
     if max_layers is None:
         raise UsageError(f"--layers {options.layers!r}: give a number from 1 to {layers_mod.MAX_LAYERS}, or auto")
+    name_values(options.env, "--env")
     refs, archive, load = _outputs(options)
-    extra_env = name_values(options.env, "--env")
     for out in (archive, options.sbom, options.iidfile, options.metadata_file):
         if out:
             tr.check_writable(out)
@@ -494,6 +516,22 @@ def build(trace_path: str, options: BuildOptions,
         image.check_dockerfile_slot(options.rootfs_dir)
     if options.strip:
         shrink.strip_tool()      # missing binutils fails before any work
+    # The one place every stage takes its tree from: the host's / (or options.root), or the
+    # image the trace was recorded in.
+    with source.root_of(trace, options.docker_env, say) as image_root:
+        root = Root(image_root if trace.source is not None else options.root)
+        return _build(trace, trace_path, options, root, max_layers, refs, archive, load, progress, say)
+
+
+def _build(trace: tr.Trace, trace_path: str, options: BuildOptions, root: Root, max_layers: int,
+           refs: list[image.Reference], archive: str | None, load: bool,
+           progress: Callable[[str, int, int], None] | None,
+           say: Callable[[str], None] | None) -> BuildResult:
+    from tracejail import source
+
+    run = trace.runs[0]
+    uid, gid = build_user(trace, root, options)
+    extra_env = name_values(options.env, "--env")
     result_warnings: list[str] = []
     if load:
         from tracejail import docker_engine
@@ -513,8 +551,9 @@ def build(trace_path: str, options: BuildOptions,
         if say is not None:
             say(line)
 
-    # The one place every stage takes its tree from.
-    root = Root(options.root)
+    if trace.source is not None and uid == 0 and options.user is None:
+        result_warnings.append(f"the image runs as root, as {trace.source.image} does; --user UID:GID (or a user "
+                               f"of the image, e.g. --user {DEFAULT_USER}) makes it run as an ordinary user")
     step("planning: trace, ELF closure, imports, ownership")
     chosen = plan_image(trace, root, options,
                         (os.path.abspath(trace_path),) + ((os.path.abspath(archive),) if archive else ()))
@@ -538,19 +577,30 @@ def build(trace_path: str, options: BuildOptions,
     if plan.missing:
         warn_or_fail(f"{len(plan.missing)} file(s) vanished while planning, first: {plan.missing[0]}")
 
-    # ENTRYPOINT is the program, CMD its arguments, so `docker run IMAGE OTHER ARGS` works.
-    entrypoint = options.entrypoint or [run.executable]
-    cmd = options.cmd if options.cmd is not None else ([] if options.entrypoint else run.argv[1:])
+    # ENTRYPOINT is the program, CMD its arguments, so `docker run IMAGE OTHER ARGS` works; an
+    # image's own default command keeps its Entrypoint/Cmd split, so it is run the same way.
+    src = trace.source.config if trace.source is not None else None
+    own_default = src is not None and (src.entrypoint or src.cmd) and run.argv == src.entrypoint + src.cmd
+    if own_default and options.entrypoint is None and options.cmd is None:
+        entrypoint, cmd = list(src.entrypoint), list(src.cmd)   # type: ignore[union-attr]
+    else:
+        entrypoint = options.entrypoint or [run.executable]
+        cmd = options.cmd if options.cmd is not None else ([] if options.entrypoint else run.argv[1:])
     alerts = secret_alerts([*entrypoint, *cmd], options.env)
     if init_path:
         entrypoint = [init_path, "--", *entrypoint]
+    if not entrypoint and not cmd:
+        entrypoint = [run.executable]
     alerts += [f"{problem}: the image reproduces the run as recorded, failure included"
                for problem in tr.run_problems(run)]
-    ports = sorted({p for r in trace.runs for p in r.listening_ports})
-    # --label first: tracejail's own labels are what verify reads back, so they are not replaced.
-    labels = {**options.labels, LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)}
+    ports = [f"{p}/tcp" for p in sorted({p for r in trace.runs for p in r.listening_ports})]
+    ports = list(dict.fromkeys([*(src.exposed_ports if src else []), *ports]))
+    # The source image's labels, then --label; tracejail's own labels are what verify reads back,
+    # so nothing replaces them.
+    labels = {**(src.labels if src else {}), **options.labels, LABEL_VERSION: __version__,
+              LABEL_TRACE_DIGEST: trace_digest(trace_path)}
     labels.update(content_labels(options, init_path))
-    volumes = list(dict.fromkeys([*(os.path.normpath(v) for v in options.volumes),
+    volumes = list(dict.fromkeys([*(src.volumes if src else []), *(os.path.normpath(v) for v in options.volumes),
                                   *(own.written_dirs if options.writable_volumes else [])]))
     for v in volumes:
         if not v.startswith("/"):
@@ -559,7 +609,8 @@ def build(trace_path: str, options: BuildOptions,
     labels[LABEL_CREATED] = created
 
     with tempfile.TemporaryDirectory(prefix="tracejail-build-") as workdir:
-        notes = _generated_entries(plan, uid, gid, workdir, own.home if uid != 0 else None)
+        account = source.account_lines(root, uid, gid) if trace.source is not None and uid != 0 else None
+        notes = _generated_entries(plan, uid, gid, workdir, own.home if uid != 0 else None, account)
         shrunk = None
         if options.strip or options.bytecode_only:
             step("shrinking: " + ", ".join(o for o, on in (("--strip", options.strip),
@@ -575,16 +626,23 @@ def build(trace_path: str, options: BuildOptions,
             derived=shrunk.derived if shrunk else {})
         notes += metadata.notes
         # The recorded environment, less what points outside the image; --env exactly as given.
-        recorded, dropped = filter_env(image_env(run, []), plan, root)
+        recorded, dropped = filter_env(image_env(run, [], src), plan, root)
         env_items = [f"{k}={v}" for k, v in sorted({**name_values(recorded), **extra_env}.items())]
         if dropped:
             notes.append("environment not carried into the image (it names what the image does not hold): "
                          + "; ".join(dropped))
+        if src is not None:
+            secret = sorted(k for k, v in name_values([i for i in src.env if "=" in i]).items()
+                            if tr.REDACTED in v or sensitive.secret_in_variable(k, v))
+            if secret:
+                alerts.append(f"{trace.source.image}'s Env holds secrets, left out of the image: {', '.join(secret)} "   # type: ignore[union-attr]
+                              "(pass them at run time: docker run -e)")
         if own.home and uid != 0 and not any(e.startswith("HOME=") for e in env_items):
             env_items = sorted(env_items + [f"HOME={own.home}"])
         cfg = image.ImageConfig(
             entrypoint=entrypoint, cmd=cmd, env=env_items, working_dir=run.cwd, volumes=volumes,
-            user=f"{uid}:{gid}", exposed_ports=[f"{p}/tcp" for p in ports], labels=labels, created=created)
+            user=f"{uid}:{gid}", exposed_ports=ports, labels=labels, created=created,
+            stop_signal=src.stop_signal if src else "")
         result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings,
                              alerts=alerts, metadata=metadata, shrunk=shrunk)
         total = plan.files_size()

@@ -31,8 +31,8 @@ def inspect(trace_file: str, as_json: bool, misses: bool, top: int, **content: A
     from tracejail import provenance as prov
     from tracejail.build import BuildOptions
 
-    sel = prov.select_and_plan(trace_file, BuildOptions(**image_content(**content)))
-    report = ins.report(trace_file, sel.trace, sel.files, sel.plan, top=top, misses=misses)
+    with prov.selected(trace_file, BuildOptions(**image_content(**content))) as sel:
+        report = ins.report(trace_file, sel.trace, sel.files, sel.plan, top=top, misses=misses, root=sel.root)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -59,19 +59,19 @@ def explain(trace_file: str, paths: tuple[str, ...], as_json: bool, **content: A
     from tracejail import provenance as prov
     from tracejail.build import BuildOptions
 
-    sel = prov.select_and_plan(trace_file, BuildOptions(**image_content(**content)))
-    pv = prov.compute(sel.trace, sel.files, sel.plan, sel.root)
-    db = sel.db
-    cwd = sel.trace.runs[0].cwd if sel.trace.runs else os.getcwd()
-    results = []
-    for path in paths:
-        # A relative PATH means what it meant to the recorded program: relative to its cwd.
-        ex = prov.explain(os.path.join(cwd, path), pv, sel.files, sel.plan)
-        if db is not None and ex.in_image:
-            keys = db.owners_of(ex.image_path or ex.path) or db.owners_of(ex.path)
-            if keys:
-                ex.package = ", ".join(f"{db.packages[k].name} {db.packages[k].version}" for k in keys)
-        results.append(ex)
+    with prov.selected(trace_file, BuildOptions(**image_content(**content))) as sel:
+        pv = prov.compute(sel.trace, sel.files, sel.plan, sel.root)
+        db = sel.db
+        cwd = sel.trace.runs[0].cwd if sel.trace.runs else os.getcwd()
+        results = []
+        for path in paths:
+            # A relative PATH means what it meant to the recorded program: relative to its cwd.
+            ex = prov.explain(os.path.join(cwd, path), pv, sel.files, sel.plan)
+            if db is not None and ex.in_image:
+                keys = db.owners_of(ex.image_path or ex.path) or db.owners_of(ex.path)
+                if keys:
+                    ex.package = ", ".join(f"{db.packages[k].name} {db.packages[k].version}" for k in keys)
+            results.append(ex)
     if as_json:
         click.echo(json.dumps([ex.to_json() for ex in results], indent=2, sort_keys=True))
     else:

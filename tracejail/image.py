@@ -99,6 +99,7 @@ class ImageConfig:
     labels: dict[str, str] = field(default_factory=dict)  # also written as OCI annotations
     volumes: list[str] = field(default_factory=list)  # directories declared as volumes
     created: str = field(default_factory=default_created)  # SOURCE_DATE_EPOCH or epoch 0
+    stop_signal: str = ""  # StopSignal (kept from an image recorded with --image)
     architecture: str = field(default_factory=host_architecture)
     os: str = "linux"
 
@@ -188,6 +189,8 @@ def image_config_json(config: ImageConfig, diff_ids: list[str], layer_names: lis
         run["Labels"] = dict(config.labels)
     if config.volumes:
         run["Volumes"] = {v: {} for v in config.volumes}
+    if config.stop_signal:
+        run["StopSignal"] = config.stop_signal
     names = layer_names or ["rootfs"] * len(diff_ids)
     # One history entry per layer (docker history shows them): what the layer holds.
     history = [{"created": config.created, "created_by": "tracejail build" + ("" if len(diff_ids) == 1 else f": {n}")}
@@ -910,6 +913,10 @@ def dockerfile_text(rootfs_name: str, config: ImageConfig) -> str:
         lines.append(f"USER {config.user}")
     # JSON (exec) form: no shell in a FROM-scratch image to run the string form. JSON escapes
     # quotes and backslashes; Docker does not expand variables in exec form.
+    if config.stop_signal:
+        if not re.fullmatch(r"[A-Z0-9+]{1,16}", config.stop_signal):
+            raise TracejailError(f"stop signal {config.stop_signal!r} is not a signal name or number")
+        lines.append(f"STOPSIGNAL {config.stop_signal}")
     if config.entrypoint:
         lines.append("ENTRYPOINT " + json.dumps(list(config.entrypoint)))
     if config.cmd:

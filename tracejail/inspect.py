@@ -230,7 +230,7 @@ def _home_config(parts: list[str]) -> bool:
     return bool(rest) and rest[0].startswith(".") and (len(rest) == 1 or rest[0] == ".config")
 
 
-def _raw_misses(trace: tr.Trace) -> list[Miss]:
+def _raw_misses(trace: tr.Trace, root: Root | None = None) -> list[Miss]:
     """The failed lookups, from verify.recorded_misses (one definition of "a miss" for verify
     and inspect); the fallback below only serves a tree without verify.py."""
     try:
@@ -239,7 +239,7 @@ def _raw_misses(trace: tr.Trace) -> list[Miss]:
         verify = None   # type: ignore[assignment]
     if verify is not None and hasattr(verify, "recorded_misses"):
         return [Miss(m.path, m.result, m.syscall, m.count, list(m.pids), m.process, m.exists_on_host)
-                for m in verify.recorded_misses(trace)]
+                for m in verify.recorded_misses(trace, root=root)]
     procs = {p.pid: p for run in trace.runs for p in run.processes}
     out = []
     for path in sorted(trace.files):
@@ -262,7 +262,7 @@ def grouped_misses(trace: tr.Trace, root: Root | None = None) -> list[Miss]:
         if trace.files[path].ok:
             norm = root.normalize(path)[0]
             found.setdefault(os.path.basename(norm), norm)
-    misses = _raw_misses(trace)
+    misses = _raw_misses(trace, root)
     for m in misses:
         m.group, m.found_at = _miss_group(root.normalize(m.path)[0], found)
     return misses
@@ -288,7 +288,7 @@ def misses_summary(misses: list[Miss], shown_per_group: int = 50) -> dict[str, A
 
 
 def report(trace_path: str, trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, *,
-           top: int = 10, misses: bool = False) -> dict[str, Any]:
+           top: int = 10, misses: bool = False, root: Root | None = None) -> dict[str, Any]:
     left_out: dict[str, list[str]] = {}
     for path, rule in files.excluded:
         left_out.setdefault(rule, []).append(path)
@@ -308,7 +308,7 @@ def report(trace_path: str, trace: tr.Trace, files: fsel.FileSet, plan: rootfs.P
         "unresolved_libraries": [{"name": n, "needed_by": b} for n, b in files.unresolved],
     }
     if misses:
-        out["misses"] = misses_summary(grouped_misses(trace))
+        out["misses"] = misses_summary(grouped_misses(trace, root))
     return out
 
 

@@ -18,11 +18,13 @@ which wanted path led to each), so explain and build agree on what every spellin
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from tracejail import __version__
 from tracejail import fileset as fsel
@@ -511,11 +513,26 @@ class Selection:
 
 def select_and_plan(trace_path: str, options: Any = None, root: Root | None = None) -> Selection:
     """Load a trace and choose its files, owners and nodes as `tracejail build` would with the
-    same build.BuildOptions (the defaults when None)."""
-    from tracejail import build
+    same build.BuildOptions (the defaults when None), in `root` (default: options.root, or /)."""
+    trace = tr.load(trace_path)
+    return _select(trace, trace_path, options, root or Root((options.root if options else None) or "/"))
+
+
+@contextlib.contextmanager
+def selected(trace_path: str, options: Any = None) -> Iterator[Selection]:
+    """select_and_plan in the tree the trace names: the host's, or (a trace recorded with
+    `record --image`) that image's, unpacked for as long as the block runs."""
+    from tracejail import source
 
     trace = tr.load(trace_path)
-    root = root or Root((options.root if options else None) or "/")
+    with source.root_of(trace, options.docker_env if options else None) as where:
+        root = Root(where if trace.source is not None else (options.root if options else None) or "/")
+        yield _select(trace, trace_path, options, root)
+
+
+def _select(trace: tr.Trace, trace_path: str, options: Any, root: Root) -> Selection:
+    from tracejail import build
+
     chosen = build.plan_image(trace, root, options or build.BuildOptions(), (os.path.abspath(trace_path),))
     return Selection(trace, chosen.files, chosen.plan, root, chosen.db)
 

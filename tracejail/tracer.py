@@ -328,6 +328,8 @@ class Tracer:
         self.exited: set[int] = set()            # tids whose exit came before their fork event
         self.stashed: set[int] = set()           # new tids stopped before their parent's event
         self.header_cache: dict[tuple, str | None] = {}   # PT_INTERP / #! per file version
+        root = os.stat("/")
+        self.host_root = (root.st_dev, root.st_ino)      # a tracee whose root is this one sees our paths
         self.result: TraceResult | None = None
         self._stop_requested = 0
 
@@ -566,9 +568,11 @@ class Tracer:
         else:
             proc.argv, proc.exe = argv, exe
         if exe:
-            interp = self._cached(elf_interpreter, exe)
-            if interp:   # the kernel opened it: no syscall names it
-                key = (interp, "exec", "kernel:interp", "ok" if _exists(interp) else "ENOENT", tid)
+            # /proc/TID/exe is the very file that runs, also for a tracee in another mount
+            # namespace (a jail), where `exe` names a path the host cannot open.
+            interp = self._cached(elf_interpreter, f"/proc/{tid}/exe")
+            if interp:   # the kernel opened it (the exec succeeded): no syscall names it
+                key = (interp, "exec", "kernel:interp", "ok", tid)
                 res.events[key] = res.events.get(key, 0) + 1
 
     def _on_exit(self, tid: int, status: int) -> None:
@@ -741,13 +745,21 @@ class Tracer:
             st = os.stat(path)
         except OSError:
             return None
-        key = (reader, path, st.st_ino, st.st_mtime_ns, st.st_size)
+        key = (reader, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         if key not in self.header_cache:
             self.header_cache[key] = reader(path)
         return self.header_cache[key]
 
     def _record_shebangs(self, path: str, tgid: int, events: dict) -> None:
         # The kernel opens `#!` interpreters itself; follow the chain like binfmt_script does.
+        # The path is read on the host: only for a tracee whose root is the host's (a jailed
+        # one's scripts are the jail's; build's closure follows their `#!` lines statically).
+        try:
+            st = os.stat(f"/proc/{tgid}/root")
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) != self.host_root:
+            return
         for _ in range(4):
             interp = self._cached(shebang_interpreter, path)
             if not interp:

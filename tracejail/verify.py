@@ -30,6 +30,7 @@ image does not record (--exclude, --include, --keep-modes...) are not repeated.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -52,6 +53,7 @@ from tracejail import trace as tr
 from tracejail.errors import Interrupted, TraceFormatError, TracejailError, UsageError
 from tracejail.record import listening_ports, run_exercise, spawn_captured
 from tracejail.root import NodeKind, Root, is_runtime_path
+from tracejail.source import root_of as trace_root
 from tracejail.text import shown
 
 NOT_FOUND = ("ENOENT", "ENOTDIR")
@@ -236,12 +238,14 @@ def _main_failure(accesses: list[tr.Access]) -> tr.Access:
     return max(accesses, key=lambda a: (a.count, a.syscall == "execve"))
 
 
-def recorded_misses(trace: tr.Trace, run: int | None = None) -> list[Miss]:
+def recorded_misses(trace: tr.Trace, run: int | None = None, root: Root | None = None) -> list[Miss]:
     """Paths the recorded run(s) looked up and did not find: every path whose accesses all failed,
     one Miss per path, sorted by path. `run` limits it to one run (an index into trace.runs).
 
     These are mostly harmless probes (Python's import search, ld.so's library search); what
-    `exists_on_host` says True for appeared on the host after the recording."""
+    `exists_on_host` says True for appeared on the host (`root`: the tree the trace's files come
+    from) after the recording."""
+    tree = root or Root("/")
     procs = _processes(trace)
     out = []
     for path in sorted(trace.files):
@@ -255,7 +259,7 @@ def recorded_misses(trace: tr.Trace, run: int | None = None) -> list[Miss]:
         out.append(Miss(path=path, syscall=main.syscall, result=main.result,
                         count=sum(a.count for a in rec.accesses), pids=pids,
                         process=_who(who.argv) if who else "?", run=runs[0],
-                        exists_on_host=os.path.lexists(path)))
+                        exists_on_host=tree.lexists(tree.normalize(path)[0])))
     return out
 
 
@@ -374,8 +378,8 @@ def check_digest(trace_path: str, info: ImageInfo | None, what: str) -> str | No
         return f"cannot check that {what} was built from {trace_path} (no Dockerfile beside it)"
     label = info.labels.get(tjbuild.LABEL_TRACE_DIGEST)
     if label is None:
-        raise TraceFormatError(f"{what} was not built by tracejail build (no {tjbuild.LABEL_TRACE_DIGEST} "
-                               "label); build it from the trace first")
+        # e.g. the final stage of a multi-stage `docker build` that copied a --rootfs tree
+        return f"cannot check that {what} was built from {trace_path} (it has no {tjbuild.LABEL_TRACE_DIGEST} label)"
     digest = tjbuild.trace_digest(trace_path)
     if label != digest:
         raise TraceFormatError(f"{what} was built from another trace ({label[:19]}...), not from "
@@ -602,27 +606,11 @@ def compare(index: int, run: tr.Run, outcome: Outcome) -> RunCheck:
 
 # --- misses: a traced replay in the jail ---------------------------------------------------------
 
-def _jail_pids(processes: list[tr.ProcessInfo]) -> set[int]:
-    """Processes of the jailed program: descendants of the launcher's init (the launcher and init
-    themselves run on the host side of the chroot and are not the program)."""
-    children: dict[int | None, list[int]] = {}
-    for p in processes:
-        children.setdefault(p.ppid, []).append(p.pid)
-    roots = children.get(None, [])
-    inits = [c for r in roots for c in children.get(r, [])]
-    out: set[int] = set()
-    todo = [c for i in inits for c in children.get(i, [])]
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out.add(pid)
-            todo.extend(children.get(pid, []))
-    return out
-
-
 def jail_view(jtrace: tr.Trace, root: str) -> dict[str, list[tr.Access]]:
     """The traced replay's accesses by the jailed program only, keyed by the path it saw."""
-    pids = _jail_pids(jtrace.runs[0].processes if jtrace.runs else [])
+    from tracejail.record_image import program_pids
+
+    pids = program_pids(jtrace.runs[0].processes if jtrace.runs else [], with_init=True)
     view: dict[str, list[tr.Access]] = {}
     for rec in jtrace.files.values():
         path = jail.strip_root(rec.path, root)
@@ -672,8 +660,9 @@ def _listing_misses(host: tr.Trace, view: dict[str, list[tr.Access]], rootfs: st
 
 
 def jail_misses(host: tr.Trace, view: dict[str, list[tr.Access]], processes: list[tr.ProcessInfo],
-                rootfs: str, run_index: int) -> tuple[list[Miss], list[Miss]]:
-    """(misses, denied) of one traced replay. See the module docstring for what counts."""
+                rootfs: str, run_index: int, source: Root | None = None) -> tuple[list[Miss], list[Miss]]:
+    """(misses, denied) of one traced replay. See the module docstring for what counts. `source`
+    is the tree the trace's files come from (the host's /, or the image it was recorded in)."""
     procs = {p.pid: p for p in processes}
     view = dict(view)
     for interp, (_how, accesses) in _interpreter_misses(view, rootfs).items():
@@ -689,7 +678,7 @@ def jail_misses(host: tr.Trace, view: dict[str, list[tr.Access]], processes: lis
                     process=_who(who.argv) if who else "?", run=run_index,
                     exists_on_host=True, in_trace=in_trace)
 
-    source = Root("/")   # where the trace's files come from
+    source = source or Root("/")
     tree = Root(rootfs)
     misses: dict[str, Miss] = {}   # canonical path in the source -> the best spelling
     denied: list[Miss] = []
@@ -723,7 +712,7 @@ def jail_misses(host: tr.Trace, view: dict[str, list[tr.Access]], processes: lis
 
 
 def trace_inside(spec: jail.JailSpec, run: tr.Run, host: tr.Trace, run_index: int,
-                 opts: VerifyOptions) -> tuple[Outcome, list[Miss], list[Miss]]:
+                 opts: VerifyOptions, source: Root | None = None) -> tuple[Outcome, list[Miss], list[Miss]]:
     """Replay `run` in the jail under tracejail's tracer (on the host; the tracee chroots itself)."""
     from tracejail.record import RecordOptions, record
 
@@ -752,7 +741,7 @@ def trace_inside(spec: jail.JailSpec, run: tr.Run, host: tr.Trace, run_index: in
     outcome = Outcome(status=got.status if not run.exercises or got.stop_reason == "exited" else None,
                       stdout=got.stdout, stderr=got.stderr, exercises=got.exercises, error=error)
     view = jail_view(rec.trace, spec.root)
-    misses, denied = jail_misses(host, view, got.processes, spec.rootfs, run_index)
+    misses, denied = jail_misses(host, view, got.processes, spec.rootfs, run_index, source)
     return outcome, misses, denied
 
 
@@ -763,6 +752,7 @@ class Target:
 
     label: str
     info: ImageInfo | None     # None: the tree has no Dockerfile to say how it was built
+    source: Root = Root("/")   # where the trace's files come from (verify sets it: source.root_of)
     user: str
     opts: VerifyOptions
     notes: list[str]           # said once in the report (e.g. how ports were published)
@@ -814,7 +804,7 @@ class Target:
         from tracejail.provenance import IMAGE_PATH
 
         info, run = self.config(), trace.runs[0]
-        base = _env_dict(tjbuild.image_env(run, []))
+        base = _env_dict(tjbuild.image_env(run, [], trace.source.config if trace.source else None))
         extra = [f"{k}={v}" for k, v in sorted(info.env.items()) if base.get(k) != v]
         # What build would write by itself: the program, behind the init if there is one.
         init = info.labels.get(tjbuild.LABEL_INIT)
@@ -998,7 +988,8 @@ class RootfsTarget(Target):
         self.info = read_dockerfile(self.rootfs)
         self.user = opts.user or (self.info.user if self.info and self.info.user else tjbuild.DEFAULT_USER)
         _numeric_user(self.user)
-        self._default_env = _env_dict(tjbuild.image_env(trace.runs[0], []))
+        self._default_env = _env_dict(tjbuild.image_env(trace.runs[0], [],
+                                                        trace.source.config if trace.source else None))
 
     def config(self) -> ImageInfo:
         # Without a Dockerfile: what `build` would have put in the image config.
@@ -1040,7 +1031,7 @@ def _traced_replay(target: Target, run: tr.Run, index: int, trace: tr.Trace, opt
                    rootfs: str) -> tuple[Outcome, list[Miss], list[Miss]]:
     spec = target.jail_spec(run, index == 0, rootfs)
     try:
-        return trace_inside(spec, run, trace, index, opts)
+        return trace_inside(spec, run, trace, index, opts, target.source)
     finally:
         jail.remove_workdir(spec.workdir)
 
@@ -1154,7 +1145,9 @@ def verify(trace_path: str, opts: VerifyOptions,
     report = VerifyReport(trace=trace_path, target=target.label, user=target.user)
     for command in commands:
         (announce or say)(f"will run on this host (an exercise of the trace): {command}")
+    roots = contextlib.ExitStack()
     try:
+        target.source = Root(roots.enter_context(trace_root(trace, opts.docker_env, say)))
         warning = check_digest(trace_path, target.info, target.label)
         if warning:
             report.warnings.append(warning)
@@ -1197,6 +1190,7 @@ def verify(trace_path: str, opts: VerifyOptions,
             report.import_check = import_check(target, trace, opts)
     finally:
         target.close()
+        roots.close()
         report.notes = list(dict.fromkeys(target.notes))
     return report
 
@@ -1242,12 +1236,12 @@ def import_check(target: Target, trace: tr.Trace, opts: VerifyOptions) -> Import
     content = tjbuild.content_options(target.config().labels)
     if not content["import_closure"]:
         return ImportCheck(python, [], problem="the image was built with --no-import-closure")
-    files = fsel.select(trace, fsel.SelectOptions(exclude_modules=tuple(content["exclude_modules"])), Root("/"))
+    files = fsel.select(trace, fsel.SelectOptions(exclude_modules=tuple(content["exclude_modules"])), target.source)
     names = sorted({a.name for a in files.python_imports})
     check = ImportCheck(python, names)
     if not names:
         return check
-    entries, _, _ = pyimports.search_path(trace, files.wanted, Root("/"))
+    entries, _, _ = pyimports.search_path(trace, files.wanted, target.source)
     app_dirs = [e.path for e in entries if e.where == pyimports.Where.APP]
     probe = dataclasses.replace(run, argv=[python, "-c", _IMPORT_CHECK, ":".join(app_dirs), *names],
                                 executable=python, exercises=[], listening_ports=[])
