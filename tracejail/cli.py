@@ -105,67 +105,103 @@ def main() -> None:
     """
 
 
+# How a run is recorded and driven: record and minify take the same options.
+_RUN_OPTIONS = (
+    click.option("--exercise", "exercises", multiple=True, metavar="CMD",
+                 help="Shell command run on the host once COMMAND is ready (repeatable, in order)."),
+    click.option("--ready-port", type=click.IntRange(1, 65535), metavar="N",
+                 help="Ready when the traced tree listens on this TCP port."),
+    click.option("--ready-delay", type=click.FloatRange(0), metavar="S",
+                 help="Ready after this many seconds instead of waiting for a port."),
+    click.option("--ready-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
+                 metavar="S", help="Give up waiting for readiness after this long."),
+    click.option("--stop-timeout", type=click.FloatRange(0), default=10.0, show_default=True,
+                 metavar="S", help="After exercises: SIGTERM, then SIGKILL after this long."),
+    click.option("--timeout", type=click.FloatRange(0), metavar="S",
+                 help="Bound the whole run; the tree is stopped when it runs out."),
+    click.option("--exact", is_flag=True,
+                 help="Also stop at syscall exit and keep the kernel's result of every call (slower)."),
+    click.option("--no-seccomp", is_flag=True, help="Trace every syscall (debugging; much slower)."),
+    click.option("--pin-cpu", is_flag=True,
+                 help="Run the tracer and the program on one CPU: stops get cheaper, but a parallel "
+                         "program is serialized."),
+    click.option("--keep-env", multiple=True, metavar="NAME",
+                 help="Keep this secret-looking environment value unredacted (repeatable)."),
+    click.option("--keep-argv", is_flag=True,
+                 help="Keep a secret on the command line (--password=X) in the trace instead of redacting "
+                         "it: images built from the trace then carry it in their Entrypoint."),
+)
+
+
+def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_RUN_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def record_options(exercises: tuple[str, ...], ready_port: int | None, ready_delay: float | None,
+                   ready_timeout: float, stop_timeout: float, timeout: float | None, exact: bool,
+                   no_seccomp: bool, pin_cpu: bool, keep_env: tuple[str, ...], keep_argv: bool) -> Any:
+    """The RecordOptions run_options set."""
+    from tracejail.errors import UsageError
+    from tracejail.record import RecordOptions
+
+    if (ready_port or ready_delay is not None) and not exercises:
+        raise UsageError("--ready-port and --ready-delay only apply with --exercise")
+    return RecordOptions(exercises=list(exercises), ready_port=ready_port, ready_delay=ready_delay,
+                         ready_timeout=ready_timeout, stop_timeout=stop_timeout, timeout=timeout,
+                         use_seccomp=not no_seccomp, exact=exact, pin_cpu=pin_cpu, keep_env=keep_env,
+                         keep_argv=keep_argv)
+
+
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True,
                                 "allow_interspersed_args": False})
 @click.option("-o", "--output", default="trace.json", show_default=True, metavar="FILE",
               help="Where to write the trace (written atomically).")
-@click.option("--exercise", "exercises", multiple=True, metavar="CMD",
-              help="Shell command run on the host once COMMAND is ready (repeatable, in order).")
-@click.option("--ready-port", type=click.IntRange(1, 65535), metavar="N",
-              help="Ready when the traced tree listens on this TCP port.")
-@click.option("--ready-delay", type=click.FloatRange(0), metavar="S",
-              help="Ready after this many seconds instead of waiting for a port.")
-@click.option("--ready-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
-              metavar="S", help="Give up waiting for readiness after this long.")
-@click.option("--stop-timeout", type=click.FloatRange(0), default=10.0, show_default=True,
-              metavar="S", help="After exercises: SIGTERM, then SIGKILL after this long.")
-@click.option("--timeout", type=click.FloatRange(0), metavar="S",
-              help="Bound the whole run; the tree is stopped when it runs out.")
 @click.option("--append", is_flag=True,
               help="Merge this run into an existing trace; its first run stays the default command.")
-@click.option("--exact", is_flag=True,
-              help="Also stop at syscall exit and keep the kernel's result of every call (slower).")
-@click.option("--no-seccomp", is_flag=True, help="Trace every syscall (debugging; much slower).")
-@click.option("--pin-cpu", is_flag=True,
-              help="Run the tracer and the program on one CPU: stops get cheaper, but a parallel "
-                   "program is serialized.")
-@click.option("--keep-env", multiple=True, metavar="NAME",
-              help="Keep this secret-looking environment value unredacted (repeatable).")
-@click.option("--keep-argv", is_flag=True,
-              help="Keep a secret on the command line (--password=X) in the trace instead of redacting "
-                   "it: images built from the trace then carry it in their Entrypoint.")
+@run_options
+@click.option("--image", metavar="IMAGE",
+              help="Run IMAGE's Entrypoint and Cmd (COMMAND replaces Cmd) on the image's own files, in "
+                   "tracejail's sandbox: a local engine image, a docker or OCI archive, or an OCI layout.")
+@click.option("--user", "image_user", metavar="USER[:GROUP]",
+              help="With --image: run as this user of the image instead of the image's USER.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARG...]")
 @handle_errors
-def record(output: str, exercises: tuple[str, ...], ready_port: int | None, ready_delay: float | None,
-           ready_timeout: float, stop_timeout: float, timeout: float | None, append: bool,
-           exact: bool, no_seccomp: bool, pin_cpu: bool, keep_env: tuple[str, ...], keep_argv: bool,
-           command: tuple[str, ...]) -> None:
+def record(output: str, append: bool, image: str | None, image_user: str | None, command: tuple[str, ...],
+           **run_opts: Any) -> None:
     """Run COMMAND under the tracer and record every file its process tree touches.
 
     Without --exercise, waits for COMMAND (and everything it started) to exit, and exits with
     its status. With --exercise, waits until COMMAND listens on a TCP port, runs the exercises,
     stops COMMAND, and exits 0 only if every exercise exited 0.
+
+    With --image, the run happens in the image instead of on this host, and the trace's paths
+    are the image's: `tracejail build` then takes every file from that image.
     """
     from tracejail import trace as tr
     from tracejail.errors import UsageError
-    from tracejail.record import RecordOptions
     from tracejail.record import record as do_record
 
-    if not command:
+    if not command and not image:
         raise UsageError("no command given: put it after `--`, e.g. tracejail record -- python3 app.py")
-    if (ready_port or ready_delay is not None) and not exercises:
-        raise UsageError("--ready-port and --ready-delay only apply with --exercise")
+    if image_user is not None and not image:
+        raise UsageError("--user only applies with --image (a host run is recorded as you)")
+    opts = record_options(**run_opts)
     tr.check_writable(output)
     previous = tr.load(output) if append and os.path.exists(output) else None
-    opts = RecordOptions(exercises=list(exercises), ready_port=ready_port, ready_delay=ready_delay,
-                         ready_timeout=ready_timeout, stop_timeout=stop_timeout, timeout=timeout,
-                         use_seccomp=not no_seccomp, exact=exact, pin_cpu=pin_cpu, keep_env=keep_env,
-                         keep_argv=keep_argv)
-    rec = do_record(list(command), opts, progress=_note)
+    if image:
+        from tracejail.record_image import ImageRunOptions, record_image
+
+        rec = record_image(ImageRunOptions(image=image, command=list(command), user=image_user), opts,
+                           progress=_note)
+    else:
+        rec = do_record(list(command), opts, progress=_note)
     for w in rec.warnings:
         tell("warning", w)
     result = rec.trace
     if previous is not None:
+        previous.check_same_source(rec.trace)
         previous.merge(rec.trace)
         result = previous
     tr.save(result, output)
@@ -173,6 +209,7 @@ def record(output: str, exercises: tuple[str, ...], ready_port: int | None, read
     tell("", record_summary(rec, output))
     for problem in tr.run_problems(run):
         tell("warning", problem + " (the trace records it as it ran)")
+    exercises = opts.exercises
     if exercises:
         failed = [e for e in run.exercises if e.exit_code != 0]
         if len(run.exercises) < len(exercises):
@@ -226,8 +263,9 @@ class _Progress:
 # What an image holds and who owns it: build, inspect and explain take the same options, so that
 # inspect and explain describe the image build makes.
 _IMAGE_CONTENT_OPTIONS = (
-    click.option("--user", default="65532:65532", show_default=True, metavar="UID:GID|root",
-                 help="User the image runs as."),
+    click.option("--user", metavar="UID:GID|root",
+                 help="User the image runs as [default: 65532:65532; for a trace recorded with --image, "
+                      "that image's USER, whose names may be used here too]."),
     click.option("--include", multiple=True, metavar="PATH", help="Host file or tree to add (repeatable)."),
     click.option("--exclude", multiple=True, metavar="GLOB", help="Drop matching paths (repeatable)."),
     click.option("--keep-setuid", is_flag=True, help="Keep setuid/setgid bits."),
@@ -251,7 +289,7 @@ def image_content_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def image_content(user: str, include: tuple[str, ...], exclude: tuple[str, ...], keep_setuid: bool,
+def image_content(user: str | None, include: tuple[str, ...], exclude: tuple[str, ...], keep_setuid: bool,
                   keep_modes: bool, keep_owners: bool, families_off: tuple[str, ...], no_import_closure: bool,
                   exclude_modules: tuple[str, ...]) -> dict[str, Any]:
     """The BuildOptions fields image_content_options set."""
@@ -260,82 +298,79 @@ def image_content(user: str, include: tuple[str, ...], exclude: tuple[str, ...],
             "import_closure": not no_import_closure, "exclude_modules": list(exclude_modules)}
 
 
-@main.command(context_settings=CONTEXT)
-@click.argument("trace_file", metavar="TRACE.json", type=click.Path(dir_okay=False))
-@click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]",
-              help="Name the image (repeatable): loaded into Docker when reachable, pushed with --push.")
-@click.option("-o", "--output", metavar="FILE",
-              help="Image archive to write (default: none when -t loads or pushes it, else NAME.tar).")
-@click.option("--rootfs", "rootfs_dir", metavar="DIR",
-              help="Also stage the tree in DIR and write a Dockerfile beside it.")
-@click.option("--oci-dir", metavar="DIR", help="Also write a plain OCI image layout directory.")
-@click.option("--push", is_flag=True, help="Push every -t to its registry (OCI distribution API, no daemon).")
-@click.option("--insecure-registry", "insecure_registries", multiple=True, metavar="HOST[:PORT]",
-              help="Allow plain HTTP or an unverified certificate for this registry (loopback always is).")
-@click.option("--layers", default="1", show_default=True, metavar="N|auto",
-              help="Split the image into at most N layers by origin (libc, packages, interpreter, "
-                   "distributions, app), most shared first; auto: up to 32.")
-@click.option("--no-cache", is_flag=True, help="Compress every layer again instead of reusing unchanged ones.")
-@image_content_options
-@click.option("--entrypoint", metavar="CMD", help="The program to run (shell words) instead of the recorded one.")
-@click.option("--cmd", metavar="ARGS", help="Its default arguments (shell words) instead of the recorded ones.")
-@click.option("--init", "use_init", is_flag=True,
-              help="Run a minimal init (tini from the host) as PID 1: signals and zombies are handled.")
-@click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment (repeatable).")
-@click.option("--label", "labels", multiple=True, metavar="K=V", help="Image label (repeatable).")
-@click.option("--annotation", "annotations", multiple=True, metavar="K=V",
-              help="Manifest annotation (repeatable).")
-@click.option("--strip", is_flag=True,
-              help="Strip kept ELF files (symbols, debug sections; GNU strip --strip-unneeded) in the image.")
-@click.option("--bytecode-only", is_flag=True,
-              help="Ship imported Python modules as .pyc only, without their .py (tracebacks lose source lines).")
-@click.option("--no-load", is_flag=True, help="Do not load the image into Docker.")
-@click.option("--strict", is_flag=True, help="Fail when a traced file vanished or a library is missing.")
-@click.option("--fast", is_flag=True, help="gzip level 1 instead of 6.")
-@click.option("--no-compress", is_flag=True, help="Uncompressed layers.")
-@click.option("--volume", "volumes", multiple=True, metavar="DIR",
-              help="Declare DIR a volume in the image (repeatable): writable under docker run --read-only.")
-@click.option("--writable-volumes", is_flag=True,
-              help="Declare every directory the recorded run wrote in a volume.")
-@click.option("--provenance", is_flag=True,
-              help="Write why each file is there into the image as /.tracejail/provenance.json.")
-@click.option("--sbom", "sbom_file", metavar="FILE", help="Write a software bill of materials to FILE.")
-@click.option("--sbom-format", type=click.Choice(["spdx", "cyclonedx"]), default="spdx", show_default=True,
-              help="SPDX 2.3 JSON or CycloneDX 1.5 JSON.")
-@click.option("--no-package-metadata", is_flag=True,
-              help="Leave out dpkg status.d stanzas and /etc/os-release (kept by default for scanners).")
-@click.option("--max-file-size", default="4G", show_default=True, metavar="SIZE",
-              help="Refuse to stage a file bigger than this (e.g. 512M, 10G).")
-@click.option("--iidfile", metavar="FILE", help="Write the image ID to FILE.")
-@click.option("--metadata-file", metavar="FILE", help="Write the build result's metadata (buildx keys) to FILE.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
-@click.option("--progress", type=click.Choice(["auto", "plain", "quiet"]), default="auto", show_default=True,
-              help="auto: a bar on a terminal; plain: one line per step on stderr; quiet: none.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@handle_errors
-def build(trace_file: str, tags: tuple[str, ...], output: str | None, rootfs_dir: str | None,
-          oci_dir: str | None, push: bool, insecure_registries: tuple[str, ...], layers: str, no_cache: bool,
-          user: str, entrypoint: str | None, cmd: str | None, use_init: bool, env: tuple[str, ...],
-          labels: tuple[str, ...], annotations: tuple[str, ...],
-          include: tuple[str, ...], exclude: tuple[str, ...], strip: bool, bytecode_only: bool,
-          no_load: bool, strict: bool,
-          fast: bool, no_compress: bool, keep_setuid: bool, keep_modes: bool, families_off: tuple[str, ...],
-          no_import_closure: bool, exclude_modules: tuple[str, ...],
-          volumes: tuple[str, ...], writable_volumes: bool, keep_owners: bool, provenance: bool,
-          sbom_file: str | None, sbom_format: str, no_package_metadata: bool, max_file_size: str,
-          iidfile: str | None, metadata_file: str | None, quiet: bool, progress: str,
-          as_json: bool) -> None:
-    """Stage what TRACE.json touched (plus its ELF closure) into a FROM-scratch image.
+# What build makes of a trace and where it goes: build and minify take the same options.
+_BUILD_OPTIONS = (
+    click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]",
+                 help="Name the image (repeatable): loaded into Docker when reachable, pushed with --push."),
+    click.option("-o", "--output", metavar="FILE",
+                 help="Image archive to write (default: none when -t loads or pushes it, else NAME.tar)."),
+    click.option("--rootfs", "rootfs_dir", metavar="DIR",
+                 help="Also stage the tree in DIR and write a Dockerfile beside it."),
+    click.option("--oci-dir", metavar="DIR", help="Also write a plain OCI image layout directory."),
+    click.option("--push", is_flag=True, help="Push every -t to its registry (OCI distribution API, no daemon)."),
+    click.option("--insecure-registry", "insecure_registries", multiple=True, metavar="HOST[:PORT]",
+                 help="Allow plain HTTP or an unverified certificate for this registry (loopback always is)."),
+    click.option("--layers", default="1", show_default=True, metavar="N|auto",
+                 help="Split the image into at most N layers by origin (libc, packages, interpreter, "
+                         "distributions, app), most shared first; auto: up to 32."),
+    click.option("--no-cache", is_flag=True, help="Compress every layer again instead of reusing unchanged ones."),
+    click.option("--entrypoint", metavar="CMD", help="The program to run (shell words) instead of the recorded one."),
+    click.option("--cmd", metavar="ARGS", help="Its default arguments (shell words) instead of the recorded ones."),
+    click.option("--init", "use_init", is_flag=True,
+                 help="Run a minimal init (tini from the host) as PID 1: signals and zombies are handled."),
+    click.option("--env", "env", multiple=True, metavar="K=V", help="Extra environment (repeatable)."),
+    click.option("--label", "labels", multiple=True, metavar="K=V", help="Image label (repeatable)."),
+    click.option("--annotation", "annotations", multiple=True, metavar="K=V",
+                 help="Manifest annotation (repeatable)."),
+    click.option("--strip", is_flag=True,
+                 help="Strip kept ELF files (symbols, debug sections; GNU strip --strip-unneeded) in the image."),
+    click.option("--bytecode-only", is_flag=True,
+                 help="Ship imported Python modules as .pyc only, without their .py (tracebacks lose source lines)."),
+    click.option("--no-load", is_flag=True, help="Do not load the image into Docker."),
+    click.option("--strict", is_flag=True, help="Fail when a traced file vanished or a library is missing."),
+    click.option("--fast", is_flag=True, help="gzip level 1 instead of 6."),
+    click.option("--no-compress", is_flag=True, help="Uncompressed layers."),
+    click.option("--volume", "volumes", multiple=True, metavar="DIR",
+                 help="Declare DIR a volume in the image (repeatable): writable under docker run --read-only."),
+    click.option("--writable-volumes", is_flag=True,
+                 help="Declare every directory the recorded run wrote in a volume."),
+    click.option("--provenance", is_flag=True,
+                 help="Write why each file is there into the image as /.tracejail/provenance.json."),
+    click.option("--sbom", "sbom_file", metavar="FILE", help="Write a software bill of materials to FILE."),
+    click.option("--sbom-format", type=click.Choice(["spdx", "cyclonedx"]), default="spdx", show_default=True,
+                 help="SPDX 2.3 JSON or CycloneDX 1.5 JSON."),
+    click.option("--no-package-metadata", is_flag=True,
+                 help="Leave out dpkg status.d stanzas and /etc/os-release (kept by default for scanners)."),
+    click.option("--max-file-size", default="4G", show_default=True, metavar="SIZE",
+                 help="Refuse to stage a file bigger than this (e.g. 512M, 10G)."),
+    click.option("--iidfile", metavar="FILE", help="Write the image ID to FILE."),
+    click.option("--metadata-file", metavar="FILE", help="Write the build result's metadata (buildx keys) to FILE."),
+)
 
-    \b
-      tracejail build trace.json -t app                      # load into Docker
-      tracejail build trace.json -t 127.0.0.1:5000/app:1 --push --layers auto
-      tracejail build trace.json -o app.tar                  # an archive for docker/podman load
-    """
+
+def build_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """build's options (image_content_options included)."""
+    fn = image_content_options(fn)
+    for option in reversed(_BUILD_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def build_options_from(tags: tuple[str, ...], output: str | None, rootfs_dir: str | None,
+                       oci_dir: str | None, push: bool, insecure_registries: tuple[str, ...], layers: str,
+                       no_cache: bool, user: str | None, entrypoint: str | None, cmd: str | None, use_init: bool,
+                       env: tuple[str, ...], labels: tuple[str, ...], annotations: tuple[str, ...],
+                       include: tuple[str, ...], exclude: tuple[str, ...], strip: bool, bytecode_only: bool,
+                       no_load: bool, strict: bool, fast: bool, no_compress: bool, keep_setuid: bool,
+                       keep_modes: bool, families_off: tuple[str, ...], no_import_closure: bool,
+                       exclude_modules: tuple[str, ...], volumes: tuple[str, ...], writable_volumes: bool,
+                       keep_owners: bool, provenance: bool, sbom_file: str | None, sbom_format: str,
+                       no_package_metadata: bool, max_file_size: str, iidfile: str | None,
+                       metadata_file: str | None) -> Any:
+    """The BuildOptions that build_options set."""
     import shlex
 
     from tracejail.build import BuildOptions, name_values
-    from tracejail.build import build as do_build
     from tracejail.errors import UsageError
     from tracejail.text import parse_size
 
@@ -343,10 +378,7 @@ def build(trace_file: str, tags: tuple[str, ...], output: str | None, rootfs_dir
         size_limit = parse_size(max_file_size)
     except ValueError as err:
         raise UsageError(f"--max-file-size: {err}") from None
-    if quiet:
-        progress = "quiet"
-
-    opts = BuildOptions(
+    return BuildOptions(
         tags=list(tags), output=output, rootfs_dir=rootfs_dir, oci_dir=oci_dir,
         entrypoint=shlex.split(entrypoint) if entrypoint else None, cmd=shlex.split(cmd) if cmd is not None else None,
         init=use_init, env=list(env), labels=name_values(labels, "--label", "KEY=VALUE"),
@@ -358,6 +390,29 @@ def build(trace_file: str, tags: tuple[str, ...], output: str | None, rootfs_dir
         max_file_size=size_limit, strip=strip, bytecode_only=bytecode_only,
         **image_content(user, include, exclude, keep_setuid, keep_modes, keep_owners, families_off,
                         no_import_closure, exclude_modules))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("trace_file", metavar="TRACE.json", type=click.Path(dir_okay=False))
+@build_options
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image ID.")
+@click.option("--progress", type=click.Choice(["auto", "plain", "quiet"]), default="auto", show_default=True,
+              help="auto: a bar on a terminal; plain: one line per step on stderr; quiet: none.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def build(trace_file: str, quiet: bool, progress: str, as_json: bool, **options: Any) -> None:
+    """Stage what TRACE.json touched (plus its ELF closure) into a FROM-scratch image.
+
+    \b
+      tracejail build trace.json -t app                      # load into Docker
+      tracejail build trace.json -t 127.0.0.1:5000/app:1 --push --layers auto
+      tracejail build trace.json -o app.tar                  # an archive for docker/podman load
+    """
+    from tracejail.build import build as do_build
+
+    opts = build_options_from(**options)
+    if quiet:
+        progress = "quiet"
     bar = _Progress() if progress == "auto" else None
     plain = (lambda line: tell("", line)) if progress == "plain" else None
     try:
@@ -376,7 +431,97 @@ def build(trace_file: str, tags: tuple[str, ...], output: str | None, rootfs_dir
         return
     for w in result.warnings:
         tell("note", w)
-    say(build_report(summary, result, oci_dir, sbom_format))
+    say(build_report(summary, result, opts.oci_dir, opts.sbom_format))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("image", metavar="IMAGE")
+@click.option("--trace", "trace_path", metavar="FILE",
+              help="Keep the trace in FILE (to rebuild, explain or verify later); default: not kept.")
+@click.option("--no-verify", is_flag=True, help="Do not replay the run in the new image.")
+@run_options
+@build_options
+@click.option("--progress", type=click.Choice(["auto", "plain", "quiet"]), default="auto", show_default=True,
+              help="auto: steps and a bar on a terminal; plain: one line per step on stderr; quiet: none.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- COMMAND [ARG...]]")
+@handle_errors
+def minify(image: str, trace_path: str | None, no_verify: bool, progress: str, as_json: bool,
+           command: tuple[str, ...], **options: Any) -> None:
+    """Make IMAGE small: record its command in it, build a FROM-scratch image of what the run
+    used, and verify the new image by replaying the run.
+
+    IMAGE is a local engine image, a docker or OCI archive, or an OCI layout directory. COMMAND
+    replaces its Cmd, as with docker run; --user picks the user to run and build as.
+
+    \b
+      tracejail minify my/app:1 -t my/app:1-min
+      tracejail minify my/server -t my/server:min --exercise 'curl -fs localhost:8000/'
+    """
+    from tracejail.minify import MinifyOptions
+    from tracejail.minify import minify as do_minify
+    from tracejail.record_image import ImageRunOptions
+
+    run_keys = {p.name for deco in _RUN_OPTIONS for p in _params_of(deco)}
+    ropts = record_options(**{k: v for k, v in options.items() if k in run_keys})
+    bopts = build_options_from(**{k: v for k, v in options.items() if k not in run_keys})
+    opts = MinifyOptions(image=image, run=ImageRunOptions(image=image, command=list(command), user=bopts.user),
+                         record=ropts, build=bopts, trace_path=trace_path, verify=not no_verify)
+    bar = _Progress() if progress == "auto" else None
+    steps = (lambda line: tell("", line)) if progress == "plain" or (progress == "auto" and _interactive()) else None
+    try:
+        result = do_minify(opts, progress=steps, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = result.summary()
+    for alert in result.built.alerts:
+        tell("WARNING", alert)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        for w in result.built.warnings:
+            tell("note", w)
+        say(minify_report(summary, result))
+    sys.exit(0 if result.passed else 1)
+
+
+def _params_of(decorator: Callable[..., Any]) -> list[click.Parameter]:
+    """The click parameters one option decorator adds."""
+    def probe() -> None:
+        pass
+    return list(getattr(decorator(probe), "__click_params__", []))
+
+
+def minify_report(summary: dict[str, Any], result: Any) -> str:
+    """Sizes before and after, and what verify replayed."""
+    from tracejail.text import human
+
+    before, after, ratio = summary["before"], summary["after"], summary["ratio"]
+    lines = [f"minified {shown(summary['image'])} -> {', '.join(shown(t) for t in summary['tags'])}"]
+    lines.append(f"  before: {human(before['content'])} of files, {human(before['compressed'])} compressed")
+    pct = (lambda r: f" ({r * 100:.1f}%)" if r is not None else "")
+    after_c = f", {human(after['compressed'])} compressed{pct(ratio['compressed'])}" \
+        if after["compressed"] is not None else ""
+    lines.append(f"  after:  {human(after['content'])} of files{pct(ratio['content'])}{after_c}, "
+                 f"{after['files']} files")
+    if result.verified is not None:
+        report = result.verified
+        runs = report.rounds[-1].runs if report.rounds else []
+        exercises = [e for c in runs for e in c.exercises]
+        passed = sum(1 for e in exercises if e.passed)
+        lines.append(f"  verified: {'PASS' if report.passed else 'FAIL'}: the run replayed in {shown(report.target)}, "
+                     f"exit status and stdout compared"
+                     + (f", {passed}/{len(exercises)} exercises passed" if exercises else ""))
+        if not report.passed:
+            from tracejail.verify import format_report
+
+            lines.append(format_report(report))
+    else:
+        lines.append(f"  not verified: {result.not_verified}")
+    if summary["trace"]:
+        lines.append(f"  trace: {shown(summary['trace'])}")
+    return "\n".join(lines)
 
 
 def build_report(summary: dict[str, Any], result: Any, oci_dir: str | None, sbom_format: str) -> str:
