@@ -169,21 +169,22 @@ class _DigestReader:
 
     def __init__(self, blob: img_mod.Blob) -> None:
         self.chunks = blob.chunks()
-        self.pending = b""
+        self.buf = b""
+        self.pos = 0
         self.hash = hashlib.sha256()
-        self.size = 0
 
     def read(self, n: int = -1) -> bytes:
-        while (n < 0 or len(self.pending) < n):
+        # A refill copies what is left plus one chunk, once per chunk; a read copies only its own
+        # bytes (tarfile reads in small pieces).
+        while n < 0 or len(self.buf) - self.pos < n:
             chunk = next(self.chunks, None)
             if chunk is None:
                 break
             self.hash.update(chunk)
-            self.size += len(chunk)
-            self.pending += chunk
-        if n < 0:
-            n = len(self.pending)
-        out, self.pending = self.pending[:n], self.pending[n:]
+            self.buf, self.pos = self.buf[self.pos:] + chunk, 0
+        end = len(self.buf) if n < 0 else self.pos + n
+        out = self.buf[self.pos:end]
+        self.pos += len(out)
         return out
 
     def drain(self) -> str:
@@ -372,6 +373,10 @@ def account_lines(root: Root, uid: int, gid: int) -> tuple[str, str] | None:
     if user is None:
         return None
     group = next((e for e in _table(root, "/etc/group") if len(e) >= 3 and e[2] == str(gid)), None)
+    # Never a password hash, wherever the image kept one (its /etc/shadow is not kept either).
+    user[1] = "x"
+    if group:
+        group[1] = "x"
     return ":".join(user) + "\n", ":".join(group) + "\n" if group else ""
 
 
