@@ -345,7 +345,9 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path: Path, sig: int, stage
     args = [*TJ, "build", str(trace_path), "-o", str(out / "i.tar"), "--no-package-metadata"]
     if stage == "rootfs":
         args += ["--rootfs", str(out / "rootfs")]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # (a suite started under nohup passes SIGHUP on ignored, which the build then rightly keeps)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         names = os.listdir(out)
