@@ -124,11 +124,11 @@ def throughput(trace: Path, reps: int) -> dict[str, float]:
     thread, gzip-6 on every CPU (best of `reps`); and the plan's content bytes."""
     from tracejail import provenance
 
-    sel = provenance.select_and_plan(str(trace), tjbuild.BuildOptions())
-    plan = sel.plan
     cfg = image.ImageConfig(entrypoint=["/x"])
-    out: dict[str, float] = {"bytes": float(plan.files_size())}
-    with tempfile.TemporaryDirectory(prefix="tj-layers-tp-") as d:
+    with provenance.selected(str(trace), tjbuild.BuildOptions()) as sel, \
+            tempfile.TemporaryDirectory(prefix="tj-layers-tp-") as d:
+        plan = sel.plan
+        out: dict[str, float] = {"bytes": float(plan.files_size())}
         archive = os.path.join(d, "i.tar")
         for label, level, workers in (("none", None, None), ("gzip6-1", 6, 1), ("gzip6-all", 6, None)):
             best = float("inf")

@@ -1,5 +1,6 @@
 """End to end: record each sample workload, build its image, run it in a real Docker engine as the
-default non-root user, and compare with the host run. Sizes go to the test log."""
+default non-root user, and compare with the host run; explain and inspect agree with what build
+made. Sizes go to the test log."""
 from __future__ import annotations
 
 import subprocess
@@ -11,6 +12,8 @@ import pytest
 
 import workloads as wl
 from tracejail import build as tjbuild
+from tracejail import inspect as ins
+from tracejail import provenance as prov
 from tracejail import trace as tr
 
 TJ = [sys.executable, "-m", "tracejail"]
@@ -66,6 +69,26 @@ def run_image(engine, w: wl.Workload, tag: str, network: str = "publish") -> str
             time.sleep(0.1)
 
 
+def explain_and_inspect_agree_with_build(trace_path: Path, result: tjbuild.BuildResult) -> None:
+    """One plan for all three: every node build put in the image, explain calls in the image
+    for a stated reason (never "other"); whatever explain calls in the image, build holds
+    (through its symlinks); inspect counts what build counted."""
+    with prov.selected(str(trace_path), tjbuild.BuildOptions()) as sel:
+        pv = prov.compute(sel.trace, sel.files, sel.plan, sel.root)
+        assert set(sel.plan.entries) == set(result.plan.entries)
+        for path in sorted(result.plan.entries):
+            ex = prov.explain(path, pv, sel.files, sel.plan)
+            assert ex.in_image and ex.reasons, (path, ex.status, ex.summary)
+            assert all(r.kind != prov.OTHER for r in ex.reasons), (path, [r.text for r in ex.reasons])
+        for path in sorted(sel.files.wanted):
+            ex = prov.explain(path, pv, sel.files, sel.plan)
+            if ex.in_image:
+                assert ex.image_path in result.plan.entries, (path, ex.image_path)
+        counted = ins.report(str(trace_path), sel.trace, sel.files, sel.plan, root=sel.root)["image"]
+    built = result.summary()
+    assert (counted["files"], counted["bytes"]) == (built["files"], built["bytes"])
+
+
 @pytest.mark.parametrize("name", [w.name for w in wl.all_workloads()])
 def test_workload_record_build_run(name: str, docker_engine, tmp_path: Path, venv_cache: Path) -> None:
     w = wl.get_workload(name)
@@ -85,6 +108,7 @@ def test_workload_record_build_run(name: str, docker_engine, tmp_path: Path, ven
     result = tjbuild.build(str(trace_path), tjbuild.BuildOptions(
         tags=[tag], output=str(tmp_path / "image.tar"), docker_env=docker_engine.env))
     assert result.loaded_id, result.warnings
+    explain_and_inspect_agree_with_build(trace_path, result)
     assert result.config.user == "65532:65532"
     got = run_image(docker_engine, w, tag)
     assert got == expected

@@ -174,19 +174,19 @@ def test_explain_text_output(shell_trace: Path) -> None:
 
 
 def test_symlink_targets_carry_the_reasons_of_their_names(shell_trace: Path) -> None:
-    sel = prov.select_and_plan(str(shell_trace))
-    pv = prov.compute(sel.trace, sel.files, sel.plan)
-    for path, e in sel.plan.entries.items():
-        ep = pv.entries[path]
-        assert ep.reasons, f"{path} has no reason"
-        if e.kind == "symlink":
-            assert ep.reasons[0].kind in (prov.SYMLINK, prov.TRACED, prov.INTERP, prov.SCRIPT,
-                                          prov.NEEDED, prov.TARGET) or any(
-                r.kind == prov.SYMLINK for r in ep.reasons), (path, ep.reasons)
-    doc = pv.to_json("sha256:x")
-    json.dumps(doc)
-    assert doc["format"] == prov.FORMAT
-    assert all(p in doc["entries"] for p, e in sel.plan.entries.items() if e.kind == "file")
+    with prov.selected(str(shell_trace)) as sel:
+        pv = prov.compute(sel.trace, sel.files, sel.plan)
+        for path, e in sel.plan.entries.items():
+            ep = pv.entries[path]
+            assert ep.reasons, f"{path} has no reason"
+            if e.kind == "symlink":
+                assert ep.reasons[0].kind in (prov.SYMLINK, prov.TRACED, prov.INTERP, prov.SCRIPT,
+                                              prov.NEEDED, prov.TARGET) or any(
+                    r.kind == prov.SYMLINK for r in ep.reasons), (path, ep.reasons)
+        doc = pv.to_json("sha256:x")
+        json.dumps(doc)
+        assert doc["format"] == prov.FORMAT
+        assert all(p in doc["entries"] for p, e in sel.plan.entries.items() if e.kind == "file")
 
 
 # --- inspect --------------------------------------------------------------------------------

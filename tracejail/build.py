@@ -1,6 +1,7 @@
 """`tracejail build`: trace -> file set -> staging plan -> FROM-scratch image (and rootfs).
 
-    select (fileset.py) -> plan (rootfs.py) -> generated entries (/tmp, passwd, group)
+    select (fileset.py) -> plan (rootfs.py) -> generated entries (/tmp, passwd, group, package
+    metadata), all in plan_image, which inspect and explain share
       -> write_archive / write_oci_dir / stage + Dockerfile (image.py, rootfs.py) -> docker load
 """
 from __future__ import annotations
@@ -389,23 +390,25 @@ def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str, home: s
     passwd and group lines (a trace recorded in an image that knows the user), kept as they are."""
     notes = []
     p.entries["/tmp"] = rootfs.Entry("/tmp", "dir", 0o1777, None, None, 0, 0, 0)
+    p.generated["/tmp"] = "created by `tracejail build`: programs expect a world-writable /tmp (mode 1777)"
 
-    def add_file(path: str, content: str) -> None:
+    def add_file(path: str, content: str, why: str) -> None:
         src = os.path.join(workdir, path.strip("/").replace("/", "_"))
         with open(src, "w", encoding="utf-8") as f:
             f.write(content)
         if "/etc" not in p.entries:
             p.entries["/etc"] = rootfs.Entry("/etc", "dir", 0o755, None, None, 0, 0, 0)
         p.entries[path] = rootfs.Entry(path, "file", 0o644, src, None, len(content.encode()), 0, 0)
+        p.generated[path] = why
 
     if account is not None:
         home = account[0].split(":")[5] or "/"
     home = home or ("/home/nonroot" if uid != 0 else "/root")
     passwd_line = account[0] if account else f"{IMAGE_USER_NAME}:x:{uid}:{gid}:{IMAGE_USER_NAME}:{home}:/sbin/nologin\n"
     group_line = account[1] if account and account[1] else f"{IMAGE_USER_NAME}:x:{gid}:\n"
-    for path, name_line, user_line in (
-        ("/etc/passwd", "root:x:0:0:root:/root:/sbin/nologin\n", passwd_line),
-        ("/etc/group", "root:x:0:\n", group_line),
+    for path, name_line, user_line, what in (
+        ("/etc/passwd", "root:x:0:0:root:/root:/sbin/nologin\n", passwd_line, "the image user, so getpwuid() works"),
+        ("/etc/group", "root:x:0:\n", group_line, "the image user's group"),
     ):
         entry = p.entries.get(path)
         if entry is not None and entry.kind != "file":
@@ -418,13 +421,15 @@ def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str, home: s
         if str(ident) not in known and ident != 0:
             text = (text if text.endswith("\n") or not text else text + "\n") + user_line
         if text != host_text:
-            add_file(path, text)
+            add_file(path, text, f"written by `tracejail build`: the tree's own {path} plus {what}" if host_text
+                     else f"written by `tracejail build`: root and {what}")
             notes.append(f"{path}: {'host file plus' if host_text else 'generated with'} root and uid/gid {ident}")
     if "/etc/nsswitch.conf" not in p.entries:
         # Non-root programs look themselves up (bash does, as any uid but 0), and glibc reads
         # nsswitch.conf first: say "files", which the passwd/group above answer, rather than
         # leave a lookup that fails in the image but never happened in a root recording.
-        add_file("/etc/nsswitch.conf", NSSWITCH_FILES)
+        add_file("/etc/nsswitch.conf", NSSWITCH_FILES, "written by `tracejail build`: passwd and group "
+                 "from files, so lookups of the image user work (no recorded run read one)")
         notes.append("/etc/nsswitch.conf: generated (passwd, group: files; hosts: files dns)")
     if uid != 0 and home not in p.entries:
         parts = home.strip("/").split("/")
@@ -433,6 +438,8 @@ def _generated_entries(p: rootfs.Plan, uid: int, gid: int, workdir: str, home: s
             if d not in p.entries:
                 mine = d == home
                 p.entries[d] = rootfs.Entry(d, "dir", 0o755, None, None, 0, uid if mine else 0, gid if mine else 0)
+                p.generated[d] = "created by `tracejail build`: " + (
+                    "the image user's home directory" if mine else "a parent of the image user's home")
     return notes
 
 
@@ -446,13 +453,16 @@ class ImagePlan:
     plan: rootfs.Plan
     db: Any                   # dpkg.Database | None: the root's package database, read once
     init: str | None = None   # the init --init added (find_init), to put before the program
+    notes: list[str] = field(default_factory=list)   # what build writes itself, said once
 
 
-def plan_image(trace: tr.Trace, root: Root, options: BuildOptions,
+def plan_image(trace: tr.Trace, root: Root, options: BuildOptions, workdir: str,
                extra_excluded: tuple[str, ...] = ()) -> ImagePlan:
     """Choose the files (trace, ELF closure, families, --include/--exclude), decide who owns
-    them (ownership.py) and plan every node, as `options` say."""
-    from tracejail import dpkg, ownership
+    them (ownership.py), plan every node, and add what build writes itself (passwd, group,
+    nsswitch.conf, /tmp, the user's home, package metadata; content in `workdir`), as `options`
+    say. build, inspect and explain all start from this one plan."""
+    from tracejail import dpkg, ownership, provenance, source
 
     uid, gid = build_user(trace, root, options)
     init = find_init(root) if options.init else None
@@ -472,7 +482,11 @@ def plan_image(trace: tr.Trace, root: Root, options: BuildOptions,
                                      secrets=frozenset(files.secrets),
                                      owned={} if uid == 0 else own.owned, keep_owners=options.keep_owners)
     plan = rootfs.plan(sorted(files.wanted), root=root, options=stage_opts, dirs_only=sorted(files.dirs_only))
-    return ImagePlan(files, own, plan, db, init)
+    account = source.account_lines(root, uid, gid) if trace.source is not None and uid != 0 else None
+    notes = _generated_entries(plan, uid, gid, workdir, own.home if uid != 0 else None, account)
+    if options.package_metadata and db is not None:
+        notes += provenance.add_package_metadata(plan, workdir, root, db)
+    return ImagePlan(files, own, plan, db, init, notes)
 
 
 def _outputs(options: BuildOptions) -> tuple[list[image.Reference], str | None, bool]:
@@ -518,16 +532,16 @@ def build(trace_path: str, options: BuildOptions,
         shrink.strip_tool()      # missing binutils fails before any work
     # The one place every stage takes its tree from: the host's / (or options.root), or the
     # image the trace was recorded in.
-    with source.root_of(trace, options.docker_env, say) as image_root:
+    with source.root_of(trace, options.docker_env, say) as image_root, \
+            tempfile.TemporaryDirectory(prefix="tracejail-build-") as workdir:
         root = Root(image_root if trace.source is not None else options.root)
-        return _build(trace, trace_path, options, root, max_layers, refs, archive, load, progress, say)
+        return _build(trace, trace_path, options, root, workdir, max_layers, refs, archive, load, progress, say)
 
 
-def _build(trace: tr.Trace, trace_path: str, options: BuildOptions, root: Root, max_layers: int,
+def _build(trace: tr.Trace, trace_path: str, options: BuildOptions, root: Root, workdir: str, max_layers: int,
            refs: list[image.Reference], archive: str | None, load: bool,
            progress: Callable[[str, int, int], None] | None,
            say: Callable[[str], None] | None) -> BuildResult:
-    from tracejail import source
 
     run = trace.runs[0]
     uid, gid = build_user(trace, root, options)
@@ -555,7 +569,7 @@ def _build(trace: tr.Trace, trace_path: str, options: BuildOptions, root: Root, 
         result_warnings.append(f"the image runs as root, as {trace.source.image} does; --user UID:GID (or a user "
                                f"of the image, e.g. --user {DEFAULT_USER}) makes it run as an ordinary user")
     step("planning: trace, ELF closure, imports, ownership")
-    chosen = plan_image(trace, root, options,
+    chosen = plan_image(trace, root, options, workdir,
                         (os.path.abspath(trace_path),) + ((os.path.abspath(archive),) if archive else ()))
     files, own, plan, db, init_path = chosen.files, chosen.ownership, chosen.plan, chosen.db, chosen.init
 
@@ -608,78 +622,75 @@ def _build(trace: tr.Trace, trace_path: str, options: BuildOptions, root: Root, 
     created = created_time(run)
     labels[LABEL_CREATED] = created
 
-    with tempfile.TemporaryDirectory(prefix="tracejail-build-") as workdir:
-        account = source.account_lines(root, uid, gid) if trace.source is not None and uid != 0 else None
-        notes = _generated_entries(plan, uid, gid, workdir, own.home if uid != 0 else None, account)
-        shrunk = None
-        if options.strip or options.bytecode_only:
-            step("shrinking: " + ", ".join(o for o, on in (("--strip", options.strip),
-                                                          ("--bytecode-only", options.bytecode_only)) if on))
-            shrunk = shrink.shrink(plan, workdir, strip=options.strip, bytecode_only=options.bytecode_only,
-                                   read=shrink.read_paths(trace, root) if options.bytecode_only else set(),
-                                   owned=plan.ownership)
-        from tracejail import provenance
+    notes = list(chosen.notes)
+    shrunk = None
+    if options.strip or options.bytecode_only:
+        step("shrinking: " + ", ".join(o for o, on in (("--strip", options.strip),
+                                                      ("--bytecode-only", options.bytecode_only)) if on))
+        shrunk = shrink.shrink(plan, workdir, strip=options.strip, bytecode_only=options.bytecode_only,
+                               read=shrink.read_paths(trace, root) if options.bytecode_only else set(),
+                               owned=plan.ownership)
+    from tracejail import provenance
 
-        metadata = provenance.add_build_metadata(
-            trace, files, plan, workdir, package_metadata=options.package_metadata,
-            write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST], root=root, db=db,
-            derived=shrunk.derived if shrunk else {})
-        notes += metadata.notes
-        # The recorded environment, less what points outside the image; --env exactly as given.
-        recorded, dropped = filter_env(image_env(run, [], src), plan, root)
-        env_items = [f"{k}={v}" for k, v in sorted({**name_values(recorded), **extra_env}.items())]
-        if dropped:
-            notes.append("environment not carried into the image (it names what the image does not hold): "
-                         + "; ".join(dropped))
-        if src is not None:
-            secret = sorted(k for k, v in name_values([i for i in src.env if "=" in i]).items()
-                            if tr.REDACTED in v or sensitive.secret_in_variable(k, v))
-            if secret:
-                alerts.append(f"{trace.source.image}'s Env holds secrets, left out of the image: {', '.join(secret)} "   # type: ignore[union-attr]
-                              "(pass them at run time: docker run -e)")
-        if own.home and uid != 0 and not any(e.startswith("HOME=") for e in env_items):
-            env_items = sorted(env_items + [f"HOME={own.home}"])
-        cfg = image.ImageConfig(
-            entrypoint=entrypoint, cmd=cmd, env=env_items, working_dir=run.cwd, volumes=volumes,
-            user=f"{uid}:{gid}", exposed_ports=ports, labels=labels, created=created,
-            stop_signal=src.stop_signal if src else "")
-        result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings,
-                             alerts=alerts, metadata=metadata, shrunk=shrunk)
-        total = plan.files_size()
+    metadata = provenance.add_build_metadata(
+        trace, files, plan, workdir, write_provenance=options.provenance, trace_digest=labels[LABEL_TRACE_DIGEST],
+        root=root, db=db, derived=shrunk.derived if shrunk else {})
+    notes += metadata.notes
+    # The recorded environment, less what points outside the image; --env exactly as given.
+    recorded, dropped = filter_env(image_env(run, [], src), plan, root)
+    env_items = [f"{k}={v}" for k, v in sorted({**name_values(recorded), **extra_env}.items())]
+    if dropped:
+        notes.append("environment not carried into the image (it names what the image does not hold): "
+                     + "; ".join(dropped))
+    if src is not None:
+        secret = sorted(k for k, v in name_values([i for i in src.env if "=" in i]).items()
+                        if tr.REDACTED in v or sensitive.secret_in_variable(k, v))
+        if secret:
+            alerts.append(f"{trace.source.image}'s Env holds secrets, left out of the image: {', '.join(secret)} "   # type: ignore[union-attr]
+                          "(pass them at run time: docker run -e)")
+    if own.home and uid != 0 and not any(e.startswith("HOME=") for e in env_items):
+        env_items = sorted(env_items + [f"HOME={own.home}"])
+    cfg = image.ImageConfig(
+        entrypoint=entrypoint, cmd=cmd, env=env_items, working_dir=run.cwd, volumes=volumes,
+        user=f"{uid}:{gid}", exposed_ports=ports, labels=labels, created=created,
+        stop_signal=src.stop_signal if src else "")
+    result = BuildResult(files=files, plan=plan, config=cfg, archive=archive, warnings=result_warnings,
+                         alerts=alerts, metadata=metadata, shrunk=shrunk)
+    total = plan.files_size()
 
-        def bar(name: str) -> Callable[[int], None] | None:
-            if progress is None:
-                return None
-            return lambda n: progress(name, n, total)
+    def bar(name: str) -> Callable[[int], None] | None:
+        if progress is None:
+            return None
+        return lambda n: progress(name, n, total)
 
-        def changed(entry: rootfs.Entry, err: SourceChanged) -> None:
-            # A file swapped or rewritten between planning and copying is never read: it is
-            # left out of this output (and named), or the build fails with --strict.
-            if options.strict:
-                raise TracejailError(f"{err} (--strict)")
-            if (entry.path, str(err)) not in plan.changed:
-                plan.changed.append((entry.path, str(err)))
+    def changed(entry: rootfs.Entry, err: SourceChanged) -> None:
+        # A file swapped or rewritten between planning and copying is never read: it is
+        # left out of this output (and named), or the build fails with --strict.
+        if options.strict:
+            raise TracejailError(f"{err} (--strict)")
+        if (entry.path, str(err)) not in plan.changed:
+            plan.changed.append((entry.path, str(err)))
 
-        if options.rootfs_dir:
-            step(f"staging the tree in {options.rootfs_dir}")
-            rootfs.stage(plan, options.rootfs_dir, progress=bar("staging"), on_changed=changed)
-            result.rootfs_dir = options.rootfs_dir
-            result.dockerfile = image.write_dockerfile(options.rootfs_dir, cfg)
-        if archive or options.oci_dir or load or options.push:
-            near = os.path.dirname(os.path.abspath(archive or options.oci_dir or "."))
-            with image.blob_workdir(near) as blob_dir:
-                img = _make_image(plan, cfg, options, max_layers, blob_dir, workdir, files, own, metadata,
-                                  bar("compressing"), changed, step, result)
-                _write_outputs(img, refs, archive, load, options, blob_dir, step, result, progress)
-        for path, why in plan.changed:
-            result_warnings.append(f"left out {path}: {why}")
-            plan.entries.pop(path, None)
-        if options.sbom:
-            from tracejail import sbom
+    if options.rootfs_dir:
+        step(f"staging the tree in {options.rootfs_dir}")
+        rootfs.stage(plan, options.rootfs_dir, progress=bar("staging"), on_changed=changed)
+        result.rootfs_dir = options.rootfs_dir
+        result.dockerfile = image.write_dockerfile(options.rootfs_dir, cfg)
+    if archive or options.oci_dir or load or options.push:
+        near = os.path.dirname(os.path.abspath(archive or options.oci_dir or "."))
+        with image.blob_workdir(near) as blob_dir:
+            img = _make_image(plan, cfg, options, max_layers, blob_dir, workdir, files, own, metadata,
+                              bar("compressing"), changed, step, result)
+            _write_outputs(img, refs, archive, load, options, blob_dir, step, result, progress)
+    for path, why in plan.changed:
+        result_warnings.append(f"left out {path}: {why}")
+        plan.entries.pop(path, None)
+    if options.sbom:
+        from tracejail import sbom
 
-            sbom.write(options.sbom, options.sbom_format, options.tags[0] if options.tags else "image",
-                       metadata.packages, plan, image.rfc3339(image.source_date_epoch() or int(time.time())))
-            result.sbom = options.sbom
+        sbom.write(options.sbom, options.sbom_format, options.tags[0] if options.tags else "image",
+                   metadata.packages, plan, image.rfc3339(image.source_date_epoch() or int(time.time())))
+        result.sbom = options.sbom
     result.warnings.extend(notes)
     return result
 

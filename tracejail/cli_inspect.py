@@ -1,7 +1,7 @@
 """`tracejail inspect` and `tracejail explain`: know what is inside an image before building it.
 
-Both take the same --include/--exclude as `build`, so they describe the image that build would
-make from the trace (less the few files build generates itself, which explain names).
+Both take the same --include/--exclude as `build`, and start from the same plan (build.plan_image,
+the files build writes itself included), so they describe the image that build makes.
 """
 from __future__ import annotations
 

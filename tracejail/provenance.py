@@ -19,10 +19,10 @@ which wanted path led to each), so explain and build agree on what every spellin
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -455,6 +455,8 @@ def compute(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, root: Root 
                 ep.reasons.append(Reason(SYMLINK, f"a symlink on the way to {_some(tos)}: kept so that "
                                          "those names resolve in the image as on the host",
                                          {"to": tos[:20], "count": len(tos)}))
+        if path in plan.generated:
+            ep.reasons.append(Reason(GENERATED, plan.generated[path]))
         if path in plan.ownership:
             ep.reasons.append(Reason(OWNER, f"belongs to the image user ({e.uid}:{e.gid}): {plan.ownership[path]}",
                                      {"uid": e.uid, "gid": e.gid}))
@@ -477,27 +479,6 @@ def add_generated(prov: Provenance, path: str, kind: str, text: str, size: int =
     ep.reasons.append(Reason(GENERATED, text))
 
 
-# Entries build.py's _generated_entries writes; explain names them even without a build.
-GENERATED_BY_BUILD = {
-    "/tmp": "created by `tracejail build`: programs expect a world-writable /tmp (mode 1777)",
-    "/etc/passwd": "written by `tracejail build`: root and the image user, so getpwuid() works",
-    "/etc/group": "written by `tracejail build`: root and the image user's group",
-    "/home": "created by `tracejail build`: the parent of the image user's home",
-    "/home/nonroot": "created by `tracejail build`: the image user's home directory",
-    IMAGE_PATH: "written by `tracejail build --provenance`: this provenance document",
-    "/etc/os-release": "kept by `tracejail build` (package metadata): scanners identify the distribution by it",
-}
-
-
-def generated_note(path: str) -> str | None:
-    if path in GENERATED_BY_BUILD:
-        return GENERATED_BY_BUILD[path]
-    if path.startswith("/var/lib/dpkg/status.d/"):
-        return ("written by `tracejail build` (package metadata): the dpkg status stanza of a package "
-                "that owns kept files, where scanners look for it (as in distroless)")
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # The same selection `build` makes
 
@@ -511,13 +492,6 @@ class Selection:
     db: Any = None      # dpkg.Database | None
 
 
-def select_and_plan(trace_path: str, options: Any = None, root: Root | None = None) -> Selection:
-    """Load a trace and choose its files, owners and nodes as `tracejail build` would with the
-    same build.BuildOptions (the defaults when None), in `root` (default: options.root, or /)."""
-    trace = tr.load(trace_path)
-    return _select(trace, trace_path, options, root or Root((options.root if options else None) or "/"))
-
-
 @contextlib.contextmanager
 def selected(trace_path: str, options: Any = None) -> Iterator[Selection]:
     """select_and_plan in the tree the trace names: the host's, or (a trace recorded with
@@ -525,15 +499,16 @@ def selected(trace_path: str, options: Any = None) -> Iterator[Selection]:
     from tracejail import source
 
     trace = tr.load(trace_path)
-    with source.root_of(trace, options.docker_env if options else None) as where:
+    with source.root_of(trace, options.docker_env if options else None) as where, \
+            tempfile.TemporaryDirectory(prefix="tracejail-plan-") as workdir:
         root = Root(where if trace.source is not None else (options.root if options else None) or "/")
-        yield _select(trace, trace_path, options, root)
+        yield _select(trace, trace_path, options, root, workdir)
 
 
-def _select(trace: tr.Trace, trace_path: str, options: Any, root: Root) -> Selection:
+def _select(trace: tr.Trace, trace_path: str, options: Any, root: Root, workdir: str) -> Selection:
     from tracejail import build
 
-    chosen = build.plan_image(trace, root, options or build.BuildOptions(), (os.path.abspath(trace_path),))
+    chosen = build.plan_image(trace, root, options or build.BuildOptions(), workdir, (os.path.abspath(trace_path),))
     return Selection(trace, chosen.files, chosen.plan, root, chosen.db)
 
 
@@ -615,11 +590,6 @@ def explain(path: str, prov: Provenance, files: fsel.FileSet, plan: rootfs.Plan)
         reasons = [Reason(TARGET, f"resolves through {chain} to {final}", {"to": final})] + target.reasons
         return Explanation(asked, True, "reached", f"in the image through symlinks, as {final}",
                            reasons, final, target.kind, links)
-
-    note = generated_note(norm)
-    if note:
-        return Explanation(asked, False, "generated", f"not from the host: {note}",
-                           [Reason(GENERATED, note)])
 
     rules = [rule for p, rule in files.excluded if p == norm]
     rules += [why for p, why in plan.skipped if p == norm]
@@ -703,64 +673,68 @@ def _add_file(plan: rootfs.Plan, workdir: str, path: str, content: bytes) -> Non
     plan.entries[path] = rootfs.Entry(path, "file", 0o644, src, None, len(content), 0, 0)
 
 
+def add_package_metadata(plan: rootfs.Plan, workdir: str, root: Root, db: Any) -> list[str]:
+    """Add dpkg status.d stanzas (for every package that owns a kept file) and /etc/os-release
+    to the plan, as files in `workdir` (build.plan_image calls it, so inspect and explain see
+    them too). Read from `root`. Returns a note for the build summary."""
+    from tracejail import dpkg, sbom
+
+    status_files = dpkg.status_d_files(db, dpkg.owners(db, sbom.owned_candidates(plan, root)))
+    if not status_files:
+        return []
+    if not _add_dirs(plan, dpkg.STATUS_D + "/x"):
+        return [f"package metadata not written: a parent of {dpkg.STATUS_D} is not a directory"]
+    for path, text in status_files.items():
+        _add_file(plan, workdir, path, text.encode())
+        plan.generated[path] = ("written by `tracejail build` (package metadata): the dpkg status stanza of a "
+                                "package that owns kept files, where scanners look for it (as in distroless)")
+    release = (root.read_text("/etc/os-release") or "").encode("utf-8", "surrogateescape")
+    if "/etc/os-release" not in plan.entries and release and not sensitive.private_key_in(release, len(release)):
+        _add_file(plan, workdir, "/etc/os-release", release)
+        plan.generated["/etc/os-release"] = ("kept by `tracejail build` (package metadata): scanners identify the "
+                                             "distribution by it")
+    return [f"package metadata: {len(status_files)} dpkg package(s) in {dpkg.STATUS_D}"]
+
+
 def add_build_metadata(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, workdir: str, *,
-                       package_metadata: bool = True, write_provenance: bool = False,
-                       trace_digest: str | None = None, root: Root | None = None, db: Any = None,
-                       derived: Mapping[str, str] | None = None) -> BuildMetadata:
-    """Called by `build` after its own generated entries: add dpkg status.d stanzas and
-    /etc/os-release (package_metadata), and /.tracejail/provenance.json (write_provenance),
-    as files in `workdir`; return the provenance of every entry and the image's packages.
-    Package databases and /etc/os-release are read from `root` (the host's / by default)."""
+                       write_provenance: bool = False, trace_digest: str | None = None, root: Root | None = None,
+                       db: Any = None, derived: Mapping[str, str] | None = None) -> BuildMetadata:
+    """Called by `build` once its plan is final: the provenance of every entry and the image's
+    packages (dpkg and Python); with `write_provenance`, /.tracejail/provenance.json as a file
+    in `workdir`. Package databases and /etc/os-release are read from `root` (the host's / by
+    default)."""
     from tracejail import dpkg, sbom
 
     root = root or Root("/")
     prov = compute(trace, files, plan, root)
     meta = BuildMetadata(prov)
-    derived = derived or {}
-    for path, e in plan.entries.items():
-        if path in derived:
-            # Content made from a kept file: why that file is there still holds.
-            ep = prov.entries.get(path)
-            if ep is None:
-                ep = prov.entries[path] = EntryProvenance(path, e.kind, size=e.size)
-            ep.size = e.size
-            ep.reasons.append(Reason(DERIVED, derived[path]))
-        # build.py's own additions: no host source (dirs) or content written in its workdir.
-        elif e.source is None or (e.source != path and e.source.startswith(workdir + os.sep)):
-            add_generated(prov, path, e.kind, generated_note(path) or "written by `tracejail build`", e.size)
+    for path, why in (derived or {}).items():
+        # Content made from a kept file: why that file is there still holds.
+        e = plan.entries.get(path)
+        if e is None:
+            continue
+        ep = prov.entries.get(path)
+        if ep is None:
+            ep = prov.entries[path] = EntryProvenance(path, e.kind, size=e.size)
+        ep.size = e.size
+        ep.reasons.append(Reason(DERIVED, why))
 
     db = db if db is not None else dpkg.read_database(root)
     if db is not None:
-        ownership = dpkg.owners(db, sbom.owned_candidates(plan, root))
-        os_release_text = root.read_text("/etc/os-release") or ""
-        os_release = tr.parse_os_release(os_release_text)
-        meta.packages.extend(sbom.debian_packages(db, ownership, os_release, root))
-        status_files = dpkg.status_d_files(db, ownership)
-        if package_metadata and status_files:
-            if not _add_dirs(plan, dpkg.STATUS_D + "/x"):
-                meta.notes.append(f"package metadata not written: a parent of {dpkg.STATUS_D} is not a directory")
-            else:
-                for path, text in status_files.items():
-                    _add_file(plan, workdir, path, text.encode())
-                    add_generated(prov, path, "file", generated_note(path) or "", len(text.encode()))
-                    meta.generated.append(path)
-                release = os_release_text.encode("utf-8", "surrogateescape")
-                if "/etc/os-release" not in plan.entries and release \
-                        and not sensitive.private_key_in(release, len(release)):
-                    _add_file(plan, workdir, "/etc/os-release", release)
-                    add_generated(prov, "/etc/os-release", "file", GENERATED_BY_BUILD["/etc/os-release"],
-                                  plan.entries["/etc/os-release"].size)
-                    meta.generated.append("/etc/os-release")
-                meta.notes.append(f"package metadata: {len(status_files)} dpkg package(s) in {dpkg.STATUS_D}")
+        os_release = tr.parse_os_release(root.read_text("/etc/os-release") or "")
+        meta.packages.extend(sbom.debian_packages(db, dpkg.owners(db, sbom.owned_candidates(plan, root)),
+                                                  os_release, root))
     meta.packages.extend(sbom.python_packages(plan))
 
     if write_provenance:
         _add_dirs(plan, IMAGE_PATH)
         add_generated(prov, os.path.dirname(IMAGE_PATH), "dir", "created by `tracejail build --provenance`")
-        add_generated(prov, IMAGE_PATH, "file", GENERATED_BY_BUILD[IMAGE_PATH])
+        add_generated(prov, IMAGE_PATH, "file", "written by `tracejail build --provenance`: this provenance "
+                      "document")
         data = json.dumps(prov.to_json(trace_digest), indent=None, sort_keys=True,
                           separators=(",", ":")).encode() + b"\n"
         _add_file(plan, workdir, IMAGE_PATH, data)
+        plan.generated[IMAGE_PATH] = "written by `tracejail build --provenance`: this provenance document"
         prov.entries[IMAGE_PATH].size = len(data)
         meta.generated.append(IMAGE_PATH)
         meta.notes.append(f"provenance of {len(prov.entries)} entries in {IMAGE_PATH} ({len(data)} bytes)")

@@ -84,6 +84,7 @@ class Plan:
     # Files left out while writing because they were no longer the node planned (see open_entry).
     changed: list[tuple[str, str]] = field(default_factory=list)
     ownership: dict[str, str] = field(default_factory=dict)   # path -> why the image user owns it
+    generated: dict[str, str] = field(default_factory=dict)   # path -> why build itself writes it
 
     def files_size(self) -> int:
         """Bytes of file content the plan copies: the total that `progress` callbacks add up to."""
