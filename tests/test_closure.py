@@ -356,6 +356,7 @@ def test_origin_expansion(fx: Path) -> None:
     # The loader's spelling is kept: $ORIGIN/../lib, not normalised.
     assert dep.path == f"{fx}/bin/../lib/libori.so"
     assert dep.rule == "runpath" and dep.via_origin
+    assert dep.search == "$ORIGIN/../lib"   # the entry as written: explain shows it, no ELF re-read
     assert os.path.realpath(dep.path) == str(fx / "lib" / "libori.so")
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import workloads as wl
 from tracejail import build as tjbuild
-from tracejail import inspect as ins
+from tracejail import inspection as ins
 from tracejail import provenance as prov
 from tracejail import trace as tr
 

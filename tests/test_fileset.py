@@ -168,12 +168,14 @@ def test_what_the_run_created_is_left_out_but_the_directory_it_was_made_in_is_ke
     gone = trace.record("/srv/app/old/x.tmp")
     gone.add("write", "unlinkat", "ok", 1)
     gone.removed_by_run = True
-    files = fileset.select(trace, fileset.SelectOptions(use_closure=False), Root(str(t)))
+    files = fileset.select(trace, fileset.SelectOptions(), Root(str(t)))
     assert not any(p.startswith("/srv/app/site") for p in files.wanted)
     # the nearest directory the run did not make itself, and the one it removed a file from
-    assert "the run created /srv/app/site in it" in files.wanted["/srv/app"]
+    made = fileset.Reason(fileset.Kind.RUN_DIRECTORY, path="/srv/app/site")
+    assert made in files.wanted["/srv/app"]
     assert "/srv/app" in files.dirs_only
-    assert files.wanted["/srv/app/old"] == ["the run removed /srv/app/old/x.tmp from it"]
+    assert files.wanted["/srv/app/old"] == [fileset.Reason(fileset.Kind.RUN_DIRECTORY, path="/srv/app/old/x.tmp",
+                                                           removed=True)]
 
 
 def test_dist_info_follows_its_record_and_a_changed_record_is_read_again(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ def inspect(trace_file: str, as_json: bool, misses: bool, top: int, **content: A
     """Summarise TRACE.json: runs, processes, exercises, and the image's files by kind and size.
 
     Takes build's options that decide what the image holds, and describes that image."""
-    from tracejail import inspect as ins
+    from tracejail import inspection as ins
     from tracejail import provenance as prov
     from tracejail.build import BuildOptions
 

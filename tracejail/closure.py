@@ -103,6 +103,7 @@ class Dependency:
     rule: str  # see the module docstring
     reason: str = ""  # human sentence for run-time loads and other non-obvious edges
     via_origin: bool = False  # the rpath/runpath/slash directory came from $ORIGIN
+    search: str = ""  # rpath/runpath: the entry as written in the object ("$ORIGIN/../lib")
 
 
 @dataclass(frozen=True)
@@ -730,6 +731,7 @@ class _Root:
 class _Dir:
     path: str  # no trailing slash, except "/" itself
     via_origin: bool
+    written: str = ""  # the DT_RPATH/DT_RUNPATH entry it was expanded from
 
 
 @dataclass(frozen=True)
@@ -738,6 +740,7 @@ class _Found:
     facts: ElfFacts
     rule: str
     via_origin: bool
+    search: str = ""  # the search-list entry that found it (rpath/runpath)
 
 
 @dataclass(frozen=True)
@@ -762,6 +765,7 @@ class _Obj:
     chain: tuple[tuple[_Dir, ...], ...] = ()  # DT_RPATH lists: own, loader's, ... up to the executable
     descends_from_main: bool = False
     shortname: str | None = None  # musl: the name it was found under
+    search: str = ""  # the rpath/runpath entry it was found through
 
 
 _LD_SO_CACHE = "/etc/ld.so.cache"
@@ -1199,7 +1203,7 @@ class _Process:
                     self.r.note(f"relative search directory {element!r} of {obj.path} skipped: working directory unknown")
                     continue
                 expanded = os.path.normpath(absolute)
-            entry = _Dir(expanded, via_origin)
+            entry = _Dir(expanded, via_origin, element)
             if entry not in dirs:
                 dirs.append(entry)
         return tuple(dirs)
@@ -1229,7 +1233,8 @@ class _Process:
                         self.r.note(f"auxiliary filtee {name} of {obj.path} not found (ld.so ignores that)")
                     continue
                 if not dep.is_main:
-                    self.r.edge(Dependency(dep.path, obj.path, name, dep.rule, via_origin=dep.via_origin))
+                    self.r.edge(Dependency(dep.path, obj.path, name, dep.rule, via_origin=dep.via_origin,
+                                           search=dep.search))
 
     def _preload(self) -> None:
         if self.cfg.flavour != "glibc":
@@ -1290,6 +1295,7 @@ class _Process:
             return None
         origin = os.path.dirname(result.path)
         obj = self._new_obj(result.path, result.facts, loader, result.rule, result.via_origin, origin)
+        obj.search = result.search
         self.names.setdefault(name, obj)
         if "/" not in name:
             obj.shortname = name
@@ -1365,7 +1371,8 @@ class _Process:
                 candidate = f"{folder.rstrip('/')}/{name}"
                 verdict, facts, why = self._verify(candidate)
                 if verdict == "ok":
-                    return _Found(candidate, facts, rule, directory.via_origin)  # type: ignore[arg-type]
+                    return _Found(candidate, facts, rule, directory.via_origin,  # type: ignore[arg-type]
+                                  directory.written if rule in ("rpath", "runpath") else "")
                 if verdict == "fatal":
                     return _NotFound(tuple(searched), why)
                 if verdict == "other" and why:

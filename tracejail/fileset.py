@@ -1,8 +1,9 @@
 """Which files of the root go into the image, and why: the traced union, the ELF closure, companions.
 
 `select(trace, options, root)` is pure apart from reading the root's files: it returns a FileSet
-whose `wanted` maps each path to the reasons it is there (`explain` shows them) and whose
-`excluded` says what was left out by which rule (the build summary lists them).
+whose `wanted` maps each path to the typed reasons it is there (provenance.py renders them for
+explain, inspect, provenance.json and the SBOM; nothing parses them back) and whose `excluded`
+says what was left out by which rule (the build summary lists them).
 
 Every candidate, whatever brought it (the trace, the closure, a Python companion, --include), is
 judged by what it reaches (root.Root.resolve): a credential reached through a symlink or a `..`
@@ -12,11 +13,12 @@ is still a credential, and a file holding a private key is left out whatever its
 from __future__ import annotations
 
 import dataclasses
+import enum
 import fnmatch
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from tracejail import families, pyimports, sensitive
 from tracejail import trace as tr
@@ -27,12 +29,50 @@ RUNTIME_RULE = "{} is provided by the container runtime"
 SELF_RULE = "tracejail itself / the trace"
 
 
+class Kind(enum.Enum):
+    """Why a path is wanted; the values are the kinds provenance.json and `explain --json` show."""
+
+    TRACED = "traced"                  # the recorded run touched it
+    ADDED = "added"                    # added to the trace later (verify --fix)
+    PATH_PREFIX = "path-prefix"        # a directory walked through before a `..`
+    RUN_DIRECTORY = "run-directory"    # the directory the run created or removed something in
+    FAMILY = "family"                  # a member of a family looked up by name (families.py)
+    INCLUDE = "include"                # --include
+    IMPORT = "python-import"           # imported by a kept module on a path the run did not take
+    NEEDED = "needed"                  # an edge of the ELF closure (closure.Dependency)
+    PYTHON = "python-companion"        # the .py of a kept .pyc, a .pth file
+    DIST_INFO = "dist-info"            # metadata of a kept Python distribution
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One reason a path is wanted, with the facts that say it (fields by kind)."""
+
+    kind: Kind
+    path: str = ""                  # PATH_PREFIX: where the walk went; RUN_DIRECTORY: what the run made
+                                    # or removed there; PYTHON: the kept .pyc (empty for a .pth)
+    detail: str = ""                # ADDED, FAMILY: why; IMPORT: who imports it; NEEDED: closure's sentence
+    name: str = ""                  # NEEDED: the name as written (DT_NEEDED, interpreter); FAMILY: the
+                                    # family; ADDED: the tool; IMPORT: the module
+    accesses: tuple[str, ...] = ()  # TRACED: the access kinds
+    needed_by: str = ""             # NEEDED: the object or script that needs it
+    rule: str = ""                  # NEEDED: closure's rule (ld.so.cache, rpath, interp, runtime:nss ...)
+    via_origin: bool = False        # NEEDED: the directory came from $ORIGIN
+    search: str = ""                # NEEDED: the DT_RPATH/DT_RUNPATH entry that found it
+    removed: bool = False           # RUN_DIRECTORY: the run removed (not created) `path`
+
+    @classmethod
+    def needed(cls, dep: Any) -> Reason:
+        """The reason for one closure.Dependency."""
+        return cls(Kind.NEEDED, name=dep.name, needed_by=dep.needed_by, rule=dep.rule,
+                   via_origin=dep.via_origin, search=dep.search, detail=dep.reason)
+
+
 @dataclass(frozen=True)
 class SelectOptions:
     include: tuple[str, ...] = ()         # paths (files or whole trees) always kept
     exclude: tuple[str, ...] = ()         # globs dropped after everything else
     extra_excluded_paths: tuple[str, ...] = ()   # e.g. the trace file itself
-    use_closure: bool = True
     families_off: tuple[str, ...] = ()    # families.py names not to add (--no-family)
     import_closure: bool = True           # add what kept Python modules import (pyimports.py)
     exclude_modules: tuple[str, ...] = ()  # module names the import closure does not follow
@@ -40,7 +80,7 @@ class SelectOptions:
 
 @dataclass
 class FileSet:
-    wanted: dict[str, list[str]] = field(default_factory=dict)   # path -> reasons
+    wanted: dict[str, list[Reason]] = field(default_factory=dict)   # path -> why it is there
     dirs_only: set[str] = field(default_factory=set)            # only stat'ed/listed directories
     excluded: list[tuple[str, str]] = field(default_factory=list)   # (path, rule)
     vanished: list[str] = field(default_factory=list)           # traced, gone from the root now
@@ -54,7 +94,7 @@ class FileSet:
     imports_not_parsed: list[tuple[str, str]] = field(default_factory=list)  # (module file, why)
     modules_excluded: list[str] = field(default_factory=list)   # --exclude-module names the closure met
 
-    def want(self, path: str, reason: str) -> None:
+    def want(self, path: str, reason: Reason) -> None:
         reasons = self.wanted.setdefault(path, [])
         if reason not in reasons:
             reasons.append(reason)
@@ -127,7 +167,7 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
         self_paths.extend(os.path.realpath(p) for p in options.extra_excluded_paths)
     judge = Judge(root, includes, self_paths)
 
-    def consider(path: str, reason: str, res: Resolution | None = None, *, dir_only: bool = False) -> bool:
+    def consider(path: str, reason: Reason, res: Resolution | None = None, *, dir_only: bool = False) -> bool:
         rule = judge.rule(path, res if res is not None else root.resolve(path))
         if rule is not None:
             fs.excluded.append((path, rule))
@@ -139,7 +179,7 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
 
     made_by_run = {root.normalize(r.path)[0] for r in trace.files.values() if r.ok and r.created_by_run}
 
-    def keep_parent(spelled: str, reason: str) -> None:
+    def keep_parent(spelled: str, reason: Reason) -> None:
         """Keep the directory the run made or removed `spelled` in: the nearest one it did not
         make itself (`rm -rf site; mkdir -p site/css` leaves `site` out too)."""
         parent = parent_of(root.normalize(spelled)[0])
@@ -156,7 +196,7 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
         if rec.created_by_run:
             fs.excluded.append((path, "created by the recorded run"))
             # ...but the directory it was made in is the image's, or the program cannot make it again
-            keep_parent(rec.path, f"the run created {rec.path} in it")
+            keep_parent(rec.path, Reason(Kind.RUN_DIRECTORY, path=rec.path))
             continue
         runtime = judge.runtime_rule(path)
         if runtime:
@@ -168,23 +208,23 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
         if res.status is not Status.RUNTIME and not root.lexists(path):
             if rec.removed_by_run:
                 fs.excluded.append((path, "removed by the recorded run"))
-                keep_parent(rec.path, f"the run removed {rec.path} from it")
+                keep_parent(rec.path, Reason(Kind.RUN_DIRECTORY, path=rec.path, removed=True))
             else:
                 fs.vanished.append(path)
             continue
         if rec.added_by:
-            reason = f"added by {rec.added_by}: {rec.reason or ''}".strip()
+            reason = Reason(Kind.ADDED, name=rec.added_by, detail=rec.reason or "")
         else:
-            reason = "traced:" + ",".join(sorted(rec.kinds))
+            reason = Reason(Kind.TRACED, accesses=tuple(sorted(rec.kinds)))
         if not consider(path, reason, res, dir_only=res.ok and res.kind is NodeKind.DIR):
             continue
         for prefix in via:
-            consider(prefix, f"on the way to {rec.path}", dir_only=True)
+            consider(prefix, Reason(Kind.PATH_PREFIX, path=rec.path), dir_only=True)
 
     # Families chosen by name from input: the trace shows one member, keep them all.
     found = [root.normalize(r.path)[0] for r in trace.files.values() if r.ok and not r.created_by_run]
     for family, path in families.members(found, root, options.families_off):
-        if path not in fs.wanted and consider(path, f"family {family.name}: {family.why}"):
+        if path not in fs.wanted and consider(path, Reason(Kind.FAMILY, name=family.name, detail=family.why)):
             fs.families.setdefault(family.name, []).append(path)
 
     for inc in includes:
@@ -194,17 +234,16 @@ def select(trace: tr.Trace, options: SelectOptions = SelectOptions(), root: Root
             continue
         if top.ok and top.kind is NodeKind.DIR and not root.lstat_is_link(inc):
             for rel in root.walk_tree(inc):
-                consider(inc + rel if inc != "/" else (rel or "/"), "--include")
+                consider(inc + rel if inc != "/" else (rel or "/"), Reason(Kind.INCLUDE))
         else:
-            consider(inc, "--include", top)
+            consider(inc, Reason(Kind.INCLUDE), top)
 
     # One cache of per-file facts between builds (what a module imports, what a RECORD installs).
     cache = pyimports.ParseCache(pyimports.default_cache_dir())
     try:
         if options.import_closure:
             _add_python_imports(trace, fs, root, consider, options.exclude_modules, cache)
-        if options.use_closure:
-            _add_closure(trace, fs, root, consider)
+        _add_closure(trace, fs, root, consider)
         _add_python_companions(fs, root, consider, cache)
     finally:
         cache.save()
@@ -232,7 +271,8 @@ def _add_python_imports(trace: tr.Trace, fs: FileSet, root: Root, consider: Cons
     kept = [p for p in fs.wanted if p not in fs.dirs_only]
     result = pyimports.closure(trace, kept, root, exclude_modules=exclude_modules, cache=cache)
     for added in result.added:
-        files = tuple(f for f in added.files if f not in fs.wanted and consider(f, added.reason()))
+        why = Reason(Kind.IMPORT, name=added.name, detail=added.importer_text())
+        files = tuple(f for f in added.files if f not in fs.wanted and consider(f, why))
         if files:
             fs.python_imports.append(dataclasses.replace(added, files=files))
     fs.imports_not_parsed = result.not_parsed
@@ -264,17 +304,13 @@ def _add_closure(trace: tr.Trace, fs: FileSet, root: Root, consider: Consider) -
     result = closure.resolve(sorted(roots), loader_env, strict=False, runtime_triggers=triggers, root=root)
     fs.closure_errors.extend(result.errors)
     for dep in result.deps:
-        rule = dep.rule + (" via $ORIGIN" if getattr(dep, "via_origin", False) else "")
-        why = f"needed by {dep.needed_by} ({dep.name}, {rule})"
-        if dep.reason:
-            why += f": {dep.reason}"
         # $ORIGIN/../lib spellings: keep what ld.so walks through, store the normal form
         path, via = root.normalize(dep.path)
-        if not consider(path, why, root.resolve(dep.path)):
+        if not consider(path, Reason.needed(dep), root.resolve(dep.path)):
             continue
         fs.dirs_only.discard(path)
         for prefix in via:
-            if prefix not in fs.wanted and consider(prefix, f"on the way to {dep.path}"):
+            if prefix not in fs.wanted and consider(prefix, Reason(Kind.PATH_PREFIX, path=dep.path)):
                 fs.dirs_only.add(prefix)
     for u in result.unresolved:
         fs.unresolved.append((u.name, u.needed_by))
@@ -296,7 +332,7 @@ def _add_python_companions(fs: FileSet, root: Root, consider: Consider, cache: p
     for path in list(fs.wanted):
         cached = pyimports.cached_pyc(path)
         if cached is not None and cached.source not in fs.wanted and root.exists(cached.source):
-            consider(cached.source, f"source of the kept {path} (Python stats it to validate the cache)")
+            consider(cached.source, Reason(Kind.PYTHON, path=path))
         m = re.match(r"(.*/(?:site|dist)-packages)(/|$)", path)
         if m:
             site_dirs.add(m.group(1))
@@ -306,11 +342,11 @@ def _add_python_companions(fs: FileSet, root: Root, consider: Consider, cache: p
         for name in names:
             full = os.path.join(site, name)
             if name.endswith(".pth"):
-                consider(full, "a .pth file of a kept site-packages (run at interpreter start)")
+                consider(full, Reason(Kind.PYTHON))
             elif name.endswith(".dist-info") and root.resolve(full).kind is NodeKind.DIR:
                 tops = _distribution_tops(root, full, cache)
                 if tops & kept_tops:
-                    why = "dist-info of a kept distribution"
+                    why = Reason(Kind.DIST_INFO)
                     consider(full, why)
                     fs.dirs_only.discard(full)
                     for rel in root.walk_tree(full):

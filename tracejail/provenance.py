@@ -1,13 +1,14 @@
 """Why every node of the image is there: provenance for `explain`, `inspect` and `build`.
 
-The file set (fileset.py) says why each *wanted host path* is kept, as short strings such as
-``traced:exec,read`` or ``needed by /usr/bin/grep (libpcre2-8.so.0, ld.so.cache)``. The plan
+The file set (fileset.py) says why each *wanted path* is kept, as typed reasons
+(fileset.Reason: traced with which accesses, needed by which object through which search rule
+and entry, ...). The plan
 (rootfs.py) then walks each wanted path component by component, so the image also holds
 symlinks met on the way (``/lib -> usr/lib``) and the files they lead to
 (``/usr/lib/x86_64-linux-gnu/libc.so.6`` for the wanted ``/lib/x86_64-linux-gnu/libc.so.6``).
 This module turns both into one structured answer per image path:
 
-* `parse_reason` reads fileset's strings into `Reason` objects (kind + data + one sentence);
+* `render` turns fileset's typed reasons into `Reason` objects (kind + data + one sentence);
 * `compute` joins them with the trace (which process did what) and the plan (symlinks on the
   way, symlink targets, parent directories) into a `Provenance`;
 * `explain` answers for any path, in the image or not (excluded by which rule, a failed
@@ -28,7 +29,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from tracejail import __version__
 from tracejail import fileset as fsel
-from tracejail import pyimports, rootfs, sensitive
+from tracejail import rootfs, sensitive
 from tracejail import trace as tr
 from tracejail.root import Hop, NodeKind, Resolution, Root, Status
 from tracejail.text import shown
@@ -36,28 +37,29 @@ from tracejail.text import shown
 FORMAT = "tracejail-provenance/1"
 IMAGE_PATH = "/.tracejail/provenance.json"
 
-# Reason kinds (the "kind" field of every reason in JSON).
-TRACED = "traced"                  # the recorded run touched it
-NEEDED = "needed"                  # DT_NEEDED of a kept ELF, found by a loader search rule
+# Reason kinds (the "kind" field of every reason in JSON); those the file set states are its own.
+TRACED = fsel.Kind.TRACED.value    # the recorded run touched it
+NEEDED = fsel.Kind.NEEDED.value    # DT_NEEDED of a kept ELF, found by a loader search rule
 INTERP = "interpreter"             # PT_INTERP of a kept ELF
 SCRIPT = "script-interpreter"      # the #! line of a kept script
 PRELOAD = "preload"                # /etc/ld.so.preload or LD_PRELOAD
 RUNTIME = "runtime-load"           # a library glibc dlopen()s by itself (NSS, gconv, libgcc_s)
 DLOPEN = "dlopen"                  # a shared object opened at run time that no kept ELF needs
-PYTHON = "python-companion"        # .py of a kept .pyc, .pth files
-DIST_INFO = "dist-info"            # metadata of a kept Python distribution
-INCLUDE = "include"                # --include
-ADDED = "added"                    # added to the trace later (verify --fix)
-DOTDOT = "path-prefix"             # a directory walked through before a `..`
+PYTHON = fsel.Kind.PYTHON.value    # .py of a kept .pyc, .pth files
+DIST_INFO = fsel.Kind.DIST_INFO.value   # metadata of a kept Python distribution
+INCLUDE = fsel.Kind.INCLUDE.value  # --include
+ADDED = fsel.Kind.ADDED.value      # added to the trace later (verify --fix)
+DOTDOT = fsel.Kind.PATH_PREFIX.value   # a directory walked through before a `..`
+RUN_DIR = fsel.Kind.RUN_DIRECTORY.value   # the directory the run created or removed something in
 SYMLINK = "symlink-on-the-way"     # a symlink met while resolving a kept path
 TARGET = "symlink-target"          # reached through symlinks from a kept path
 LISTED = "listed-directory"        # a directory the program listed or stat'ed
 PARENT = "parent-directory"        # holds kept paths
 GENERATED = "generated"            # written by `tracejail build` itself
 DERIVED = "derived"                # content made from a kept file (--strip, --bytecode-only: shrink.py)
-FAMILY = "family"                  # a member of a family looked up by name (families.py)
+FAMILY = fsel.Kind.FAMILY.value    # a member of a family looked up by name (families.py)
 OWNER = "owner"                    # belongs to the image user (ownership.py)
-IMPORT = "python-import"           # imported by a kept module on a path the run did not take (pyimports.py)
+IMPORT = fsel.Kind.IMPORT.value    # imported by a kept module on a path the run did not take (pyimports.py)
 OTHER = "other"
 
 # ld.so search rules (closure.py) as a reader would name them.
@@ -71,11 +73,6 @@ RULE_NAMES = {
     "slash": "a path written in DT_NEEDED",
     "ld-musl.path": "musl's /etc/ld-musl-*.path",
 }
-
-_NEEDED_RE = re.compile(
-    r"^needed by (?P<by>.+?) \((?P<name>[^()]*), (?P<rule>[^(),]+?)(?P<origin> via \$ORIGIN)?\)"
-    r"(?:: (?P<why>.*))?$", re.S)
-_PYC_SOURCE_RE = re.compile(r"^source of the kept (?P<pyc>\S+) ")
 
 _EXAMPLES = 3   # paths named in a sentence before "and N more"
 
@@ -96,44 +93,46 @@ def _some(items: list[str], n: int = _EXAMPLES) -> str:
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def parse_reason(raw: str) -> Reason:
-    """One of fileset.py's reason strings as a structured Reason (OTHER when unknown)."""
-    if raw.startswith("traced:"):
-        kinds = [k for k in raw[len("traced:"):].split(",") if k]
-        return Reason(TRACED, f"traced ({', '.join(kinds)})", {"access": kinds})
-    m = _NEEDED_RE.match(raw)
-    if m:
-        by, name, rule = m.group("by"), m.group("name"), m.group("rule")
-        origin = bool(m.group("origin"))
-        why = m.group("why") or ""
-        data: dict[str, Any] = {"needed_by": [by], "name": name, "rule": rule, "via_origin": origin}
-        if why:
-            data["why"] = why
-        return Reason(_needed_kind(rule), "", data)
-    if raw.startswith("on the way to "):
-        return Reason(DOTDOT, f"a directory walked through on the way to {raw[14:]} (the program "
-                      "wrote `..` after it)", {"to": raw[14:]})
-    m = _PYC_SOURCE_RE.match(raw)
-    if m:
-        return Reason(PYTHON, f"the source of the kept {m.group('pyc')}: Python stats the .py "
-                      "to check whether its cached .pyc is stale", {"pyc": m.group("pyc")})
-    if raw.startswith("a .pth file"):
-        return Reason(PYTHON, "a .pth file of a kept site-packages: Python runs it at start-up",
-                      {"pth": True})
-    if raw.startswith("dist-info of a kept distribution"):
-        return Reason(DIST_INFO, "metadata (dist-info) of a kept Python distribution: importlib."
-                      "metadata and vulnerability scanners read it")
-    if raw == "--include":
+def render(r: fsel.Reason) -> Reason:
+    """One of the file set's typed reasons as a sentence with its data (needed-by reasons get
+    their sentence once merged: merge_needed)."""
+    K = fsel.Kind
+    if r.kind is K.TRACED:
+        return Reason(TRACED, f"traced ({', '.join(r.accesses)})", {"access": list(r.accesses)})
+    if r.kind is K.NEEDED:
+        data: dict[str, Any] = {"needed_by": [r.needed_by], "name": r.name, "rule": r.rule,
+                                "via_origin": r.via_origin}
+        if r.search:
+            data["search_path"] = r.search
+        if r.detail:
+            data["why"] = r.detail
+        return Reason(_needed_kind(r.rule), "", data)
+    if r.kind is K.PATH_PREFIX:
+        return Reason(DOTDOT, f"a directory walked through on the way to {r.path} (the program wrote `..` "
+                      "after it)", {"to": r.path})
+    if r.kind is K.RUN_DIRECTORY:
+        done = "removed" if r.removed else "created"
+        return Reason(RUN_DIR, f"the directory the recorded run {done} {r.path} in: kept so that the program "
+                      f"finds it{' empty of it' if r.removed else ' and can create it again'}",
+                      {"path": r.path, "removed": r.removed})
+    if r.kind is K.PYTHON and r.path:
+        return Reason(PYTHON, f"the source of the kept {r.path}: Python stats the .py to check whether its "
+                      "cached .pyc is stale", {"pyc": r.path})
+    if r.kind is K.PYTHON:
+        return Reason(PYTHON, "a .pth file of a kept site-packages: Python runs it at start-up", {"pth": True})
+    if r.kind is K.DIST_INFO:
+        return Reason(DIST_INFO, "metadata (dist-info) of a kept Python distribution: importlib.metadata and "
+                      "vulnerability scanners read it")
+    if r.kind is K.INCLUDE:
         return Reason(INCLUDE, "named with --include")
-    if raw.startswith("family "):
-        name, _, why = raw[len("family "):].partition(": ")
-        return Reason(FAMILY, f"a member of the {name} family, kept whole: {why}", {"family": name})
-    if raw.endswith(pyimports.NOT_EXERCISED):
-        return Reason(IMPORT, raw[: -len(pyimports.NOT_EXERCISED)].rstrip(", ") + ", not exercised by the "
-                      "recorded run (the static import closure follows imports the run did not reach)")
-    if raw.startswith("added by "):
-        return Reason(ADDED, raw, {"by": raw[9:].split(":", 1)[0]})
-    return Reason(OTHER, raw)
+    if r.kind is K.FAMILY:
+        return Reason(FAMILY, f"a member of the {r.name} family, kept whole: {r.detail}", {"family": r.name})
+    if r.kind is K.IMPORT:
+        return Reason(IMPORT, f"{r.detail}, not exercised by the recorded run (the static import closure "
+                      "follows imports the run did not reach)", {"module": r.name})
+    if r.kind is K.ADDED:
+        return Reason(ADDED, f"added by {r.name}: {r.detail}".rstrip(": "), {"by": r.name})
+    return Reason(OTHER, str(r.kind.value))
 
 
 def _needed_kind(rule: str) -> str:
@@ -173,7 +172,7 @@ def _needed_text(r: Reason) -> str:
     return f"needed (DT_NEEDED {name}) by {_some(by)}, found through {how}"
 
 
-def merge_needed(reasons: list[Reason], root: Root | None = None) -> list[Reason]:
+def merge_needed(reasons: list[Reason]) -> list[Reason]:
     """One reason per (kind, rule, name, $ORIGIN, why) with every object that needs it."""
     out: list[Reason] = []
     index: dict[tuple[Any, ...], Reason] = {}
@@ -191,33 +190,8 @@ def merge_needed(reasons: list[Reason], root: Root | None = None) -> list[Reason
                 have.data["needed_by"].append(by)
     for r in out:
         if "needed_by" in r.data:
-            if r.data.get("via_origin") and r.data["rule"] in ("rpath", "runpath"):
-                search = _search_path(root or Root("/"), r.data["needed_by"], r.data["rule"])
-                if search:
-                    r.data["search_path"] = search
             r.text = _needed_text(r)
     return out
-
-
-def _search_path(root: Root, objects: list[str], rule: str) -> str | None:
-    """The DT_RPATH / DT_RUNPATH text of the first needing object that has one ($ORIGIN/...).
-
-    With DT_RPATH the entry may come from an object further up the load chain; then the first
-    object with any RPATH is shown, which is what `readelf -d` would point a reader to."""
-    from tracejail import closure
-
-    for obj in objects:
-        res = root.resolve(obj)
-        if not res.ok:
-            continue
-        try:
-            facts = closure.read_elf_facts(root.host(res.path))
-        except Exception:   # unreadable now: the sentence just leaves the value out
-            continue
-        value = facts and (facts.rpath if rule == "rpath" else facts.runpath)
-        if value:
-            return value
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,7 +353,7 @@ def _is_shared_object(path: str, root: Root) -> bool:
     return facts is not None and facts.e_type == closure.ET_DYN and not facts.flags_1 & closure.DF_1_PIE
 
 
-def _derived(path: str, reasons: list[Reason], wanted: dict[str, list[str]], root: Root) -> list[Reason]:
+def _derived(path: str, reasons: list[Reason], wanted: Mapping[str, object], root: Root) -> list[Reason]:
     """Reasons fileset does not state but the evidence shows: dlopen, a stat-only .py."""
     kinds = {r.kind for r in reasons}
     out: list[Reason] = []
@@ -398,14 +372,15 @@ def _derived(path: str, reasons: list[Reason], wanted: dict[str, list[str]], roo
     return out
 
 
-def wanted_reasons(path: str, raws: list[str], index: TraceIndex, wanted: dict[str, list[str]]) -> list[Reason]:
+def wanted_reasons(path: str, why: list[fsel.Reason], index: TraceIndex,
+                   wanted: Mapping[str, object]) -> list[Reason]:
     reasons: list[Reason] = []
-    for raw in raws:
-        r = parse_reason(raw)
-        if r.kind == TRACED:
-            r = traced_reason(index.records.get(path, []), index) if index.records.get(path) else r
+    for w in why:
+        r = render(w)
+        if r.kind == TRACED and index.records.get(path):
+            r = traced_reason(index.records[path], index)
         reasons.append(r)
-    reasons = merge_needed(reasons, index.root)
+    reasons = merge_needed(reasons)
     return reasons + _derived(path, reasons, wanted, index.root)
 
 
@@ -418,7 +393,7 @@ def compute(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, root: Root 
     """Provenance of every plan entry (entries added after planning come from `generated`)."""
     root = root or Root("/")
     index = TraceIndex.of(trace, root)
-    wanted = {p: wanted_reasons(p, raws, index, files.wanted) for p, raws in files.wanted.items()}
+    wanted = {p: wanted_reasons(p, why, index, files.wanted) for p, why in files.wanted.items()}
     resolved: dict[str, Resolution] = {}
     via_link: dict[str, list[str]] = {}     # symlink -> wanted paths that resolve through it
     reached: dict[str, list[str]] = {}      # final node -> wanted paths (other spellings)

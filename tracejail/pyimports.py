@@ -107,10 +107,14 @@ class Added:
     line: int
     via: str = ""               # "entry point NAME in group GROUP of DIST" for plugins
 
-    def reason(self) -> str:
+    def importer_text(self) -> str:
+        """Who imports it: "imported by FILE at line N", or the entry point that names it."""
         if self.via:
-            return f"{self.via} ({self.importer}), {NOT_EXERCISED}"
-        return f"{REASON_PREFIX}{self.importer} at line {self.line}, {NOT_EXERCISED}"
+            return f"{self.via} ({self.importer})"
+        return f"{REASON_PREFIX}{self.importer} at line {self.line}"
+
+    def reason(self) -> str:
+        return f"{self.importer_text()}, {NOT_EXERCISED}"
 
 
 @dataclass

@@ -113,7 +113,6 @@ class TraceResult:
     mode: str = "seccomp"
     stops: int = 0
     interrupted_by: int | None = None                  # signal that ended the root, if any
-    warnings: list = field(default_factory=list)
 
 
 class PtraceNotPermitted(Exception):
@@ -146,22 +145,34 @@ def _read_cmdline(pid: int) -> list[str]:
     return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]]
 
 
+# (e_phoff format and offset, e_phentsize offset, program header format) by ELF class
+_ELF_LAYOUT = {1: ("I", 28, 42, "IIIIIIII"), 2: ("Q", 32, 54, "IIQQQQQQ")}
+
+
 def elf_interpreter(path: str) -> str | None:
-    """PT_INTERP of an ELF file, read with struct (this runs in the hot loop at every exec)."""
+    """PT_INTERP of an ELF file of either class and byte order, read with struct (this runs in
+    the hot loop at every exec)."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
-            if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in _ELF_LAYOUT or head[5] not in (1, 2):
                 return None
-            phoff, = struct.unpack_from("<Q", head, 32)
-            phentsize, phnum = struct.unpack_from("<HH", head, 54)
+            order = "<" if head[5] == 1 else ">"
+            off_fmt, off_at, ent_at, ph_fmt = _ELF_LAYOUT[head[4]]
+            phoff, = struct.unpack_from(order + off_fmt, head, off_at)
+            phentsize, phnum = struct.unpack_from(order + "HH", head, ent_at)
+            if phentsize < struct.calcsize(ph_fmt) or phnum > 4096:
+                return None
             f.seek(phoff)
             table = f.read(phentsize * phnum)
             for i in range(phnum):
-                p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+                fields = struct.unpack_from(order + ph_fmt, table, i * phentsize)
+                # ELF64: type, flags, offset, vaddr, paddr, filesz; ELF32: type, offset, vaddr, paddr, filesz
+                p_type, p_offset, p_filesz = (fields[0], fields[2], fields[5]) if head[4] == 2 else \
+                    (fields[0], fields[1], fields[4])
                 if p_type == 3:   # PT_INTERP
                     f.seek(p_offset)
-                    return f.read(p_filesz).split(b"\0")[0].decode("utf-8", "surrogateescape")
+                    return f.read(min(p_filesz, 4096)).split(b"\0")[0].decode("utf-8", "surrogateescape")
     except (OSError, struct.error):
         return None
     return None
@@ -777,7 +788,6 @@ def result_to_plain(res: TraceResult) -> dict:
         "processes": [(p.pid, p.ppid, p.argv, p.exe, p.exit_code, p.exit_signal)
                       for p in res.processes.values()],
         "mode": res.mode, "stops": res.stops, "interrupted_by": res.interrupted_by,
-        "warnings": list(res.warnings),
     }
 
 

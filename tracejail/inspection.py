@@ -180,7 +180,7 @@ _PY_LANDMARKS = re.compile(r"(/python\d+\.zip|/pybuilddir\.txt|/Modules/Setup(\.
 
 
 @dataclass
-class Miss:
+class FailedLookup:
     """One failed lookup (a path whose every access failed) and the group it falls in."""
 
     path: str
@@ -230,31 +230,16 @@ def _home_config(parts: list[str]) -> bool:
     return bool(rest) and rest[0].startswith(".") and (len(rest) == 1 or rest[0] == ".config")
 
 
-def _raw_misses(trace: tr.Trace, root: Root | None = None) -> list[Miss]:
+def _raw_misses(trace: tr.Trace, root: Root | None = None) -> list[FailedLookup]:
     """The failed lookups, from verify.recorded_misses (one definition of "a miss" for verify
-    and inspect); the fallback below only serves a tree without verify.py."""
-    try:
-        from tracejail import verify
-    except ImportError:
-        verify = None   # type: ignore[assignment]
-    if verify is not None and hasattr(verify, "recorded_misses"):
-        return [Miss(m.path, m.result, m.syscall, m.count, list(m.pids), m.process, m.exists_on_host)
-                for m in verify.recorded_misses(trace, root=root)]
-    procs = {p.pid: p for run in trace.runs for p in run.processes}
-    out = []
-    for path in sorted(trace.files):
-        rec = trace.files[path]
-        if not rec.failed:
-            continue
-        main = max(rec.accesses, key=lambda a: (a.count, a.syscall == "execve"))
-        pids = sorted({p for a in rec.accesses for p in a.pids})
-        who = next((procs[p] for p in pids if p in procs), None)
-        out.append(Miss(path, main.result, main.syscall, sum(a.count for a in rec.accesses), pids,
-                        " ".join(who.argv)[:60] if who else "?", os.path.lexists(path)))
-    return out
+    and inspect)."""
+    from tracejail import verify
+
+    return [FailedLookup(m.path, m.result, m.syscall, m.count, list(m.pids), m.process, m.exists_on_host)
+            for m in verify.recorded_misses(trace, root=root)]
 
 
-def grouped_misses(trace: tr.Trace, root: Root | None = None) -> list[Miss]:
+def grouped_misses(trace: tr.Trace, root: Root | None = None) -> list[FailedLookup]:
     """Every failed lookup of the recorded runs with its group (NOISE_GROUPS, SHOWN_GROUPS)."""
     root = root or Root("/")
     found: dict[str, str] = {}
@@ -268,7 +253,7 @@ def grouped_misses(trace: tr.Trace, root: Root | None = None) -> list[Miss]:
     return misses
 
 
-def misses_summary(misses: list[Miss], shown_per_group: int = 50) -> dict[str, Any]:
+def misses_summary(misses: list[FailedLookup], shown_per_group: int = 50) -> dict[str, Any]:
     noise = {g: sum(1 for m in misses if m.group == g) for g in NOISE_GROUPS}
     shown: dict[str, list[dict[str, Any]]] = {}
     for g in SHOWN_GROUPS:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import workloads as wl
-from tracejail import inspect as ins
+from tracejail import inspection as ins
 from tracejail import provenance as prov
 from tracejail import trace as tr
 
@@ -245,25 +245,6 @@ def test_inspect_exercises_and_ports(tmp_path: Path) -> None:
 
 
 # --- pure parts -----------------------------------------------------------------------------
-
-
-def test_parse_reason_kinds() -> None:
-    r = prov.parse_reason("needed by /a/b.so (libz.so.1, runpath via $ORIGIN)")
-    assert (r.kind, r.data["rule"], r.data["via_origin"], r.data["needed_by"]) == (
-        prov.NEEDED, "runpath", True, ["/a/b.so"])
-    r = prov.parse_reason("needed by /lib/libc.so.6 (libnss_x.so.2, runtime:nss): glibc's NSS (a, b): x")
-    assert r.kind == prov.RUNTIME and r.data["why"].startswith("glibc's NSS (a, b)")
-    assert prov.parse_reason("needed by /bin/ls (/lib64/ld-linux-x86-64.so.2, interp)").kind == prov.INTERP
-    assert prov.parse_reason("needed by /x.sh (/bin/sh, shebang)").kind == prov.SCRIPT
-    assert prov.parse_reason("traced:exec,read").data["access"] == ["exec", "read"]
-    assert prov.parse_reason("--include").kind == prov.INCLUDE
-    assert prov.parse_reason("dist-info of a kept distribution").kind == prov.DIST_INFO
-    assert prov.parse_reason("on the way to /a/../b").kind == prov.DOTDOT
-    assert prov.parse_reason("something new").kind == prov.OTHER
-    merged = prov.merge_needed([prov.parse_reason("needed by /a (libc.so.6, ld.so.cache)"),
-                                prov.parse_reason("needed by /b (libc.so.6, ld.so.cache)")])
-    assert len(merged) == 1 and merged[0].data["needed_by"] == ["/a", "/b"]
-    assert "ld.so cache" in merged[0].text
 
 
 def _trace_with(records: dict[str, list[tuple[str, str, str]]]) -> tr.Trace:
