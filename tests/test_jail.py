@@ -6,6 +6,7 @@ where it lands. The marker must never appear on the host.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -174,7 +175,7 @@ def test_a_foreign_trace_runs_nothing_on_the_host(escape_tree: Path, tmp_path: P
     assert marker.exists()    # the user said so: the command ran, after it was shown
 
 
-def test_a_dockerfile_saying_user_0_does_not_make_the_jail_root(escape_tree: Path, tmp_path: Path) -> None:
+def test_a_tree_config_saying_user_0_does_not_make_the_jail_root(escape_tree: Path, tmp_path: Path) -> None:
     needs_jail()
     from tracejail.build import LABEL_TRACE_DIGEST, trace_digest
 
@@ -184,9 +185,10 @@ def test_a_dockerfile_saying_user_0_does_not_make_the_jail_root(escape_tree: Pat
                  started="2026-11-29T00:00:00Z", exit_code=0, stdout="uid 0 euid 0\n")
     path = tmp_path / "t.json"
     tr.save(tr.Trace(runs=[run]), str(path))
-    (tmp_path / "Dockerfile").write_text('# Written by tracejail.\nFROM scratch\nCOPY ["rootfs", "/"]\n'
-                                         f'LABEL "{LABEL_TRACE_DIGEST}"="{trace_digest(str(path))}"\n'
-                                         'USER 0:0\nENTRYPOINT ["/bin/escape"]\n')
+    # The config beside the tree is as untrusted as the tree: it says root.
+    (tmp_path / "image-config.json").write_text(json.dumps({
+        "written_by": "tracejail", "rootfs": "rootfs",
+        "config": {"User": "0:0", "Entrypoint": ["/bin/escape"], "Labels": {LABEL_TRACE_DIGEST: trace_digest(str(path))}}}))
     proc = subprocess.run([*TJ, "verify", str(path), "--rootfs", str(tree)], capture_output=True, text=True,
                           timeout=120)
     assert "uid 65532 euid 65532" in proc.stdout, proc.stdout + proc.stderr

@@ -593,3 +593,20 @@ def test_pythons_own_locale_coercion_does_not_reach_the_command(tmp_path: Path) 
                             "sh", "-c", "echo ctype=${LC_CTYPE-unset}"], capture_output=True, text=True,
                            env={**env, "LC_CTYPE": "C.UTF-8"}, timeout=60)
     assert given.stdout == "ctype=C.UTF-8\n"
+
+
+def test_a_command_that_is_never_ready_says_why_in_one_line(tmp_path: Path) -> None:
+    """Readiness failures are typed (record.ReadyError): record prints the long form, verify's
+    report the short one."""
+    from tracejail.record import NotReady, ReadyError
+
+    out = subprocess.run([sys.executable, "-m", "tracejail", "record", "-o", str(tmp_path / "t.json"),
+                          "--exercise", "true", "--", "true"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == \
+        "tracejail: the command exited before it was ready for the exercises (see its output above)"
+    assert not (tmp_path / "t.json").exists()
+    rec = record(["sleep", "5"], RecordOptions(exercises=["true"], ready_timeout=0.3, keep_unready=True,
+                                               stop_timeout=1, passthrough=False))
+    assert rec.ready_error == ReadyError(NotReady.TIMEOUT, None, 0.3)
+    assert rec.ready_error.short() == "the command did not listen on any TCP port within 0.3s"
+    assert ReadyError(NotReady.TIMEOUT, 8000, 2).message().endswith("use --ready-port / --ready-delay")

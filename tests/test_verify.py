@@ -220,21 +220,28 @@ def test_jail_environment(recordings: Path, tmp_path: Path) -> None:
     assert not (rootfs / "proc").exists() and not (rootfs / "dev").exists(), "overlay: the tree stays as staged"
 
 
-def test_read_dockerfile_round_trips_what_build_writes(tmp_path: Path) -> None:
+def test_verify_reads_back_the_config_build_wrote_beside_the_tree(tmp_path: Path) -> None:
+    """build's own model (image.runtime_config) as JSON beside the tree: the Dockerfile is for
+    `docker build`, never parsed."""
     from tracejail import image
 
     (tmp_path / "tree").mkdir()
     cfg = image.ImageConfig(entrypoint=["/usr/bin/x", 'say "hi"'], env=['A=1 "q" $HOME \\ x', "B="],
-                            working_dir="/w d", user="1:2",
+                            working_dir="/w d", user="1:2", cmd=["--flag"], volumes=["/data"],
                             labels={tjbuild.LABEL_TRACE_DIGEST: "sha256:ab", 'k"$': 'v\\"$'})
     image.write_dockerfile(str(tmp_path / "tree"), cfg)
-    info = tv.read_dockerfile(str(tmp_path / "tree"))
+    info = tv.read_rootfs_info(str(tmp_path / "tree"))
     assert info is not None
     assert info.env == {"A": '1 "q" $HOME \\ x', "B": ""}
-    assert info.labels == cfg.labels and info.entrypoint == cfg.entrypoint
-    assert (info.user, info.working_dir) == ("1:2", "/w d")
+    assert info.labels == cfg.labels and info.entrypoint == cfg.entrypoint and info.cmd == ["--flag"]
+    assert (info.user, info.working_dir, info.volumes) == ("1:2", "/w d", ["/data"])
     (tmp_path / "other").mkdir()
-    assert tv.read_dockerfile(str(tmp_path / "other")) is None   # that Dockerfile copies another tree
+    assert tv.read_rootfs_info(str(tmp_path / "other")) is None   # that config is another tree's
+    # A config JSON that tracejail did not write is never replaced.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "image-config.json").write_text('{"mine": true}\n')
+    with pytest.raises(tv.TracejailError, match="image-config.json exists and was not written by tracejail"):
+        image.check_dockerfile_slot(str(tmp_path / "mine"))
 
 
 # --- every workload passes ----------------------------------------------------------------------
@@ -335,8 +342,9 @@ def test_rootfs_broken_tree_fails_then_fix_repairs(case: str, recordings: Path, 
     assert not first["passed"] and first["rebuilt"] and _named(report, suffix)
     # The trace had it all along (the build's --exclude dropped it): nothing to add, just a rebuild.
     assert any(p.endswith(suffix) for p in first["kept"]) and first["added"] == []
-    assert sorted(os.listdir(tmp_path)) == ["Dockerfile", "rootfs", "trace.json"], "swap left nothing behind"
-    assert tv.read_dockerfile(str(rootfs)).labels[tjbuild.LABEL_TRACE_DIGEST] == tjbuild.trace_digest(str(trace_path))
+    assert sorted(os.listdir(tmp_path)) == ["Dockerfile", "image-config.json", "rootfs", "trace.json"], \
+        "swap left nothing behind"
+    assert tv.read_rootfs_info(str(rootfs)).labels[tjbuild.LABEL_TRACE_DIGEST] == tjbuild.trace_digest(str(trace_path))
 
 
 @pytest.mark.docker

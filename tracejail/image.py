@@ -172,8 +172,9 @@ def canonical_json(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def image_config_json(config: ImageConfig, diff_ids: list[str], layer_names: list[str] | None = None) -> bytes:
-    """The image configuration blob; its sha256 is the image ID docker reports."""
+def runtime_config(config: ImageConfig) -> dict[str, object]:
+    """The "config" section of the image configuration: how the image runs (what `docker inspect
+    -f '{{json .Config}}'` shows; verify reads it back, from an engine or beside a --rootfs tree)."""
     run: dict[str, object] = {"WorkingDir": config.working_dir or "/"}
     if config.entrypoint:
         run["Entrypoint"] = list(config.entrypoint)
@@ -191,6 +192,12 @@ def image_config_json(config: ImageConfig, diff_ids: list[str], layer_names: lis
         run["Volumes"] = {v: {} for v in config.volumes}
     if config.stop_signal:
         run["StopSignal"] = config.stop_signal
+    return run
+
+
+def image_config_json(config: ImageConfig, diff_ids: list[str], layer_names: list[str] | None = None) -> bytes:
+    """The image configuration blob; its sha256 is the image ID docker reports."""
+    run = runtime_config(config)
     names = layer_names or ["rootfs"] * len(diff_ids)
     # One history entry per layer (docker history shows them): what the layer holds.
     history = [{"created": config.created, "created_by": "tracejail build" + ("" if len(diff_ids) == 1 else f": {n}")}
@@ -466,11 +473,13 @@ def pyc_sources(entries: list[rootfs.Entry]) -> set[str]:
     an import-heavy script went from 0.08 s to 0.27 s). The .pyc bytes already carry the host
     mtime, so keeping it on the .py adds no new variation to the image.
     """
+    from tracejail.pyimports import cached_pyc
+
     out = set()
     for e in entries:
-        head, _, name = e.path.rpartition("/")
-        if e.kind in ("file", "hardlink") and head.endswith("/__pycache__") and name.endswith(".pyc"):
-            out.add(head[: -len("/__pycache__")] + "/" + name.split(".", 1)[0] + ".py")
+        cached = cached_pyc(e.path) if e.kind in ("file", "hardlink") else None
+        if cached is not None:
+            out.add(cached.source)
     return out
 
 
@@ -924,31 +933,53 @@ def dockerfile_text(rootfs_name: str, config: ImageConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Beside the Dockerfile: the same config as JSON (runtime_config), which verify reads back.
+CONFIG_NAME = "image-config.json"
+_CONFIG_MARKER = "written_by"   # {"written_by": "tracejail", "rootfs": NAME, "config": {...}}
+
+
 def dockerfile_path(rootfs_dir: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(rootfs_dir)), "Dockerfile")
 
 
-def check_dockerfile_slot(rootfs_dir: str) -> None:
-    """Refuse, before anything is staged, to overwrite a Dockerfile that tracejail did not write."""
-    path = dockerfile_path(rootfs_dir)
+def config_path(rootfs_dir: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(rootfs_dir)), CONFIG_NAME)
+
+
+def _head_of(path: str, n: int) -> bytes | None:
+    """The first `n` bytes of the regular file `path` (never through a symlink); None when there
+    is nothing there."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
+        return None
     except OSError as err:
         raise TracejailError(f"{path} exists and cannot be read ({err.strerror}); move it, or choose "
                              "another --rootfs directory") from None
     try:
-        head = os.read(fd, len(DOCKERFILE_MARKER)) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+        return os.read(fd, n) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
     finally:
         os.close(fd)
-    if head != DOCKERFILE_MARKER.encode():
+
+
+def check_dockerfile_slot(rootfs_dir: str) -> None:
+    """Refuse, before anything is staged, to overwrite a Dockerfile (or the config JSON beside
+    it) that tracejail did not write."""
+    path = dockerfile_path(rootfs_dir)
+    head = _head_of(path, len(DOCKERFILE_MARKER))
+    if head is not None and head != DOCKERFILE_MARKER.encode():
         raise TracejailError(f"{path} exists and was not written by tracejail; move it, or choose "
                              "another --rootfs directory (the Dockerfile goes beside it)")
+    path = config_path(rootfs_dir)
+    head = _head_of(path, 64)
+    if head is not None and not head.startswith(b'{"' + _CONFIG_MARKER.encode() + b'":"tracejail"'):
+        raise TracejailError(f"{path} exists and was not written by tracejail; move it, or choose "
+                             "another --rootfs directory (the image config goes beside it)")
 
 
 def write_dockerfile(rootfs_dir: str, config: ImageConfig) -> str:
-    """Write `Dockerfile` beside `rootfs_dir` (FROM scratch, COPY <rootfs> /, ...); return its path.
+    """Write `Dockerfile` beside `rootfs_dir` (FROM scratch, COPY <rootfs> /, ...) and the same
+    config as JSON (`image-config.json`, for verify); return the Dockerfile's path.
 
     Note: `docker build` COPY keeps modes, setuid bits and symlinks but turns hard links into
     copies, and sets every mtime as in the tree.
@@ -961,4 +992,24 @@ def write_dockerfile(rootfs_dir: str, config: ImageConfig) -> str:
     text = dockerfile_text(os.path.basename(rootfs_dir), config)
     with atomic_file(path) as f:
         f.write(text.encode())
+    doc = {_CONFIG_MARKER: "tracejail", "rootfs": os.path.basename(rootfs_dir), "config": runtime_config(config)}
+    with atomic_file(config_path(rootfs_dir)) as f:
+        f.write(json.dumps(doc, separators=(",", ":"), sort_keys=False).encode() + b"\n")
     return path
+
+
+def read_rootfs_config(rootfs_dir: str) -> dict[str, object] | None:
+    """The runtime config that `write_dockerfile` wrote beside `rootfs_dir`, if it is the one for
+    that very tree (it names it); None otherwise."""
+    path = config_path(rootfs_dir)
+    try:
+        from tracejail.closure import read_file
+
+        doc = json.loads(read_file(path, 1 << 22))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get(_CONFIG_MARKER) != "tracejail" \
+            or doc.get("rootfs") != os.path.basename(os.path.abspath(rootfs_dir)) \
+            or not isinstance(doc.get("config"), dict):
+        return None
+    return doc["config"]

@@ -9,8 +9,9 @@ Process layout::
 """
 from __future__ import annotations
 
-import os
+import enum
 import marshal
+import os
 import shutil
 import signal
 import threading
@@ -22,7 +23,30 @@ from tracejail import trace as tr
 from tracejail.errors import CommandNotFound, TracejailError, UsageError
 
 EXERCISE_OUTPUT_LIMIT = 256 * 1024
-DIED_BEFORE_READY = "the command exited before it was ready for the exercises (see its output above)"
+class NotReady(enum.Enum):
+    EXITED = "exited"        # the command exited before it was ready
+    TIMEOUT = "timeout"      # it did not listen in time
+
+
+@dataclass(frozen=True)
+class ReadyError:
+    """Why a command never became ready for its exercises (record, and verify's replays)."""
+
+    why: NotReady
+    port: int | None = None   # the port waited for (None: any TCP port)
+    waited: float = 0.0       # the readiness timeout, in seconds
+
+    def short(self) -> str:
+        if self.why is NotReady.EXITED:
+            return "the command exited before it was ready"
+        what = f"port {self.port}" if self.port else "any TCP port"
+        return f"the command did not listen on {what} within {self.waited:g}s"
+
+    def message(self) -> str:
+        """record's line: with what to do about it."""
+        if self.why is NotReady.EXITED:
+            return "the command exited before it was ready for the exercises (see its output above)"
+        return f"{self.short()}; raise --ready-timeout, or use --ready-port / --ready-delay"
 
 
 @dataclass
@@ -53,7 +77,7 @@ class Recording:
     trace: tr.Trace
     run: tr.Run
     warnings: list[str]
-    ready_error: str | None = None    # only with RecordOptions.keep_unready
+    ready_error: ReadyError | None = None   # only with RecordOptions.keep_unready
     stopped_by: int | None = None     # the signal the recorder got (and passed on), if any
 
     @property
@@ -324,7 +348,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
         watcher = _PortWatcher(tracer_pid, 0.1 if opts.exercises else 1.0)
         watcher.start()
         exercise_results: list[tr.ExerciseResult] = []
-        ready_error: str | None = None
+        ready_error: ReadyError | None = None
         deadline = started + opts.timeout if opts.timeout else None
         if opts.exercises:
             say("waiting for the command to be ready")
@@ -356,7 +380,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
     if result is None:
         raise TracejailError("the tracer ended without a result (was it killed?); nothing was written", 4)
     if ready_error and not opts.keep_unready:
-        raise TracejailError(ready_error, 1)
+        raise TracejailError(ready_error.message(), 1)
 
     duration = time.monotonic() - started
     run = tr.Run(
@@ -512,14 +536,14 @@ def _stop_tree(state: _RunState, stop_timeout: float) -> None:
 
 
 def _wait_ready(state: _RunState, watcher: _PortWatcher, opts: RecordOptions,
-                deadline: float | None) -> str | None:
-    """Block until the command is ready for exercises; return an error message if it never is."""
+                deadline: float | None) -> ReadyError | None:
+    """Block until the command is ready for exercises; why, if it never is."""
     start = time.monotonic()
     if opts.ready_delay is not None:
         end = start + opts.ready_delay
         while time.monotonic() < end:
             if state.finished.wait(min(0.1, max(0.0, end - time.monotonic()))):
-                return DIED_BEFORE_READY
+                return ReadyError(NotReady.EXITED)
         return None
     limit = start + opts.ready_timeout
     if deadline is not None:
@@ -529,13 +553,11 @@ def _wait_ready(state: _RunState, watcher: _PortWatcher, opts: RecordOptions,
         if (opts.ready_port in ports) if opts.ready_port else bool(ports):
             return None
         if state.finished.is_set():
-            return DIED_BEFORE_READY
+            return ReadyError(NotReady.EXITED)
         if state.stop_reason:
             return None   # interrupted while waiting: write what ran
         if time.monotonic() >= limit:
-            what = f"port {opts.ready_port}" if opts.ready_port else "any TCP port"
-            return (f"the command did not listen on {what} within {opts.ready_timeout:g}s; "
-                    "raise --ready-timeout, or use --ready-port / --ready-delay")
+            return ReadyError(NotReady.TIMEOUT, opts.ready_port, opts.ready_timeout)
         state.finished.wait(0.05)
 
 

@@ -48,10 +48,11 @@ from typing import Any, Callable, Mapping, Protocol
 
 from tracejail import build as tjbuild
 from tracejail import fileset as fsel
+from tracejail import image as image_mod
 from tracejail import jail, pyimports, sensitive, shrink
 from tracejail import trace as tr
 from tracejail.errors import Interrupted, TraceFormatError, TracejailError, UsageError
-from tracejail.record import listening_ports, run_exercise, spawn_captured
+from tracejail.record import NotReady, ReadyError, listening_ports, run_exercise, spawn_captured
 from tracejail.root import NodeKind, Root, is_runtime_path
 from tracejail.source import root_of as trace_root
 from tracejail.text import shown
@@ -285,7 +286,8 @@ def ready_rule(run: tr.Run) -> ReadyRule:
 
 @dataclass
 class ImageInfo:
-    """What an image config (or the Dockerfile that `build --rootfs` writes) says."""
+    """What an image's runtime config says: from the engine, or the one `build --rootfs` writes
+    beside the tree (image.runtime_config, read back as the same JSON)."""
 
     user: str
     env: dict[str, str]
@@ -295,52 +297,33 @@ class ImageInfo:
     volumes: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> ImageInfo:
+        """From a runtime config (`docker inspect -f '{{json .Config}}'`); wrong types count as absent."""
+        def strings(key: str) -> list[str]:
+            value = cfg.get(key)
+            return [str(v) for v in value] if isinstance(value, list) else []
+
+        def text(key: str, default: str) -> str:
+            value = cfg.get(key)
+            return value if isinstance(value, str) and value else default
+
+        labels, volumes = cfg.get("Labels"), cfg.get("Volumes")
+        return cls(user=text("User", ""), env=_env_dict(strings("Env")), entrypoint=strings("Entrypoint"),
+                   cmd=strings("Cmd"), working_dir=text("WorkingDir", "/"),
+                   labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
+                   volumes=sorted(str(v) for v in volumes) if isinstance(volumes, dict) else [])
+
 
 def _env_dict(items: list[str]) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items if "=" in item)
 
 
-_QUOTED = r'"((?:[^"\\]|\\.)*)"'
-
-
-def _unquote(text: str) -> str:
-    return re.sub(r"\\(.)", r"\1", text)
-
-
-def read_dockerfile(rootfs_dir: str) -> ImageInfo | None:
-    """The config of a tree staged by `tracejail build --rootfs DIR`: the Dockerfile beside it, if
-    it is the one for DIR (its COPY names DIR). None otherwise."""
-    path = os.path.join(os.path.dirname(os.path.abspath(rootfs_dir)), "Dockerfile")
-    try:
-        from tracejail.closure import read_file
-
-        lines = read_file(path, 1 << 20).decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    info = ImageInfo(user="", env={}, entrypoint=[], working_dir="/", labels={})
-    copies_dir = False
-    for line in lines:
-        word, _, rest = line.partition(" ")
-        try:
-            if word == "COPY":
-                copies_dir = json.loads(rest) == [os.path.basename(os.path.abspath(rootfs_dir)), "/"]
-            elif word == "ENV" and (m := re.fullmatch(r"([^=]+)=" + _QUOTED, rest)):
-                info.env[m.group(1)] = _unquote(m.group(2))
-            elif word == "LABEL" and (m := re.fullmatch(_QUOTED + "=" + _QUOTED, rest)):
-                info.labels[_unquote(m.group(1))] = _unquote(m.group(2))
-            elif word == "WORKDIR" and (m := re.fullmatch(_QUOTED, rest)):
-                info.working_dir = _unquote(m.group(1))
-            elif word == "USER":
-                info.user = rest.strip()
-            elif word == "ENTRYPOINT":
-                info.entrypoint = list(json.loads(rest))
-            elif word == "CMD":
-                info.cmd = list(json.loads(rest))
-            elif word == "VOLUME":
-                info.volumes = [str(v) for v in json.loads(rest)]
-        except (ValueError, TypeError):
-            continue
-    return info if copies_dir else None
+def read_rootfs_info(rootfs_dir: str) -> ImageInfo | None:
+    """The config of a tree staged by `tracejail build --rootfs DIR`: the image-config.json beside
+    it, if it is the one for DIR. None otherwise."""
+    cfg = image_mod.read_rootfs_config(rootfs_dir)
+    return ImageInfo.of(cfg) if cfg is not None else None
 
 
 def _docker(args: list[str], env: Mapping[str, str] | None, timeout: float = DOCKER_TIMEOUT,
@@ -366,16 +349,13 @@ def inspect_image(ref: str, env: Mapping[str, str] | None) -> ImageInfo:
         raise TracejailError(f"image {ref} not found in the Docker engine ({_last_line(proc.stderr)}); "
                              f"build it with `tracejail build TRACE.json -t {ref}`")
     cfg = json.loads(proc.stdout or "{}") or {}
-    return ImageInfo(user=cfg.get("User") or "", env=_env_dict(cfg.get("Env") or []),
-                     entrypoint=list(cfg.get("Entrypoint") or []), cmd=list(cfg.get("Cmd") or []),
-                     working_dir=cfg.get("WorkingDir") or "/", labels=dict(cfg.get("Labels") or {}),
-                     volumes=sorted(cfg.get("Volumes") or {}))
+    return ImageInfo.of(cfg if isinstance(cfg, dict) else {})
 
 
 def check_digest(trace_path: str, info: ImageInfo | None, what: str) -> str | None:
     """Fail when the image was built from another trace; a warning when it cannot be told."""
     if info is None:
-        return f"cannot check that {what} was built from {trace_path} (no Dockerfile beside it)"
+        return f"cannot check that {what} was built from {trace_path} (no image-config.json beside it)"
     label = info.labels.get(tjbuild.LABEL_TRACE_DIGEST)
     if label is None:
         # e.g. the final stage of a multi-stage `docker build` that copied a --rootfs tree
@@ -487,19 +467,18 @@ def _wait_ready(proc: Running, rule: ReadyRule, timeout: float) -> str | None:
     start = time.monotonic()
     if rule.delay is not None:
         if proc.wait(rule.delay) is not None:
-            return "the command exited before it was ready"
+            return ReadyError(NotReady.EXITED).short()
         return None
     while True:
         if not proc.running():
-            return "the command exited before it was ready"
+            return ReadyError(NotReady.EXITED).short()
         ports = proc.listening_ports()
         if ports is None:
             ports = {p for p in ((rule.port,) if rule.port else rule.ports) if port_open(p)}
         if (rule.port in ports) if rule.port else bool(ports & set(rule.ports) if rule.ports else ports):
             return None
         if time.monotonic() - start > timeout:
-            what = f"port {rule.port}" if rule.port else "any TCP port"
-            return f"the command did not listen on {what} within {timeout:g}s"
+            return ReadyError(NotReady.TIMEOUT, rule.port, timeout).short()
         time.sleep(0.05)
 
 
@@ -733,9 +712,7 @@ def trace_inside(spec: jail.JailSpec, run: tr.Run, host: tr.Trace, run_index: in
     problem = jail.setup_error(got.status, got.stderr)
     if problem:
         raise TracejailError(f"the jail could not be set up: {problem}")
-    # record's wording points at output it would have shown; the report shows stderr instead
-    error = rec.ready_error.split(" (see its output")[0].replace(" for the exercises", "") \
-        if rec.ready_error else None
+    error = rec.ready_error.short() if rec.ready_error else None
     if got.stop_reason == "timeout":
         error = f"still running after {opts.timeout:g}s (raise --timeout); stopped"
     outcome = Outcome(status=got.status if not run.exercises or got.stop_reason == "exited" else None,
@@ -751,7 +728,7 @@ class Target:
     """Where the runs are replayed: a Docker image or a staged tree."""
 
     label: str
-    info: ImageInfo | None     # None: the tree has no Dockerfile to say how it was built
+    info: ImageInfo | None     # None: the tree has no image-config.json to say how it was built
     source: Root = Root("/")   # where the trace's files come from (verify sets it: source.root_of)
     user: str
     opts: VerifyOptions
@@ -778,7 +755,7 @@ class Target:
 
     def jail_user(self) -> tuple[int, int]:
         """Who runs in the jail: --user, else the image's user, but never root by default (a
-        Dockerfile beside a tree or an image's config is as untrusted as the tree): root only
+        config beside a tree or an image's config is as untrusted as the tree): root only
         with an explicit --user root, and then the jail's namespaced root."""
         uid, gid = _numeric_user(self.user)
         if uid == 0 and not self.opts.user:
@@ -985,14 +962,14 @@ class RootfsTarget(Target):
             else:
                 hint = "; and no Docker engine is usable for -t IMAGE either, so verify on another machine"
             raise TracejailError(f"--rootfs cannot run here: {problem}{hint}")
-        self.info = read_dockerfile(self.rootfs)
+        self.info = read_rootfs_info(self.rootfs)
         self.user = opts.user or (self.info.user if self.info and self.info.user else tjbuild.DEFAULT_USER)
         _numeric_user(self.user)
         self._default_env = _env_dict(tjbuild.image_env(trace.runs[0], [],
                                                         trace.source.config if trace.source else None))
 
     def config(self) -> ImageInfo:
-        # Without a Dockerfile: what `build` would have put in the image config.
+        # Without image-config.json: what `build` would have put in the image config.
         return self.info or ImageInfo(user=self.user, env=dict(self._default_env), entrypoint=[],
                                       working_dir="/", labels={})
 
@@ -1016,12 +993,12 @@ class RootfsTarget(Target):
         except BaseException:
             shutil.rmtree(new, ignore_errors=True)
             raise
-        # Swap, then write the Dockerfile for the real name (build wrote one for the new one).
+        # Swap, then write the Dockerfile and config for the real name (build wrote them for the new one).
         os.rename(self.rootfs, old)
         os.rename(new, self.rootfs)
         image.write_dockerfile(self.rootfs, result.config)
         shutil.rmtree(old, ignore_errors=True)
-        self.info = read_dockerfile(self.rootfs)
+        self.info = read_rootfs_info(self.rootfs)
         return f"rebuilt rootfs {self.rootfs}"
 
 
