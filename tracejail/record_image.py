@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -110,9 +109,6 @@ def image_recording(rec: Recording, spec: jail.JailSpec, executable: str,
 
 
 # --- the run ---------------------------------------------------------------------------------------
-
-_PORT = re.compile(r"(\d+)(?:/tcp)?\Z")
-
 
 def record_image(iopts: ImageRunOptions, ropts: RecordOptions,
                  progress: Callable[[str], None] | None = None) -> Recording:
