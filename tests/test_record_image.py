@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,49 @@ def test_minify_of_an_image_that_is_nowhere_is_one_line(tmp_path: Path, jail_ok:
                          timeout=60, env=env, cwd=tmp_path)
     assert out.returncode == 1 and "no/such:image is neither a file nor a directory" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
+
+
+def test_sigterm_while_unpacking_leaves_nothing(tmp_path: Path, jail_ok: None) -> None:
+    """SIGTERM while the image's layers are being unpacked: exit 143, one line, no partial tree in
+    the cache and no trace."""
+    many = tar_of({"data": None, **{f"data/f{i:05}": b"x" * 512 for i in range(6000)}})
+    path = tmp_path / "big.tar"
+    write_docker_archive(path, [many], image_config([many], Cmd=["/bin/true"]))
+    cache = tmp_path / "cache"
+    env = {**os.environ, "TRACEJAIL_CACHE_DIR": str(cache)}
+    proc = subprocess.Popen([*TJ, "record", "--image", str(path), "-o", str(tmp_path / "t.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    images = cache / "images"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = [n for n in os.listdir(images)] if images.is_dir() else []
+        if any(".unpack-" in n for n in partial) and any((images / n / "rootfs" / "data").is_dir() for n in partial):
+            break
+        time.sleep(0.005)
+    else:
+        proc.kill()
+        pytest.fail("the unpack ended before it could be interrupted")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "tracejail: stopped by SIGTERM"
+    assert os.listdir(images) == [] and not (tmp_path / "t.json").exists()
+
+
+def test_an_ordinary_user_records_builds_and_verifies_from_an_image(image: Path, unprivileged,
+                                                                      public_dir: str) -> None:
+    """No root: nobody unpacks the image (no cache of its own: a temporary tree), records in the
+    sandbox, builds from the image again and verifies."""
+    archive = Path(public_dir) / "image.tar"
+    shutil.copy(image, archive)
+    os.chmod(archive, 0o644)
+    os.chmod(public_dir, 0o777)
+    rec = unprivileged.run("record", "--image", str(archive), "-o", f"{public_dir}/t.json", cwd=public_dir)
+    assert rec.returncode == 0, rec.stderr
+    assert "marker=only in the image" in rec.stdout
+    built = unprivileged.run("build", f"{public_dir}/t.json", "--rootfs", f"{public_dir}/rootfs", "--no-load",
+                             cwd=public_dir)
+    assert built.returncode == 0, built.stderr
+    assert (Path(public_dir) / "rootfs/etc/marker").read_text() == "only in the image\n"
+    verified = unprivileged.run("verify", f"{public_dir}/t.json", "--rootfs", f"{public_dir}/rootfs", cwd=public_dir)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
