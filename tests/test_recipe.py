@@ -181,5 +181,6 @@ def test_record_in_a_container_whose_seccomp_profile_refuses_ptrace(recipe: Reci
     assert refused.returncode == 3, refused.stderr
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tracejail: ") and "ptrace" in lines[0], refused.stderr
+    assert "a seccomp filter refuses it" in lines[0] and "record in a container instead" in lines[0], lines[0]
     allowed = recipe.engine.run("run", "--rm", builder, *record, check=False, timeout=120)
     assert allowed.returncode == 0, allowed.stderr

@@ -102,6 +102,31 @@ def host_environment() -> dict[str, str]:
     return env
 
 
+def ptrace_refused() -> str:
+    """The line for a refused ptrace, saying what is in the way here: a seccomp filter (a
+    container's profile, or a `docker build` step's, which cannot be changed), Yama, or rights."""
+    status: dict[str, str] = {}
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            status = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    except OSError:
+        pass
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope", encoding="ascii") as f:
+            yama = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        yama = 0
+    if status.get("Seccomp", "").strip() == "2":
+        return ("ptrace is not permitted here: a seccomp filter refuses it (a container's profile): docker run "
+                "--cap-add SYS_PTRACE, or --security-opt seccomp=unconfined; a docker build step can change "
+                "neither, so record in a container instead (README: Inside docker build)")
+    if yama >= 2:
+        return (f"ptrace is not permitted here: kernel.yama.ptrace_scope is {yama} (2: only with CAP_SYS_PTRACE, "
+                "3: never); run as root, or lower it (sysctl kernel.yama.ptrace_scope=1)")
+    return ("ptrace is not permitted here: run as root, or give the container SYS_PTRACE "
+            "(docker run --cap-add SYS_PTRACE), or lower kernel.yama.ptrace_scope")
+
+
 def resolve_command(name: str, path: str | None, cwd: str | None = None) -> str:
     """Find COMMAND like a shell in `cwd`: names with a slash as they are, others on PATH."""
     base = cwd or os.getcwd()
@@ -335,9 +360,7 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
             _reap(tracer_pid)
             os.close(result_fd)
             if status_line.startswith("eperm"):
-                raise TracejailError(
-                    "ptrace is not permitted here: run as root, or give the container SYS_PTRACE "
-                    "(docker run --cap-add SYS_PTRACE), or lower kernel.yama.ptrace_scope", 3)
+                raise TracejailError(ptrace_refused(), 3)
             raise TracejailError(f"the tracer failed to start: {status_line.strip() or 'no answer'}", 4)
         _, pid_s, mode = status_line.split()
         state.root_pid = int(pid_s)
