@@ -145,7 +145,8 @@ def _trace_with_exercise(where: Path, command: str, owner: int | None, mode: int
     run = tr.Run(argv=["/bin/escape", "ok"], executable="/bin/escape", cwd="/", uid=0, gid=0, environment={},
                  started="2026-11-29T00:00:00Z", exit_code=0,
                  exercises=[tr.ExerciseResult(command, 0, "", "")], listening_ports=[8000],
-                 tracing={"ready_delay": 0.1})
+                 # ready at once: /bin/escape exits right away, and a delay would race with it
+                 tracing={"ready_delay": 0.0})
     trace = tr.Trace(runs=[run])
     path = where / "foreign.json"
     tr.save(trace, str(path))
