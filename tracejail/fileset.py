@@ -280,7 +280,7 @@ def _add_python_imports(trace: tr.Trace, fs: FileSet, root: Root, consider: Cons
 
 
 def _add_closure(trace: tr.Trace, fs: FileSet, root: Root, consider: Consider) -> None:
-    from tracejail import closure
+    from tracejail import closure, elf
 
     env = trace.runs[0].environment if trace.runs else {}
     loader_env = closure.LoaderEnv(ld_library_path=env.get("LD_LIBRARY_PATH"), path=env.get("PATH"),
@@ -298,7 +298,7 @@ def _add_closure(trace: tr.Trace, fs: FileSet, root: Root, consider: Consider) -
         if not res.ok or res.kind is not NodeKind.FILE:
             continue
         head = _head(root, res, 4)
-        if head.startswith(closure.ELFMAG) or (path in executed and head.startswith(b"#!")):
+        if head.startswith(elf.ELFMAG) or (path in executed and head.startswith(b"#!")):
             roots.append(path)
     triggers = [p for p, r in trace.files.items() if r.ok]
     result = closure.resolve(sorted(roots), loader_env, strict=False, runtime_triggers=triggers, root=root)

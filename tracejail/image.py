@@ -1003,7 +1003,7 @@ def read_rootfs_config(rootfs_dir: str) -> dict[str, object] | None:
     that very tree (it names it); None otherwise."""
     path = config_path(rootfs_dir)
     try:
-        from tracejail.closure import read_file
+        from tracejail.elf import read_file
 
         doc = json.loads(read_file(path, 1 << 22))
     except (OSError, ValueError):

@@ -36,7 +36,7 @@ class ImageFile:
 
 def classify(path: str, host_path: str | None = None) -> str:
     """One of FILE_KINDS for an image file, judged by its content where names are not enough."""
-    from tracejail import closure
+    from tracejail import elf
 
     source = host_path or path
     name = os.path.basename(path)
@@ -44,22 +44,22 @@ def classify(path: str, host_path: str | None = None) -> str:
         return "python-metadata"
     if name.endswith((".py", ".pyc", ".pyi", ".pth")):
         return "python-module"
-    if closure.is_elf(source):
+    if elf.is_elf(source):
         if _PY_EXT_RE.search(name) or "/lib-dynload/" in path:
             return "python-extension"
         try:
-            facts = closure.read_elf_facts(source)
-        except Exception:   # a corrupt ELF is still an ELF; closure reports the error
+            facts = elf.read_elf_facts(source)
+        except Exception:   # a corrupt ELF is still an ELF; the closure reports the error
             facts = None
-        if facts is not None and (facts.e_type == closure.ET_EXEC
-                                  or facts.flags_1 & closure.DF_1_PIE
+        if facts is not None and (facts.e_type == elf.ET_EXEC
+                                  or facts.flags_1 & elf.DF_1_PIE
                                   or (facts.interp and not re.search(r"\.so(\.[0-9.]+)?$", name))):
             return "elf-executable"
         return "shared-library"
     if path.startswith("/etc/") or name.endswith(_CONFIG_SUFFIXES):
         return "config"
     try:
-        if closure.read_file(source, 2) == b"#!":
+        if elf.read_file(source, 2) == b"#!":
             return "script"
     except OSError:
         pass

@@ -339,7 +339,7 @@ class Provenance:
 
 def _is_shared_object(path: str, root: Root) -> bool:
     """An ELF ET_DYN that is not a PIE executable: what dlopen() loads."""
-    from tracejail import closure
+    from tracejail import elf
 
     if not re.search(r"\.so(\.[0-9.]+)?$", path):
         return False
@@ -347,10 +347,10 @@ def _is_shared_object(path: str, root: Root) -> bool:
     if not res.ok:
         return False
     try:
-        facts = closure.read_elf_facts(root.host(res.path))
+        facts = elf.read_elf_facts(root.host(res.path))
     except Exception:   # corrupt ELF: not our question here; closure reports it
         return False
-    return facts is not None and facts.e_type == closure.ET_DYN and not facts.flags_1 & closure.DF_1_PIE
+    return facts is not None and facts.e_type == elf.ET_DYN and not facts.flags_1 & elf.DF_1_PIE
 
 
 def _derived(path: str, reasons: list[Reason], wanted: Mapping[str, object], root: Root) -> list[Reason]:

@@ -55,6 +55,7 @@ def _import_ptrace_binding():   # noqa: ANN202
 pb = _import_ptrace_binding()
 
 from tracejail import seccomp
+from tracejail.elf import interpreter_of, shebang_of
 
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
@@ -143,53 +144,6 @@ def _read_cmdline(pid: int) -> list[str]:
     finally:
         os.close(fd)
     return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]]
-
-
-# (e_phoff format and offset, e_phentsize offset, program header format) by ELF class
-_ELF_LAYOUT = {1: ("I", 28, 42, "IIIIIIII"), 2: ("Q", 32, 54, "IIQQQQQQ")}
-
-
-def elf_interpreter(path: str) -> str | None:
-    """PT_INTERP of an ELF file of either class and byte order, read with struct (this runs in
-    the hot loop at every exec)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-            if len(head) < 52 or head[:4] != b"\x7fELF" or head[4] not in _ELF_LAYOUT or head[5] not in (1, 2):
-                return None
-            order = "<" if head[5] == 1 else ">"
-            off_fmt, off_at, ent_at, ph_fmt = _ELF_LAYOUT[head[4]]
-            phoff, = struct.unpack_from(order + off_fmt, head, off_at)
-            phentsize, phnum = struct.unpack_from(order + "HH", head, ent_at)
-            if phentsize < struct.calcsize(ph_fmt) or phnum > 4096:
-                return None
-            f.seek(phoff)
-            table = f.read(phentsize * phnum)
-            for i in range(phnum):
-                fields = struct.unpack_from(order + ph_fmt, table, i * phentsize)
-                # ELF64: type, flags, offset, vaddr, paddr, filesz; ELF32: type, offset, vaddr, paddr, filesz
-                p_type, p_offset, p_filesz = (fields[0], fields[2], fields[5]) if head[4] == 2 else \
-                    (fields[0], fields[1], fields[4])
-                if p_type == 3:   # PT_INTERP
-                    f.seek(p_offset)
-                    return f.read(min(p_filesz, 4096)).split(b"\0")[0].decode("utf-8", "surrogateescape")
-    except (OSError, struct.error):
-        return None
-    return None
-
-
-def shebang_interpreter(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(256)
-    except OSError:
-        return None
-    if not head.startswith(b"#!"):
-        return None
-    line = head[2:].split(b"\n")[0].strip()
-    if not line:
-        return None
-    return line.split()[0].decode("utf-8", "surrogateescape")
 
 
 class _IoVec(ctypes.Structure):
@@ -581,7 +535,7 @@ class Tracer:
         if exe:
             # /proc/TID/exe is the very file that runs, also for a tracee in another mount
             # namespace (a jail), where `exe` names a path the host cannot open.
-            interp = self._cached(elf_interpreter, f"/proc/{tid}/exe")
+            interp = self._cached(interpreter_of, f"/proc/{tid}/exe")
             if interp:   # the kernel opened it (the exec succeeded): no syscall names it
                 key = (interp, "exec", "kernel:interp", "ok", tid)
                 res.events[key] = res.events.get(key, 0) + 1
@@ -772,7 +726,7 @@ class Tracer:
         if (st.st_dev, st.st_ino) != self.host_root:
             return
         for _ in range(4):
-            interp = self._cached(shebang_interpreter, path)
+            interp = self._cached(shebang_of, path)
             if not interp:
                 return
             key = (interp, "exec", "kernel:shebang", "ok" if os.path.exists(interp) else "ENOENT", tgid)

@@ -603,7 +603,7 @@ def jail_view(jtrace: tr.Trace, root: str) -> dict[str, list[tr.Access]]:
 def _interpreter_misses(view: dict[str, list[tr.Access]], rootfs: str) -> dict[str, tuple[str, list[tr.Access]]]:
     """The kernel opens ELF and `#!` interpreters itself: an exec that fails with ENOENT although the
     program is in the tree names a missing interpreter. No syscall shows it; look it up."""
-    from tracejail.tracer import elf_interpreter, shebang_interpreter
+    from tracejail.elf import interpreter_of, shebang_of
 
     tree = Root(rootfs)
     found: dict[str, tuple[str, list[tr.Access]]] = {}
@@ -613,7 +613,7 @@ def _interpreter_misses(view: dict[str, list[tr.Access]], rootfs: str) -> dict[s
         if res is None or res.kind is not NodeKind.FILE:
             continue
         host = tree.host(res.path)
-        for interp, how in ((elf_interpreter(host), "kernel:interp"), (shebang_interpreter(host), "kernel:shebang")):
+        for interp, how in ((interpreter_of(host), "kernel:interp"), (shebang_of(host), "kernel:shebang")):
             if interp and not tree.exists(interp):
                 acc = [tr.Access("exec", how, "ENOENT", a.count, list(a.pids)) for a in failed]
                 found.setdefault(interp, (how, []))[1].extend(acc)

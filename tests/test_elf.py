@@ -1,5 +1,6 @@
-"""The tracer's readers of what the kernel opens by itself at exec: PT_INTERP and `#!` (tracer.py).
-(The ptrace loop itself is exercised by test_record.py, with real processes.)"""
+"""ELF facts (elf.py): the readers of what the kernel opens by itself at exec, PT_INTERP and `#!`,
+which the tracer calls at every exec and verify for a failed one. (ElfCache's parse of the dynamic
+section is exercised by test_closure.py against ldd; the ptrace loop by test_record.py.)"""
 from __future__ import annotations
 
 import shutil
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tracejail.tracer import elf_interpreter, shebang_interpreter
+from tracejail.elf import interpreter_of, shebang_of
 
 
 def synthetic_elf(path: Path, elf_class: int, order: str, interp: bytes) -> None:
@@ -28,17 +29,17 @@ def synthetic_elf(path: Path, elf_class: int, order: str, interp: bytes) -> None
 def test_pt_interp_of_either_class_and_byte_order(tmp_path: Path, elf_class: int, order: str) -> None:
     path = tmp_path / "prog"
     synthetic_elf(path, elf_class, order, b"/lib/ld-test.so.1\0")
-    assert elf_interpreter(str(path)) == "/lib/ld-test.so.1"
+    assert interpreter_of(str(path)) == "/lib/ld-test.so.1"
 
 
 def test_pt_interp_of_real_programs(tmp_path: Path) -> None:
-    assert elf_interpreter(shutil.which("ls") or "/bin/ls") == "/lib64/ld-linux-x86-64.so.2"
+    assert interpreter_of(shutil.which("ls") or "/bin/ls") == "/lib64/ld-linux-x86-64.so.2"
     if shutil.which("gcc"):
         (tmp_path / "m.c").write_text("int main(void) { return 0; }\n")
         built = subprocess.run(["gcc", "-m32", "-o", str(tmp_path / "m32"), str(tmp_path / "m.c")],
                                capture_output=True)
         if built.returncode == 0:
-            assert elf_interpreter(str(tmp_path / "m32")) == "/lib/ld-linux.so.2"
+            assert interpreter_of(str(tmp_path / "m32")) == "/lib/ld-linux.so.2"
 
 
 @pytest.mark.parametrize("content", [b"", b"\x7fELF", b"\x7fELF\x02\x01" + b"\xff" * 58, b"#!/bin/sh\n",
@@ -46,14 +47,14 @@ def test_pt_interp_of_real_programs(tmp_path: Path) -> None:
 def test_pt_interp_of_what_is_not_a_dynamic_elf_is_none(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "f"
     path.write_bytes(content)
-    assert elf_interpreter(str(path)) is None
-    assert elf_interpreter(str(tmp_path / "missing")) is None
+    assert interpreter_of(str(path)) is None
+    assert interpreter_of(str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize("content, expected", [
     (b"#!/bin/sh\necho\n", "/bin/sh"), (b"#! /usr/bin/env python3 -u\n", "/usr/bin/env"),
     (b"#!\n", None), (b"echo\n", None), (b"", None)])
-def test_shebang_interpreter(tmp_path: Path, content: bytes, expected: str | None) -> None:
+def test_shebang_of(tmp_path: Path, content: bytes, expected: str | None) -> None:
     path = tmp_path / "s"
     path.write_bytes(content)
-    assert shebang_interpreter(str(path)) == expected
+    assert shebang_of(str(path)) == expected
