@@ -29,10 +29,14 @@ def docker_cli(env: Mapping[str, str] | None = None) -> str | None:
     return shutil.which("docker", path=env.get("PATH") if env is not None else None)
 
 
-def _run(args: Sequence[str], env: Mapping[str, str] | None, timeout: float) -> subprocess.CompletedProcess[str]:
+def run(args: Sequence[str], env: Mapping[str, str] | None, timeout: float,
+        missing: str = "docker CLI not found on PATH; install Docker or write an archive with --output",
+        ) -> subprocess.CompletedProcess[str]:
+    """`docker ARGS` against the engine `env` names (DOCKER_HOST), output captured; `missing` is
+    the error when there is no docker CLI."""
     cli = docker_cli(env)
     if cli is None:
-        raise TracejailError("docker CLI not found on PATH; install Docker or write an archive with --output")
+        raise TracejailError(missing)
     return subprocess.run([cli, *args], env=dict(env) if env is not None else None, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -46,7 +50,7 @@ def engine_problem(env: Mapping[str, str] | None = None, timeout: float = INFO_T
     """None when the docker CLI exists and `docker info` reaches an engine within `timeout`;
     otherwise why not, in one phrase (a socket the user may not open gets its own diagnosis)."""
     try:
-        proc = _run(["info", "--format", "{{json .ServerVersion}}"], env, timeout)
+        proc = run(["info", "--format", "{{json .ServerVersion}}"], env, timeout)
     except TracejailError:
         return "no docker CLI on PATH"
     except subprocess.TimeoutExpired:
@@ -75,7 +79,7 @@ def engine_available(env: Mapping[str, str] | None = None, timeout: float = INFO
 
 def image_id(ref: str, env: Mapping[str, str] | None = None) -> str:
     """The engine's ID ("sha256:...") for an image reference or ID."""
-    proc = _run(["image", "inspect", "--format", "{{.Id}}", ref], env, INFO_TIMEOUT * 3)
+    proc = run(["image", "inspect", "--format", "{{.Id}}", ref], env, INFO_TIMEOUT * 3)
     if proc.returncode != 0:
         raise TracejailError(f"docker cannot find image {ref}: {_last_line(proc.stderr)}")
     return proc.stdout.strip()
@@ -94,7 +98,7 @@ def load(archive: str, tags: Sequence[str] | str | None = None, env: Mapping[str
     """
     tags = [tags] if isinstance(tags, str) else list(tags or [])
     try:
-        proc = _run(["load", "-i", archive], env, LOAD_TIMEOUT)
+        proc = run(["load", "-i", archive], env, LOAD_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise TracejailError(f"docker load of {archive} did not finish in {LOAD_TIMEOUT:.0f} s; check the engine") from None
     if proc.returncode != 0:
@@ -113,7 +117,7 @@ def load(archive: str, tags: Sequence[str] | str | None = None, env: Mapping[str
     for tag in tags:
         if any(_same_name(tag, n) for n in names):
             continue
-        tagged = _run(["tag", ident, tag], env, INFO_TIMEOUT * 3)
+        tagged = run(["tag", ident, tag], env, INFO_TIMEOUT * 3)
         if tagged.returncode != 0:
             raise TracejailError(f"docker could not tag {ident} as {tag}: {_last_line(tagged.stderr)}")
     return ident

@@ -18,8 +18,8 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
@@ -118,20 +118,6 @@ def _open_stored(path: str, name: str) -> OpenedImage:
                        compressed_size=sum(layer.blob.size for layer in image.layers))
 
 
-def _docker(args: list[str], env: Mapping[str, str] | None) -> subprocess.CompletedProcess[str]:
-    from tracejail import docker_engine
-
-    cli = docker_engine.docker_cli(env) or "docker"
-    try:
-        return subprocess.run([cli, *args], env=dict(env) if env is not None else None, capture_output=True,
-                              text=True, stdin=subprocess.DEVNULL, timeout=SAVE_TIMEOUT)
-    except FileNotFoundError:
-        raise ImageError(f"{args[-1]} is neither a file nor a directory, and there is no docker CLI to ask "
-                         "an engine for it") from None
-    except subprocess.TimeoutExpired:
-        raise ImageError(f"docker {args[0]} {args[-1]} took longer than {SAVE_TIMEOUT:g}s") from None
-
-
 def engine_image_id(ref: str, env: Mapping[str, str] | None) -> str:
     """The engine's ID of image `ref`, with one line saying why there is none."""
     from tracejail import docker_engine
@@ -139,11 +125,11 @@ def engine_image_id(ref: str, env: Mapping[str, str] | None) -> str:
     problem = docker_engine.engine_problem(env)
     if problem is not None:
         raise ImageError(f"{ref} is neither a file nor a directory, and {problem}")
-    found = _docker(["image", "inspect", "--format", "{{.Id}}", ref], env)
-    if found.returncode != 0:
+    try:
+        return docker_engine.image_id(ref, env)
+    except TracejailError:
         raise ImageError(f"no image {ref} in the Docker engine (nor a file or directory of that name); "
-                         "docker pull it, or give an archive or OCI layout")
-    return found.stdout.strip()
+                         "docker pull it, or give an archive or OCI layout") from None
 
 
 @contextlib.contextmanager
@@ -154,9 +140,21 @@ def open_image(ref: str, env: Mapping[str, str] | None = None) -> Iterator[Opene
         yield _open_stored(ref, ref)
         return
     engine_image_id(ref, env)
+    with _saved(ref, env) as opened:
+        yield opened
+
+
+@contextlib.contextmanager
+def _saved(ref: str, env: Mapping[str, str] | None) -> Iterator[OpenedImage]:
+    """The engine image `ref` (known to be there), through `docker save` to a temporary archive."""
+    from tracejail import docker_engine
+
     with tempfile.TemporaryDirectory(prefix="tracejail-save-") as tmp:
         archive = os.path.join(tmp, "image.tar")
-        saved = _docker(["save", "--output", archive, ref], env)
+        try:
+            saved = docker_engine.run(["save", "--output", archive, ref], env, SAVE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise ImageError(f"docker save {ref} took longer than {SAVE_TIMEOUT:g}s") from None
         if saved.returncode != 0:
             raise ImageError(f"docker save {ref} failed: {(saved.stderr.strip().splitlines() or ['?'])[-1]}")
         yield _open_stored(archive, ref)
@@ -211,7 +209,8 @@ def _unpack_layers(opened: OpenedImage, dest: str) -> int:
                 st = os.lstat(os.path.join(top, name))
             except OSError:
                 continue
-            total += st.st_size if not os.path.islink(os.path.join(top, name)) else 0
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
     return total
 
 
@@ -224,7 +223,7 @@ def _images_dir() -> str | None:
 
 
 def _hex(image_id: str) -> str:
-    if not _IMAGE_ID.match(image_id):
+    if not tr.IMAGE_ID.match(image_id):
         raise ImageError(f"image ID {image_id[:80]!r} is not a sha256 digest", 65)
     return image_id.split(":", 1)[1]
 
@@ -315,23 +314,23 @@ def image_tree(ref: str, env: Mapping[str, str] | None = None, say: Any = None,
     """IMAGE's unpacked tree, read through the engine only when the cache lacks it: a local
     engine image whose ID is in the cache is not saved again. `expect`: the image ID the caller
     needs (a trace's); another image at that name is an error."""
-    images = _images_dir()
-    if images is not None and not os.path.lexists(ref):
+    if os.path.lexists(ref):
+        opener = open_image(ref, env)
+    else:
         image_id = engine_image_id(ref, env)
-        hit = _cached(images, image_id) if _IMAGE_ID.match(image_id) else None
+        images = _images_dir()
+        hit = _cached(images, image_id) if images is not None and tr.IMAGE_ID.match(image_id) else None
         if hit is not None and expect in (None, image_id):
             hit.name = ref
             yield hit
             return
-    with open_image(ref, env) as opened:
+        opener = _saved(ref, env)
+    with opener as opened:
         if expect is not None and opened.image_id != expect:
             raise TraceFormatError(f"{ref} is now image {opened.image_id[:19]}, but the trace was recorded "
                                    f"in {expect[:19]}; record it again, or give that image back")
         with unpacked(opened, say) as tree:
             yield tree
-
-
-_IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
 
 # --- users of the image ------------------------------------------------------------------------

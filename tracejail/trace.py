@@ -170,8 +170,7 @@ def scrub_source(config: SourceConfig, keep_env: Iterable[str] = ()) -> list[str
     """Take secrets out of a source image's config before it is stored in a trace (the image holds
     them; the trace, which travels, does not): Env values, Entrypoint/Cmd words, label values."""
     said: list[str] = []
-    env = dict(item.split("=", 1) for item in config.env if "=" in item)
-    env, names = sensitive.redact_environment(env, keep_env)
+    env, names = sensitive.redact_environment(config.environment, keep_env)
     config.env = [f"{k}={v}" for k, v in env.items()]
     config.entrypoint = sensitive.redact_argv(["", *config.entrypoint])[0][1:]
     config.cmd = sensitive.redact_argv(["", *config.cmd])[0][1:]
@@ -233,6 +232,15 @@ class SourceConfig:
     labels: dict[str, str] = field(default_factory=dict)
     volumes: list[str] = field(default_factory=list)
     stop_signal: str = ""
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return env_dict(self.env)
+
+
+def env_dict(items: Iterable[str]) -> dict[str, str]:
+    """KEY=VALUE items (an image config's Env) as a dict; an item without `=` is no variable."""
+    return dict(item.split("=", 1) for item in items if "=" in item)
 
 
 @dataclass
@@ -571,13 +579,13 @@ def source_from_json(v: Any) -> ImageSource:
         raise TraceFormatError(f"not a valid image source: {bad}") from None
 
 
-_IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}\Z")
+IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}\Z")   # an image's ID: its config's digest
 
 
 def _source_from_json(v: Any) -> ImageSource:
     d = _dict(v, "source")
     image_id = _str(_key(d, "image_id", "source"), "source.image_id", 80)
-    if not _IMAGE_ID.match(image_id):
+    if not IMAGE_ID.match(image_id):
         raise _Bad("source.image_id", "a sha256: digest", image_id)
     rootfs = d.get("rootfs")
     c = _dict(d.get("config", {}), "source.config")

@@ -309,14 +309,10 @@ class ImageInfo:
             return value if isinstance(value, str) and value else default
 
         labels, volumes = cfg.get("Labels"), cfg.get("Volumes")
-        return cls(user=text("User", ""), env=_env_dict(strings("Env")), entrypoint=strings("Entrypoint"),
+        return cls(user=text("User", ""), env=tr.env_dict(strings("Env")), entrypoint=strings("Entrypoint"),
                    cmd=strings("Cmd"), working_dir=text("WorkingDir", "/"),
                    labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
                    volumes=sorted(str(v) for v in volumes) if isinstance(volumes, dict) else [])
-
-
-def _env_dict(items: list[str]) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in items if "=" in item)
 
 
 def read_rootfs_info(rootfs_dir: str) -> ImageInfo | None:
@@ -330,12 +326,8 @@ def _docker(args: list[str], env: Mapping[str, str] | None, timeout: float = DOC
             ) -> subprocess.CompletedProcess[str]:
     from tracejail import docker_engine
 
-    cli = docker_engine.docker_cli(env)
-    if cli is None:
-        raise TracejailError("docker CLI not found on PATH; install Docker, or verify a staged tree "
-                             "with --rootfs DIR (tracejail build TRACE --rootfs DIR)")
-    return subprocess.run([cli, *args], env=dict(env) if env is not None else None, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return docker_engine.run(args, env, timeout, missing="docker CLI not found on PATH; install Docker, or verify "
+                             "a staged tree with --rootfs DIR (tracejail build TRACE --rootfs DIR)")
 
 
 def _last_line(text: str) -> str:
@@ -379,7 +371,7 @@ def run_env(info: ImageInfo, run: tr.Run, first: bool) -> dict[str, str]:
     (which are not the image's default command) the run's own allowed variables."""
     env = dict(info.env)
     if not first:
-        env.update(_env_dict(tjbuild.image_env(run, [])))
+        env.update(tr.env_dict(tjbuild.image_env(run, [])))
     return env
 
 
@@ -587,17 +579,10 @@ def compare(index: int, run: tr.Run, outcome: Outcome) -> RunCheck:
 
 def jail_view(jtrace: tr.Trace, root: str) -> dict[str, list[tr.Access]]:
     """The traced replay's accesses by the jailed program only, keyed by the path it saw."""
-    from tracejail.record_image import program_pids
+    from tracejail.record_image import jailed_records, program_pids
 
     pids = program_pids(jtrace.runs[0].processes if jtrace.runs else [], with_init=True)
-    view: dict[str, list[tr.Access]] = {}
-    for rec in jtrace.files.values():
-        path = jail.strip_root(rec.path, root)
-        for a in rec.accesses:
-            mine = [p for p in a.pids if p in pids]
-            if mine:
-                view.setdefault(path, []).append(tr.Access(a.kind, a.syscall, a.result, a.count, mine))
-    return view
+    return {path: rec.accesses for path, rec in jailed_records(jtrace, root, pids).items()}
 
 
 def _interpreter_misses(view: dict[str, list[tr.Access]], rootfs: str) -> dict[str, tuple[str, list[tr.Access]]]:
@@ -781,7 +766,7 @@ class Target:
         from tracejail.provenance import IMAGE_PATH
 
         info, run = self.config(), trace.runs[0]
-        base = _env_dict(tjbuild.image_env(run, [], trace.source.config if trace.source else None))
+        base = tr.env_dict(tjbuild.image_env(run, [], trace.source.config if trace.source else None))
         extra = [f"{k}={v}" for k, v in sorted(info.env.items()) if base.get(k) != v]
         # What build would write by itself: the program, behind the init if there is one.
         init = info.labels.get(tjbuild.LABEL_INIT)
@@ -965,7 +950,7 @@ class RootfsTarget(Target):
         self.info = read_rootfs_info(self.rootfs)
         self.user = opts.user or (self.info.user if self.info and self.info.user else tjbuild.DEFAULT_USER)
         _numeric_user(self.user)
-        self._default_env = _env_dict(tjbuild.image_env(trace.runs[0], [],
+        self._default_env = tr.env_dict(tjbuild.image_env(trace.runs[0], [],
                                                         trace.source.config if trace.source else None))
 
     def config(self) -> ImageInfo:
