@@ -244,13 +244,17 @@ def image_env(run: tr.Run, extra: list[str], src: tr.SourceConfig | None = None)
     trace says: it may be old or foreign), then --env. A run recorded in an image keeps that
     image's own Env, any name, less secrets."""
     env: dict[str, str] = {}
-    items = dict(i.split("=", 1) for i in src.env if "=" in i) if src is not None else run.environment
+    items = src.environment if src is not None else run.environment
     for name, value in items.items():
-        if (src is not None or ENV_ALLOW.match(name)) and tr.REDACTED not in value \
-                and not sensitive.secret_in_variable(name, value):
+        if (src is not None or ENV_ALLOW.match(name)) and not _holds_secret(name, value):
             env[name] = value
     env.update(name_values(extra, "--env"))
     return [f"{k}={v}" for k, v in sorted(env.items())]
+
+
+def _holds_secret(name: str, value: str) -> bool:
+    """A variable the image's Env never carries: a secret, or the placeholder where one was."""
+    return tr.REDACTED in value or sensitive.secret_in_variable(name, value)
 
 
 def secret_alerts(command: list[str], extra_env: list[str]) -> list[str]:
@@ -643,8 +647,7 @@ def _build(trace: tr.Trace, trace_path: str, options: BuildOptions, root: Root, 
         notes.append("environment not carried into the image (it names what the image does not hold): "
                      + "; ".join(dropped))
     if src is not None:
-        secret = sorted(k for k, v in name_values([i for i in src.env if "=" in i]).items()
-                        if tr.REDACTED in v or sensitive.secret_in_variable(k, v))
+        secret = sorted(k for k, v in src.environment.items() if _holds_secret(k, v))
         if secret:
             alerts.append(f"{trace.source.image}'s Env holds secrets, left out of the image: {', '.join(secret)} "   # type: ignore[union-attr]
                           "(pass them at run time: docker run -e)")

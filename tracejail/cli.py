@@ -458,11 +458,13 @@ def minify(image: str, trace_path: str | None, no_verify: bool, progress: str, a
       tracejail minify my/app:1 -t my/app:1-min
       tracejail minify my/server -t my/server:min --exercise 'curl -fs localhost:8000/'
     """
+    import inspect
+
     from tracejail.minify import MinifyOptions
     from tracejail.minify import minify as do_minify
     from tracejail.record_image import ImageRunOptions
 
-    run_keys = {p.name for deco in _RUN_OPTIONS for p in _params_of(deco)}
+    run_keys = set(inspect.signature(record_options).parameters)
     ropts = record_options(**{k: v for k, v in options.items() if k in run_keys})
     bopts = build_options_from(**{k: v for k, v in options.items() if k not in run_keys})
     opts = MinifyOptions(image=image, run=ImageRunOptions(image=image, command=list(command), user=bopts.user),
@@ -484,13 +486,6 @@ def minify(image: str, trace_path: str | None, no_verify: bool, progress: str, a
             tell("note", w)
         say(minify_report(summary, result))
     sys.exit(0 if result.passed else 1)
-
-
-def _params_of(decorator: Callable[..., Any]) -> list[click.Parameter]:
-    """The click parameters one option decorator adds."""
-    def probe() -> None:
-        pass
-    return list(getattr(decorator(probe), "__click_params__", []))
 
 
 def minify_report(summary: dict[str, Any], result: Any) -> str:

@@ -94,8 +94,8 @@ def image_recording(rec: Recording, spec: jail.JailSpec, executable: str,
     """The recording of the launcher, made the recording of the program in the image."""
     got = rec.run
     pids = program_pids(got.processes)
-    first = min(pids) if pids else None
-    processes = [dataclasses.replace(p, ppid=None if p.pid == first else p.ppid,
+    # The program's first process is the one whose parent (the jail's init) is not the program's.
+    processes = [dataclasses.replace(p, ppid=p.ppid if p.ppid in pids else None,
                                      exe=jail.strip_root(p.exe, spec.root) if p.exe else None)
                  for p in got.processes if p.pid in pids]
     run = dataclasses.replace(got, argv=list(spec.argv), executable=executable, cwd=spec.cwd, uid=spec.uid,
@@ -123,7 +123,7 @@ def record_image(iopts: ImageRunOptions, ropts: RecordOptions,
         argv = cfg.entrypoint + (iopts.command or cfg.cmd)
         if not argv:
             raise UsageError(f"{iopts.image} has no Entrypoint or Cmd: give the command after --")
-        env = dict(item.partition("=")[::2] for item in cfg.env if "=" in item)
+        env = cfg.environment
         env.setdefault("PATH", jail.DEFAULT_PATH)
         tree = Root(unpacked.rootfs)
         cwd = os.path.normpath(cfg.working_dir) if cfg.working_dir.startswith("/") else "/"
