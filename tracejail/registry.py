@@ -1238,9 +1238,9 @@ def read_image(path: str) -> tuple[image.Image, list[str]]:
     """An image stored in `path`: an OCI layout (directory or tar, read_layout), or a
     docker-archive as docker before 25 and `skopeo copy ... docker-archive:` write it (a
     manifest.json naming a config file and layer tars)."""
-    files = _LayoutFiles(path)
+    files = _LayoutFiles(path)   # a tar's member list is read once, for either kind
     if files.has("index.json") or not files.has("manifest.json"):
-        return read_layout(path)
+        return _read_layout(files)
     return _read_docker_archive(files)
 
 
@@ -1290,7 +1290,11 @@ def read_layout(path: str) -> tuple[image.Image, list[str]]:
 
     The manifest and config are checked against their digests; every layer's stored size must
     be its descriptor's (its digest is checked by the registry as it is pushed)."""
-    files = _LayoutFiles(path)
+    return _read_layout(_LayoutFiles(path))
+
+
+def _read_layout(files: _LayoutFiles) -> tuple[image.Image, list[str]]:
+    path = files.path
     if not files.has("index.json"):
         kind = "directory" if files.is_dir else "archive"
         hint = " (a `docker save` archive from docker < 25 has none: save it with skopeo as oci-archive:)" \
