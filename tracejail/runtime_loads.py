@@ -14,16 +14,27 @@ A rule fires for a traced process when
 * an object of the process imports one of its ``trigger_symbols`` (an undefined
   symbol in ``.dynsym``), e.g. ``pthread_cancel``.
 
-What a rule loads is described by ``kind``; ``tracejail.closure`` knows how to
-expand each kind (it needs the loader's search rules for that).  The parsers
-for the configuration files involved live here because they are pure
-functions of file contents.
+What a fired rule makes the C library read and dlopen() is worked out here by
+:func:`expand`, from the configuration files in the root being resolved
+(nsswitch.conf for NSS, gconv-modules for iconv); the closure's link-map walk
+then finds each named library with the loader's own search rules.
 """
 from __future__ import annotations
 
+import enum
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from .root import NodeKind, Root
+
+
+class LoadKind(enum.Enum):
+    """How a rule's libraries are named."""
+
+    NSS = "nss"          # one module per service configured in nsswitch.conf
+    LIBRARY = "library"  # fixed library names
+    GCONV = "gconv"      # every converter module configured in gconv-modules
 
 
 @dataclass(frozen=True)
@@ -31,7 +42,7 @@ class RuntimeLoad:
     """One kind of library that glibc loads at run time without DT_NEEDED."""
 
     name: str  # used as Dependency.rule "runtime:<name>"
-    kind: str  # how closure.py expands it: "nss", "library" or "gconv"
+    kind: LoadKind
     why: str  # human explanation, shown as part of Dependency.reason
     trigger_paths: tuple[str, ...] = ()
     trigger_symbols: tuple[str, ...] = ()
@@ -41,7 +52,7 @@ class RuntimeLoad:
 RUNTIME_LOADS: tuple[RuntimeLoad, ...] = (
     RuntimeLoad(
         name="nss",
-        kind="nss",
+        kind=LoadKind.NSS,
         why=(
             "glibc's Name Service Switch dlopen()s libnss_<service>.so.2 for each "
             "service named in /etc/nsswitch.conf ('files' and 'dns' are built into "
@@ -54,7 +65,7 @@ RUNTIME_LOADS: tuple[RuntimeLoad, ...] = (
     ),
     RuntimeLoad(
         name="libgcc_s",
-        kind="library",
+        kind=LoadKind.LIBRARY,
         why=(
             "glibc dlopen()s libgcc_s.so.1 to unwind the stack when a thread is "
             "cancelled or calls pthread_exit(); without it the process aborts with "
@@ -65,7 +76,7 @@ RUNTIME_LOADS: tuple[RuntimeLoad, ...] = (
     ),
     RuntimeLoad(
         name="gconv",
-        kind="gconv",
+        kind=LoadKind.GCONV,
         why=(
             "iconv_open() reads the gconv-modules configuration and dlopen()s the "
             "converter module for each charset pair; which charsets a later run "
@@ -141,3 +152,75 @@ def parse_gconv_modules(text: str) -> list[str]:
             if fields[3] not in files:
                 files.append(fields[3])
     return files
+
+
+NSSWITCH_CONF = "/etc/nsswitch.conf"
+
+
+@dataclass(frozen=True)
+class RuntimeFile:
+    """A file a fired rule makes the C library read or dlopen(), and why."""
+
+    path: str  # a configuration file's path, or a library's name or path to find
+    reason: str
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """What one fired rule adds to a process."""
+
+    configs: tuple[RuntimeFile, ...]     # configuration files read (joining the closure as they are)
+    libraries: tuple[RuntimeFile, ...]   # libraries dlopen()ed, found with the loader's search rules
+    notes: tuple[str, ...] = ()
+
+
+def expand(rule: RuntimeLoad, tree: Root, libdir: str, trigger: str) -> Expansion:
+    """What `rule`, fired by `trigger`, makes glibc read and load in `tree`; `libdir` is the
+    loader's /usr/$LIB, where gconv lives."""
+    if rule.kind is LoadKind.NSS:
+        return _nss(rule, tree, trigger)
+    if rule.kind is LoadKind.GCONV:
+        return _gconv(rule, tree, libdir, trigger)
+    reason = f"{rule.why}; triggered by {trigger}"
+    return Expansion((), tuple(RuntimeFile(name, reason) for name in rule.libraries))
+
+
+def _nss(rule: RuntimeLoad, tree: Root, trigger: str) -> Expansion:
+    text = tree.read_text(NSSWITCH_CONF)
+    if text is None:
+        return Expansion((), (), (f"{NSSWITCH_CONF} not found: NSS uses only the services built into libc",))
+    databases: dict[str, list[str]] = {}
+    for database, service in parse_nsswitch(text):
+        if service not in NSS_BUILTIN_SERVICES:
+            databases.setdefault(service, []).append(database)
+    modules = tuple(
+        RuntimeFile(nss_module_name(service),
+                    f"{rule.why}: service '{service}' for {', '.join(dbs)} in {NSSWITCH_CONF}; triggered by {trigger}")
+        for service, dbs in databases.items()
+    )
+    return Expansion((RuntimeFile(NSSWITCH_CONF, f"configures NSS; triggered by {trigger}"),), modules)
+
+
+def _gconv(rule: RuntimeLoad, tree: Root, libdir: str, trigger: str) -> Expansion:
+    gconv_dir = f"{libdir}/gconv"
+    candidates = [f"{gconv_dir}/gconv-modules", f"{gconv_dir}/gconv-modules.cache"]
+    conf_d = f"{gconv_dir}/gconv-modules.d"
+    candidates += [f"{conf_d}/{n}" for n in tree.listdir(conf_d) if n.endswith(".conf")]
+    configs: list[RuntimeFile] = []
+    modules: list[str] = []
+    for conf in candidates:
+        if tree.resolve(conf).kind is not NodeKind.FILE:
+            continue
+        configs.append(RuntimeFile(conf, f"iconv configuration; triggered by {trigger}"))
+        if conf.endswith(".cache"):
+            continue  # a binary digest of the text files, which name the same modules
+        for module in parse_gconv_modules(tree.read_text(conf) or ""):
+            if module not in modules:
+                modules.append(module)
+    if not modules:
+        return Expansion(tuple(configs), (), (f"no gconv modules configured under {gconv_dir}",))
+    reason = f"{rule.why} ({len(modules)} modules); triggered by {trigger}"
+    libraries = tuple(
+        RuntimeFile((module if module.startswith("/") else f"{gconv_dir}/{module}") + ".so", reason) for module in modules
+    )
+    return Expansion(tuple(configs), libraries)
