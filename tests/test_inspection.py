@@ -269,7 +269,7 @@ def test_misses_are_grouped() -> None:
         "/proc/self/nothing": [("read", "openat", "ENOENT")],
         "/srv/data/input.bin": [("read", "openat", "EACCES")],
     })
-    groups = {m.path: (m.group, m.found_at) for m in ins.grouped_misses(t)}
+    groups = {m.miss.path: (m.group.value, m.found_at) for m in ins.grouped_misses(t)}
     assert groups["/opt/app/lib/glibc-hwcaps/x86-64-v3/libfoo.so.1"][0] == "loader-probe"
     assert groups["/opt/app/lib/libfoo.so.1"] == ("search-probe", "/usr/lib/x86_64-linux-gnu/libfoo.so.1")
     assert groups["/usr/local/bin/sort"] == ("search-probe", "/usr/bin/sort")

@@ -564,18 +564,6 @@ def test_terminated_docker_verify_removes_its_container(recordings: Path, tmp_pa
         docker_engine.run("rmi", "-f", tag, check=False)
 
 
-# --- recorded_misses (for `inspect --misses`) -----------------------------------------------------
-
-def test_recorded_misses_lists_failed_lookups(recordings: Path) -> None:
-    trace = recorded("python-cli", recordings)
-    misses = tv.recorded_misses(trace)
-    assert [m.path for m in misses] == trace.failed_paths()
-    assert misses and all(m.result != "ok" and m.count >= 1 and m.pids for m in misses)
-    assert any("app.py" in m.process for m in misses)   # who asked, by command line
-    assert tv.recorded_misses(trace, run=0) == misses and tv.recorded_misses(trace, run=5) == []
-    assert json.loads(json.dumps(misses[0].to_json()))["path"] == misses[0].path
-
-
 # --- bad input ---------------------------------------------------------------------------------
 
 def test_usage_errors(recordings: Path, tmp_path: Path) -> None:

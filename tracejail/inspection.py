@@ -8,6 +8,7 @@ headers and the first bytes of scripts to tell kinds apart); the CLI only format
 """
 from __future__ import annotations
 
+import enum
 import os
 import re
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 from tracejail import fileset as fsel
 from tracejail import rootfs
 from tracejail import trace as tr
+from tracejail.misses import Miss, recorded_misses
 from tracejail.root import Root, is_runtime_path
 from tracejail.text import human, shown
 
@@ -157,20 +159,43 @@ def runs_summary(trace: tr.Trace) -> list[dict[str, Any]]:
 # Failed lookups
 
 
-# Groups of misses that are pure noise: shown as counts only.
-NOISE_GROUPS = {
-    "loader-probe": "the dynamic loader trying hwcaps/tls/platform subdirectories before the directory itself",
-    "search-probe": "a search path tried before the directory where the name was found",
-    "python-probe": "Python's start-up landmarks and package __init__ extension-module probes",
-    "locale": "locale and translation lookups (no locale data is installed for them)",
-    "runtime": "/proc, /sys, /dev and /run (the container runtime provides them)",
+class MissGroup(enum.Enum):
+    """What a failed lookup most likely is. The first five are noise, shown as counts only; the
+    rest are worth a look: a different environment may have these files, and would behave
+    otherwise."""
+
+    LOADER_PROBE = "loader-probe"
+    SEARCH_PROBE = "search-probe"
+    PYTHON_PROBE = "python-probe"
+    LOCALE = "locale"
+    RUNTIME = "runtime"
+    CONFIG = "config"
+    PLUGIN = "plugin"
+    OTHER = "other"
+
+    @property
+    def noise(self) -> bool:
+        return self in _NOISE
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_NOISE = frozenset({MissGroup.LOADER_PROBE, MissGroup.SEARCH_PROBE, MissGroup.PYTHON_PROBE, MissGroup.LOCALE,
+                    MissGroup.RUNTIME})
+_DESCRIPTIONS = {
+    MissGroup.LOADER_PROBE: "the dynamic loader trying hwcaps/tls/platform subdirectories before the directory itself",
+    MissGroup.SEARCH_PROBE: "a search path tried before the directory where the name was found",
+    MissGroup.PYTHON_PROBE: "Python's start-up landmarks and package __init__ extension-module probes",
+    MissGroup.LOCALE: "locale and translation lookups (no locale data is installed for them)",
+    MissGroup.RUNTIME: "/proc, /sys, /dev and /run (the container runtime provides them)",
+    MissGroup.CONFIG: "configuration a different environment may have (it would change behaviour there)",
+    MissGroup.PLUGIN: "plugins and modules looked up by name (another environment may provide them)",
+    MissGroup.OTHER: "other failed lookups",
 }
-# Groups worth a look: a different environment may have these files, and would behave otherwise.
-SHOWN_GROUPS = {
-    "config": "configuration a different environment may have (it would change behaviour there)",
-    "plugin": "plugins and modules looked up by name (another environment may provide them)",
-    "other": "other failed lookups",
-}
+NOISE_GROUPS = [g for g in MissGroup if g.noise]
+SHOWN_GROUPS = [g for g in MissGroup if not g.noise]
 
 _LOADER_DIRS = {"glibc-hwcaps", "tls", "x86_64", "haswell", "avx512_1", "i686", "i586", "sse2",
                 "x86-64-v2", "x86-64-v3", "x86-64-v4", "xeon_phi", "aarch64", "atomics", "asimd"}
@@ -179,49 +204,44 @@ _PY_LANDMARKS = re.compile(r"(/python\d+\.zip|/pybuilddir\.txt|/Modules/Setup(\.
                            r"/lib/python\d\.\d+/os\.pyc?|/lib/python\d\.\d+/lib-dynload)$")
 
 
-@dataclass
-class FailedLookup:
-    """One failed lookup (a path whose every access failed) and the group it falls in."""
+@dataclass(frozen=True)
+class GroupedMiss:
+    """One failed lookup of the recording and the group it falls in."""
 
-    path: str
-    result: str                 # errno name of the main failing call ("ENOENT")
-    syscall: str                # that call ("openat", "execve", "newfstatat"...)
-    count: int                  # failed calls on this path
-    pids: list[int]
-    process: str                # the first asking process's command line, shortened
-    exists_on_host: bool        # appeared on the host since the recording
-    group: str = "other"
+    miss: Miss
+    group: MissGroup
     found_at: str | None = None  # search probes: where the same name was found
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"path": self.path, "error": self.result, "syscall": self.syscall,
-                               "count": self.count, "pids": self.pids, "process": self.process,
-                               "group": self.group, "exists_on_host": self.exists_on_host}
+        m = self.miss
+        out: dict[str, Any] = {"path": m.path, "error": m.result, "syscall": m.syscall, "count": m.count,
+                               "pids": list(m.pids), "process": m.process, "group": self.group.value,
+                               "exists_on_host": m.exists_on_host}
         if self.found_at:
             out["found_at"] = self.found_at
         return out
 
 
-def _miss_group(path: str, found: dict[str, str]) -> tuple[str, str | None]:
+def _miss_group(path: str, found: dict[str, str]) -> tuple[MissGroup, str | None]:
     parts = path.split("/")
     if is_runtime_path(path):
-        return "runtime", None
+        return MissGroup.RUNTIME, None
     name = parts[-1]
     if _PY_INIT_RE.search(path) or _PY_LANDMARKS.search(path):
-        return "python-probe", None
+        return MissGroup.PYTHON_PROBE, None
     if name.endswith(("._pth", "pyvenv.cfg")):
-        return "config", None   # a venv or an embedded Python would have it, and change sys.path
+        return MissGroup.CONFIG, None   # a venv or an embedded Python would have it, and change sys.path
     if any(p in _LOADER_DIRS for p in parts[:-1]) or (name in _LOADER_DIRS and "lib" in path):
-        return "loader-probe", None
+        return MissGroup.LOADER_PROBE, None
     if name in found and found[name] != path:
-        return "search-probe", found[name]
+        return MissGroup.SEARCH_PROBE, found[name]
     if "/locale/" in path or name.endswith(".mo") or name == "locale-archive":
-        return "locale", None
+        return MissGroup.LOCALE, None
     if path.startswith("/etc/") or name.endswith(_CONFIG_SUFFIXES) or _home_config(parts):
-        return "config", None
+        return MissGroup.CONFIG, None
     if re.search(r"\.so(\.[0-9.]+)?$", name) or any(p in ("plugins", "plugin", "modules", "gconv") for p in parts):
-        return "plugin", None
-    return "other", None
+        return MissGroup.PLUGIN, None
+    return MissGroup.OTHER, None
 
 
 def _home_config(parts: list[str]) -> bool:
@@ -230,40 +250,29 @@ def _home_config(parts: list[str]) -> bool:
     return bool(rest) and rest[0].startswith(".") and (len(rest) == 1 or rest[0] == ".config")
 
 
-def _raw_misses(trace: tr.Trace, root: Root | None = None) -> list[FailedLookup]:
-    """The failed lookups, from verify.recorded_misses (one definition of "a miss" for verify
-    and inspect)."""
-    from tracejail import verify
-
-    return [FailedLookup(m.path, m.result, m.syscall, m.count, list(m.pids), m.process, m.exists_on_host)
-            for m in verify.recorded_misses(trace, root=root)]
-
-
-def grouped_misses(trace: tr.Trace, root: Root | None = None) -> list[FailedLookup]:
-    """Every failed lookup of the recorded runs with its group (NOISE_GROUPS, SHOWN_GROUPS)."""
+def grouped_misses(trace: tr.Trace, root: Root | None = None) -> list[GroupedMiss]:
+    """Every failed lookup of the recorded runs with its group."""
     root = root or Root("/")
     found: dict[str, str] = {}
     for path in sorted(trace.files):
         if trace.files[path].ok:
             norm = root.normalize(path)[0]
             found.setdefault(os.path.basename(norm), norm)
-    misses = _raw_misses(trace, root)
-    for m in misses:
-        m.group, m.found_at = _miss_group(root.normalize(m.path)[0], found)
-    return misses
+    return [GroupedMiss(m, *_miss_group(root.normalize(m.path)[0], found)) for m in recorded_misses(trace, root=root)]
 
 
-def misses_summary(misses: list[FailedLookup], shown_per_group: int = 50) -> dict[str, Any]:
-    noise = {g: sum(1 for m in misses if m.group == g) for g in NOISE_GROUPS}
+def misses_summary(misses: list[GroupedMiss], shown_per_group: int = 50) -> dict[str, Any]:
+    counts = {g: sum(1 for m in misses if m.group is g) for g in MissGroup}
     shown: dict[str, list[dict[str, Any]]] = {}
     for g in SHOWN_GROUPS:
-        mine = [m for m in misses if m.group == g]
+        mine = [m for m in misses if m.group is g]
         if mine:
-            shown[g] = [m.to_json() for m in sorted(mine, key=lambda m: (-len(m.pids), m.path))[:shown_per_group]]
+            ordered = sorted(mine, key=lambda m: (-len(m.miss.pids), m.miss.path))
+            shown[g.value] = [m.to_json() for m in ordered[:shown_per_group]]
     return {
         "total": len(misses),
-        "hidden": {g: n for g, n in noise.items() if n},
-        "shown_counts": {g: sum(1 for m in misses if m.group == g) for g in SHOWN_GROUPS},
+        "hidden": {g.value: counts[g] for g in NOISE_GROUPS if counts[g]},
+        "shown_counts": {g.value: counts[g] for g in SHOWN_GROUPS},
         "groups": shown,
     }
 
@@ -365,7 +374,7 @@ def format_misses(m: dict[str, Any]) -> list[str]:
     lines = [f"failed lookups: {m['total']} paths; {hidden} hidden as noise"
              + (": " + ", ".join(f"{n} {g}" for g, n in m["hidden"].items()) if hidden else "")]
     for g, items in m["groups"].items():
-        lines.append(f"{SHOWN_GROUPS[g]} ({m['shown_counts'][g]}):")
+        lines.append(f"{MissGroup(g).description} ({m['shown_counts'][g]}):")
         for it in items:
             procs = len(it["pids"])
             now = "; exists on the host now" if it["exists_on_host"] else ""

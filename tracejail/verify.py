@@ -52,15 +52,13 @@ from tracejail import image as image_mod
 from tracejail import jail, pyimports, sensitive, shrink
 from tracejail import trace as tr
 from tracejail.errors import Interrupted, TraceFormatError, TracejailError, UsageError
+from tracejail.misses import LISTING, Miss, miss_of, short_command
 from tracejail.record import NotReady, ReadyError, listening_ports, run_exercise, spawn_captured
 from tracejail.root import NodeKind, Root, is_runtime_path
 from tracejail.source import root_of as trace_root
 from tracejail.text import shown
 
 NOT_FOUND = ("ENOENT", "ENOTDIR")
-# A lookup no syscall shows: the program listed a directory and did not find a name in it (Python's
-# import system lists package directories and only stats the names it saw).
-LISTING = "listing"
 DENIED = ("EACCES", "EPERM", "EROFS")
 # Calls that change a directory's entries: when they are refused, the directory is what needs the user.
 _DIRECTORY_CALLS = ("rename", "renameat", "renameat2", "unlink", "unlinkat", "rmdir", "mkdir", "mkdirat",
@@ -74,39 +72,6 @@ EXPORT_TIMEOUT = 600.0
 
 
 # --- results ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Miss:
-    """A path a program looked up and did not find (one per path)."""
-
-    path: str                 # as the program spelled it, made absolute (a jail path for jail misses)
-    syscall: str              # the failing call seen most often: "openat", "execve", "kernel:interp"...
-    result: str               # its errno name: "ENOENT"
-    count: int                # failed calls on this path, all syscalls together
-    pids: tuple[int, ...]     # the processes that asked (host pids as the tracer saw them)
-    process: str              # the first one's command line, shortened
-    run: int                  # index of the run in the trace
-    exists_on_host: bool      # the path exists on the host now
-    in_trace: bool = False    # jail misses: the trace has it already (the image left it out)
-    needs: str | None = None  # permission misses: the path the image user must own (or be able to write)
-
-    def describe(self) -> str:
-        """One line for a report: path, call, errno, who asked."""
-        if self.syscall == LISTING:
-            return f"{self.path}  (not in the listing of its directory, by {self.process})"
-        times = f" x{self.count}" if self.count > 1 else ""
-        line = f"{self.path}  ({self.syscall} {self.result}{times}, by {self.process})"
-        if self.needs and self.result == "EROFS":
-            return line + f"; {self.needs} must be writable"
-        if self.needs:
-            return line + f"; {self.needs} must belong to the image user"
-        return line
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["pids"] = list(self.pids)
-        return d
-
 
 @dataclass
 class ExerciseCheck:
@@ -220,49 +185,6 @@ class VerifyOptions:
 
 
 # --- what the recording says -------------------------------------------------------------------
-
-def _processes(trace: tr.Trace) -> dict[tuple[int, int], tr.ProcessInfo]:
-    return {(run_i, p.pid): p for run_i, run in enumerate(trace.runs) for p in run.processes}
-
-
-def _short(argv: list[str], limit: int = 60) -> str:
-    text = " ".join(shown(w) for w in argv) if argv else "?"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _who(argv: list[str]) -> str:
-    """A process for a report line: the program's name and its arguments (what tells runs apart)."""
-    return _short([os.path.basename(argv[0]), *argv[1:]] if argv else [])
-
-
-def _main_failure(accesses: list[tr.Access]) -> tr.Access:
-    return max(accesses, key=lambda a: (a.count, a.syscall == "execve"))
-
-
-def recorded_misses(trace: tr.Trace, run: int | None = None, root: Root | None = None) -> list[Miss]:
-    """Paths the recorded run(s) looked up and did not find: every path whose accesses all failed,
-    one Miss per path, sorted by path. `run` limits it to one run (an index into trace.runs).
-
-    These are mostly harmless probes (Python's import search, ld.so's library search); what
-    `exists_on_host` says True for appeared on the host (`root`: the tree the trace's files come
-    from) after the recording."""
-    tree = root or Root("/")
-    procs = _processes(trace)
-    out = []
-    for path in sorted(trace.files):
-        rec = trace.files[path]
-        if not rec.failed or (run is not None and run not in rec.runs):
-            continue
-        main = _main_failure(rec.accesses)
-        pids = tuple(sorted({p for a in rec.accesses for p in a.pids}))
-        runs = [run] if run is not None else (rec.runs or [0])
-        who = next((procs[(r, p)] for p in pids for r in runs if (r, p) in procs), None)
-        out.append(Miss(path=path, syscall=main.syscall, result=main.result,
-                        count=sum(a.count for a in rec.accesses), pids=pids,
-                        process=_who(who.argv) if who else "?", run=runs[0],
-                        exists_on_host=tree.lexists(tree.normalize(path)[0])))
-    return out
-
 
 @dataclass(frozen=True)
 class ReadyRule:
@@ -634,13 +556,7 @@ def jail_misses(host: tr.Trace, view: dict[str, list[tr.Access]], processes: lis
     view.update(_listing_misses(host, view, rootfs))
 
     def make(path: str, accesses: list[tr.Access], in_trace: bool) -> Miss:
-        main = _main_failure(accesses)
-        pids = tuple(sorted({p for a in accesses for p in a.pids}))
-        who = next((procs[p] for p in pids if p in procs), None)
-        return Miss(path=path, syscall=main.syscall, result=main.result,
-                    count=sum(a.count for a in accesses), pids=pids,
-                    process=_who(who.argv) if who else "?", run=run_index,
-                    exists_on_host=True, in_trace=in_trace)
+        return miss_of(path, accesses, procs, run_index, exists_on_host=True, in_trace=in_trace)
 
     source = source or Root("/")
     tree = Root(rootfs)
@@ -1294,7 +1210,7 @@ def format_report(report: VerifyReport) -> str:
 
 
 def _format_run(c: RunCheck) -> str:
-    out = [f"run {c.index}: {_short(c.command, 100)}\n"]
+    out = [f"run {c.index}: {short_command(c.command, 100)}\n"]
     if not c.exercises:
         if c.passed and c.expected_status:
             out.append(f"  PASS (the recorded run itself failed with exit {c.expected_status}): "
