@@ -110,7 +110,9 @@ def test_layers_stack_like_an_engine_stacks_them(tmp_path: Path) -> None:
                   ("hard", H, b"", {"linkname": "keep"}),             # a hard link to this layer's file
                   ("evil/owned", F, b"through a symlink"),            # never written through it
                   ("evil/.wh.victim", F, b""),                        # nor removed through it
-                  ("a/.wh..", F, b""))                                # nonsense whiteout: ignored
+                  ("a/.wh..", F, b""),                                # nonsense whiteout: ignored
+                  ("ghost/sub/.wh.x", F, b""),                        # nothing below to remove: no dir made
+                  ("fresh/.wh..wh..opq", F, b""))                     # an opaque dir is this layer's own
     (outside / "victim").write_text("stays")
     with LayerTree(str(dest)) as tree:
         tree.apply(io.BytesIO(lower))
@@ -124,6 +126,7 @@ def test_layers_stack_like_an_engine_stacks_them(tmp_path: Path) -> None:
     assert (dest / "keep").read_text() == "2" and (dest / "link").is_symlink()
     assert os.stat(dest / "hard").st_ino == os.stat(dest / "keep").st_ino
     assert os.listdir(outside) == ["victim"]
+    assert not (dest / "ghost").exists() and (dest / "fresh").is_dir() and os.listdir(dest / "fresh") == []
     why = dict(result.skipped)
     assert why["evil/owned"] == "a parent directory is a symlink or a file"
     assert why["evil/.wh.victim"] == "a whiteout below a symlink or a file"

@@ -67,25 +67,28 @@ class _Tree:
         # one was reached without following a symlink; any directory removal clears them all.
         self.opened: OrderedDict[str, int] = OrderedDict()
 
-    def parent(self, rel: str) -> tuple[int, str]:
-        """(fd of the parent directory, last name); parents are created as plain directories."""
+    def parent(self, rel: str, create: bool = True) -> tuple[int, str]:
+        """(fd of the parent directory, last name); missing parents are created as plain
+        directories, or, when not `create`, FileNotFoundError."""
         head, _, name = rel.rpartition("/")
         if not head:
             return os.dup(self.fd), name
-        return os.dup(self._directory(head)), name
+        return os.dup(self._directory(head, create)), name
 
-    def _directory(self, head: str) -> int:
-        """An fd of directory `head` (made when missing), walked from its nearest opened ancestor."""
+    def _directory(self, head: str, create: bool) -> int:
+        """An fd of directory `head` (made when missing and `create`), walked from its nearest
+        opened ancestor."""
         hit = self.opened.get(head)
         if hit is not None:
             self.opened.move_to_end(head)
             return hit
         above, _, part = head.rpartition("/")
-        base = self._directory(above) if above else self.fd
-        try:
-            os.mkdir(part, 0o755, dir_fd=base)
-        except FileExistsError:
-            pass
+        base = self._directory(above, create) if above else self.fd
+        if create:
+            try:
+                os.mkdir(part, 0o755, dir_fd=base)
+            except FileExistsError:
+                pass
         fd = open_dir_nofollow(base, "/" + part)
         self.opened[head] = fd
         if len(self.opened) > _OPEN_DIRS:
@@ -186,7 +189,11 @@ def _layer_member(tar: tarfile.TarFile, m: tarfile.TarInfo, tree: _Tree, result:
             tree.this_layer.add(rel)
         return
     try:
-        pfd, _ = tree.parent(rel)
+        # An opaque directory is part of this layer; a plain whiteout only removes, so a missing
+        # parent means there is nothing to remove (and no directory to make).
+        pfd, _ = tree.parent(rel, create=name == OPAQUE)
+    except FileNotFoundError:
+        return
     except TracejailError:
         result.skipped.append((rel, "a whiteout below a symlink or a file"))
         return
