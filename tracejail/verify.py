@@ -630,7 +630,8 @@ class Target:
 
     label: str
     info: ImageInfo | None     # None: the tree has no image-config.json to say how it was built
-    source: Root = Root("/")   # where the trace's files come from (verify sets it: source.root_of)
+    source: Root               # where the trace's files come from: verify() sets it (source.root_of)
+                               # before any run, and each target has its own
     user: str
     opts: VerifyOptions
     notes: list[str]           # said once in the report (e.g. how ports were published)
