@@ -24,46 +24,70 @@ PROGRAM = r"""
 #include <unistd.h>
 
 static char buf[4096];
-static const char *p(const char *dir, const char *name) {
+/* "rel" mode: the calls without a directory fd name their paths relative to the working directory
+   (which is "/"), the *at calls relative to a directory fd of d; otherwise every path is absolute. */
+static int rel;
+static int D = AT_FDCWD;
+static const char *dir;
+static const char *p(const char *d, const char *name) {
     static char paths[64][512];
     static int n;
-    snprintf(paths[n % 64], 512, "%s/%s", dir, name);
-    return paths[n++ % 64];
+    snprintf(paths[n % 64], 512, "%s/%s", d, name);
+    return paths[n++ % 64] + (rel ? 1 : 0);
 }
+static const char *q(const char *name) { return rel ? name : p(dir, name); }
 
 int main(int argc, char **argv) {
     const char *d = argv[1];
+    dir = d;
+    if (argc > 2 && strcmp(argv[2], "rel") == 0) {
+        D = open(d, O_RDONLY | O_DIRECTORY);
+        rel = 1;
+        if (D < 0 || chdir("/") != 0) return 1;
+    }
     struct stat st;
     struct statx stx;
     struct open_how how = {.flags = O_RDONLY};
     char *no_args[] = {"x", NULL};
     close(syscall(SYS_open, p(d, "open.f"), O_CREAT | O_WRONLY, 0644));
     close(syscall(SYS_creat, p(d, "creat.f"), 0644));
-    close(syscall(SYS_openat, AT_FDCWD, p(d, "open.f"), O_RDONLY));
-    syscall(SYS_openat2, AT_FDCWD, p(d, "openat2.missing"), &how, sizeof how);
+    close(syscall(SYS_openat, D, q("open.f"), O_RDONLY));
+    syscall(SYS_openat2, D, q("openat2.missing"), &how, sizeof how);
     syscall(SYS_symlink, "open.f", p(d, "symlink.l"));
-    syscall(SYS_symlinkat, "open.f", AT_FDCWD, p(d, "symlinkat.l"));
+    syscall(SYS_symlinkat, "open.f", D, q("symlinkat.l"));
     syscall(SYS_stat, p(d, "open.f"), &st);
     syscall(SYS_lstat, p(d, "symlink.l"), &st);
-    syscall(SYS_newfstatat, AT_FDCWD, p(d, "creat.f"), &st, 0);
-    syscall(SYS_statx, AT_FDCWD, p(d, "statx.missing"), 0, STATX_BASIC_STATS, &stx);
+    syscall(SYS_newfstatat, D, q("creat.f"), &st, 0);
+    syscall(SYS_statx, D, q("statx.missing"), 0, STATX_TYPE, &stx);
     syscall(SYS_access, p(d, "open.f"), R_OK);
-    syscall(SYS_faccessat, AT_FDCWD, p(d, "faccessat.missing"), R_OK);
-    syscall(SYS_faccessat2, AT_FDCWD, p(d, "creat.f"), R_OK, 0);
+    syscall(SYS_faccessat, D, q("faccessat.missing"), R_OK);
+    syscall(SYS_faccessat2, D, q("creat.f"), R_OK, 0);
     syscall(SYS_readlink, p(d, "symlink.l"), buf, sizeof buf);
-    syscall(SYS_readlinkat, AT_FDCWD, p(d, "readlinkat.missing"), buf, sizeof buf);
+    syscall(SYS_readlinkat, D, q("readlinkat.missing"), buf, sizeof buf);
     syscall(SYS_mkdir, p(d, "mkdir.d"), 0755);
-    syscall(SYS_mkdirat, AT_FDCWD, p(d, "mkdirat.d"), 0755);
+    syscall(SYS_mkdirat, D, q("mkdirat.d"), 0755);
     syscall(SYS_rmdir, p(d, "mkdir.d"));
     syscall(SYS_link, p(d, "open.f"), p(d, "link.h"));
-    syscall(SYS_linkat, AT_FDCWD, p(d, "open.f"), AT_FDCWD, p(d, "linkat.h"), 0);
+    syscall(SYS_linkat, AT_FDCWD, p(d, "open.f"), D, q("linkat.h"), 0);   /* two different bases */
     syscall(SYS_rename, p(d, "link.h"), p(d, "rename.to"));
-    syscall(SYS_renameat, AT_FDCWD, p(d, "linkat.h"), AT_FDCWD, p(d, "renameat.to"));
-    syscall(SYS_renameat2, AT_FDCWD, p(d, "rename.to"), AT_FDCWD, p(d, "renameat2.to"), 0);
+    syscall(SYS_renameat, D, q("linkat.h"), AT_FDCWD, p(d, "renameat.to"));
+    syscall(SYS_renameat2, AT_FDCWD, p(d, "rename.to"), D, q("renameat2.to"), 0);
     syscall(SYS_unlink, p(d, "renameat2.to"));
-    syscall(SYS_unlinkat, AT_FDCWD, p(d, "mkdirat.d"), AT_REMOVEDIR);
+    syscall(SYS_unlinkat, D, q("mkdirat.d"), AT_REMOVEDIR);
     syscall(SYS_execve, p(d, "execve.missing"), no_args, no_args + 1);
-    syscall(SYS_execveat, AT_FDCWD, p(d, "execveat.missing"), no_args, no_args + 1, 0);
+    syscall(SYS_execveat, D, q("execveat.missing"), no_args, no_args + 1, 0);
+    /* the last component, followed or not, and a path that is only a directory fd */
+    syscall(SYS_symlink, "nowhere", p(d, "dangling.l"));
+    syscall(SYS_stat, p(d, "dangling.l"), &st);
+    syscall(SYS_newfstatat, D, q("dangling.l"), &st, AT_SYMLINK_NOFOLLOW);
+    /* a mask without the AT_* bits, so that only the flags argument can say "no follow" */
+    syscall(SYS_statx, D, q("dangling.l"), AT_SYMLINK_NOFOLLOW, STATX_TYPE, &stx);
+    syscall(SYS_openat, D, q("dangling.l"), O_RDONLY | O_NOFOLLOW);
+    {
+        int fd = open(p(d, "open.f"), O_RDONLY);
+        syscall(SYS_faccessat2, fd, "", R_OK, AT_EMPTY_PATH);
+        close(fd);
+    }
     puts("done");
     return 0;
 }
@@ -88,15 +112,18 @@ EXPECTED = {
     "renameat2.to": [("renameat2", "write", "ok"), ("unlink", "write", "ok")],
     "execve.missing": [("execve", "exec", "ENOENT")],
     "execveat.missing": [("execveat", "exec", "ENOENT")],
+    "dangling.l": [("symlink", "write", "ok"), ("stat", "stat", "ENOENT"), ("newfstatat", "stat", "ok"),
+                   ("statx", "stat", "ok"), ("openat", "read", "ELOOP")],
 }
 
 
+@pytest.mark.parametrize("paths", ["absolute", "rel"], ids=["absolute", "relative-to-cwd-and-dirfd"])
 @pytest.mark.parametrize("exact", [False, True], ids=["at-entry", "exact"])
-def test_every_traced_syscall_is_decoded(tmp_path: Path, exact: bool) -> None:
+def test_every_traced_syscall_is_decoded(tmp_path: Path, exact: bool, paths: str) -> None:
     program = static_program(tmp_path, PROGRAM)
     work = tmp_path / "work"
     work.mkdir()
-    rec = record([str(program), str(work)], RecordOptions(exact=exact, passthrough=False))
+    rec = record([str(program), str(work), paths], RecordOptions(exact=exact, passthrough=False))
     assert rec.run.exit_code == 0 and rec.run.stdout == "done\n", rec.run.stderr
     seen = {(path.rsplit("/", 1)[1], a.syscall, a.kind, a.result)
             for path, r in rec.trace.files.items() if path.startswith(str(work) + "/") for a in r.accesses}

@@ -10,20 +10,15 @@ import ctypes
 import os
 import struct
 
-# x86_64 syscall numbers of the calls tracejail records.
-SYSCALLS: dict[str, int] = {
-    "open": 2, "stat": 4, "lstat": 6, "access": 21, "execve": 59,
-    "rename": 82, "mkdir": 83, "rmdir": 84, "creat": 85, "link": 86, "unlink": 87,
-    "symlink": 88, "readlink": 89,
-    "openat": 257, "mkdirat": 258, "newfstatat": 262, "unlinkat": 263, "renameat": 264,
-    "linkat": 265, "symlinkat": 266, "readlinkat": 267, "faccessat": 269, "renameat2": 316,
-    "execveat": 322, "statx": 332, "openat2": 437, "faccessat2": 439,
-}
+from tracejail import syscalls
+
+# x86_64 syscall numbers of the calls tracejail records (the table is syscalls.SYSCALLS).
+SYSCALLS: dict[str, int] = {s.name: s.nr for s in syscalls.SYSCALLS}
 SYSCALL_NAMES: dict[int, str] = {nr: name for name, nr in SYSCALLS.items()}
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
-AT_EMPTY_PATH = 0x1000
+AT_EMPTY_PATH = syscalls.AT_EMPTY_PATH
 
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_TRACE = 0x7FF00000
@@ -44,10 +39,11 @@ def _arg_low(i: int) -> int:
     return 16 + 8 * i   # low 32 bits of args[i] on little-endian
 
 
-# An fstat in disguise (`newfstatat(fd, "", buf, AT_EMPTY_PATH)`) is glibc's fstat: letting it
-# through removes a quarter of all stops on directory walks; the file itself was recorded when
-# it was opened. The flags live in args[3] for newfstatat and args[2] for statx.
-_EMPTY_PATH_FLAG_ARG = {"newfstatat": 3, "statx": 2}
+# An fstat in disguise (`newfstatat(fd, "", buf, AT_EMPTY_PATH)`) runs untraced: see
+# syscalls.FSTAT_IN_DISGUISE. The argument that holds AT_EMPTY_PATH, per call.
+_EMPTY_PATH_FLAG_ARG: dict[str, int] = {
+    name: arg for name in syscalls.FSTAT_IN_DISGUISE if (arg := syscalls.BY_NAME[name].empty_path_flag) is not None
+}
 
 
 def build_filter(names: list[str] | None = None) -> bytes:

@@ -54,8 +54,9 @@ def _import_ptrace_binding():   # noqa: ANN202
 
 pb = _import_ptrace_binding()
 
-from tracejail import seccomp
+from tracejail import seccomp, syscalls
 from tracejail.elf import interpreter_of, shebang_of
+from tracejail.syscalls import Effect, NoFollow
 
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
@@ -78,8 +79,8 @@ SPIN_POLLS = 300   # ~0.5 ms of WNOHANG polls before a blocking wait (measured: 
 GROUP_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 
 AT_FDCWD = -100
-AT_SYMLINK_NOFOLLOW = 0x100
-AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = syscalls.AT_SYMLINK_NOFOLLOW
+AT_EMPTY_PATH = syscalls.AT_EMPTY_PATH
 O_WRONLY, O_RDWR, O_CREAT, O_EXCL, O_TRUNC = 0o1, 0o2, 0o100, 0o200, 0o1000
 O_DIRECTORY, O_NOFOLLOW, O_PATH = 0o200000, 0o400000, 0o10000000
 
@@ -580,98 +581,66 @@ class Tracer:
         return base + "/" + path
 
     def _on_syscall_entry(self, tid: int, regs, events: dict) -> None:
-        nr = regs.orig_rax
-        name = seccomp.SYSCALL_NAMES.get(nr)
-        if name is None:
+        sc = syscalls.BY_NR.get(regs.orig_rax)
+        if sc is None:
             return
+        name = sc.name
         tgid = self.tasks.get(tid, tid)
         if tgid in self.pre_exec and name != "execve":
             return   # our own child's Python between fork and exec: not the program
-        a0, a1, a2, a3, a4 = regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8
+        args = (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9)
+        flags = args[sc.flags] if sc.flags is not None else 0
+        empty = AT_EMPTY_PATH if sc.empty_path_ok else (flags if sc.empty_path_flag is not None else 0)
+        path = self._path_at(tid, tgid, args[sc.dirfd] if sc.dirfd is not None else AT_FDCWD, args[sc.path], empty)
         calls: list[tuple[str, str, int, bool, int]] = []   # (path, kind, flags, nofollow, amode)
         created: list[str] = []
         removed: list[str] = []
-        p = self._path_at
-        if name in ("open", "creat", "openat", "openat2"):
-            if name == "open":
-                path, flags = p(tid, tgid, AT_FDCWD, a0), a1
-            elif name == "creat":
-                path, flags = p(tid, tgid, AT_FDCWD, a0), O_CREAT | O_WRONLY | O_TRUNC
-            elif name == "openat":
-                path, flags = p(tid, tgid, a0, a1), a2
-            else:
-                flags = self.mem.u64(tgid, a2) or 0
-                path = p(tid, tgid, a0, a1)
+        effect = sc.effect
+        if effect is Effect.OPEN:
+            if sc.fixed_open_flags:
+                flags = sc.fixed_open_flags
+            elif sc.open_how:
+                flags = self.mem.u64(tgid, flags) or 0
             if path is None:
                 return
-            kind = _open_kind(flags)
             if flags & O_CREAT and not _exists(path):
                 created.append(path)
-            calls.append((path, kind, flags, bool(flags & O_NOFOLLOW), 0))
-        elif name in ("stat", "lstat", "newfstatat", "statx"):
-            if name in ("stat", "lstat"):
-                path, nofollow = p(tid, tgid, AT_FDCWD, a0), name == "lstat"
-            else:
-                flags = a3 if name == "newfstatat" else a2
-                path, nofollow = p(tid, tgid, a0, a1, flags), bool(flags & AT_SYMLINK_NOFOLLOW)
+            calls.append((path, _open_kind(flags), flags, bool(flags & O_NOFOLLOW), 0))
+        elif effect is Effect.STAT or effect is Effect.ACCESS:
             if path is None:
                 return
-            calls.append((path, "stat", 0, nofollow, 0))
-        elif name in ("access", "faccessat", "faccessat2"):
-            if name == "access":
-                path, mode, nofollow = p(tid, tgid, AT_FDCWD, a0), a1, False
-            else:
-                flags = a3 if name == "faccessat2" else 0
-                path, mode, nofollow = p(tid, tgid, a0, a1, flags), a2, bool(flags & AT_SYMLINK_NOFOLLOW)
-            if path is None:
-                return
-            calls.append((path, "stat", 0, nofollow, mode & 7))
-        elif name in ("readlink", "readlinkat"):
-            path = p(tid, tgid, AT_FDCWD, a0) if name == "readlink" else p(tid, tgid, a0, a1, AT_EMPTY_PATH)
+            nofollow = sc.nofollow is NoFollow.ALWAYS or (sc.nofollow is NoFollow.AT_FLAG and bool(flags & AT_SYMLINK_NOFOLLOW))
+            mode = args[sc.mode] & 7 if sc.mode is not None else 0
+            calls.append((path, "stat", 0, nofollow, mode))
+        elif effect is Effect.READLINK:
             if path is None:
                 return
             calls.append((path, "readlink", 0, True, 0))
-        elif name in ("execve", "execveat"):
-            path = p(tid, tgid, AT_FDCWD, a0) if name == "execve" else p(tid, tgid, a0, a1, a4)
+        elif effect is Effect.EXEC:
             if path is None:
                 return
             calls.append((path, "exec", 0, False, 0))
             self._record_shebangs(path, tgid, events)
-        else:
+        elif effect is Effect.RENAME:
             # mutations: only for telling which files the run itself created or removed
-            if name in ("rename", "renameat", "renameat2"):
-                src = p(tid, tgid, AT_FDCWD, a0) if name == "rename" else p(tid, tgid, a0, a1)
-                dst = p(tid, tgid, AT_FDCWD, a1) if name == "rename" else p(tid, tgid, a2, a3)
-                if src:
-                    removed.append(src)
-                    calls.append((src, "write", 0, True, 0))
-                if dst:
-                    if not _exists(dst):
-                        created.append(dst)
-                    calls.append((dst, "write", O_CREAT, True, 0))
-            elif name in ("unlink", "unlinkat", "rmdir"):
-                path = p(tid, tgid, AT_FDCWD, a0) if name != "unlinkat" else p(tid, tgid, a0, a1)
-                if path:
-                    removed.append(path)
-                    calls.append((path, "write", 0, True, 0))
-            elif name in ("mkdir", "mkdirat", "symlink", "symlinkat", "link", "linkat"):
-                if name == "mkdir":
-                    path = p(tid, tgid, AT_FDCWD, a0)
-                elif name == "mkdirat":
-                    path = p(tid, tgid, a0, a1)
-                elif name == "symlink":
-                    path = p(tid, tgid, AT_FDCWD, a1)
-                elif name == "symlinkat":
-                    path = p(tid, tgid, a1, a2)
-                elif name == "link":
-                    path = p(tid, tgid, AT_FDCWD, a1)
-                else:
-                    path = p(tid, tgid, a2, a3)
-                if path:
-                    if not _exists(path):
-                        created.append(path)
-                    # these make a new name or fail: an existing one is EEXIST, as O_EXCL is
-                    calls.append((path, "write", O_CREAT | O_EXCL, True, 0))
+            to_dirfd = args[sc.to_dirfd] if sc.to_dirfd is not None else AT_FDCWD
+            dst = self._path_at(tid, tgid, to_dirfd, args[sc.to_path]) if sc.to_path is not None else None
+            if path:
+                removed.append(path)
+                calls.append((path, "write", 0, True, 0))
+            if dst:
+                if not _exists(dst):
+                    created.append(dst)
+                calls.append((dst, "write", O_CREAT, True, 0))
+        elif effect is Effect.REMOVE:
+            if path:
+                removed.append(path)
+                calls.append((path, "write", 0, True, 0))
+        elif path:   # Effect.MAKE
+            if not _exists(path):
+                created.append(path)
+            # these make a new name or fail: an existing one is EEXIST, as O_EXCL is
+            calls.append((path, "write", O_CREAT | O_EXCL, True, 0))
         res = self.result
         res.created.update(created)
         res.removed.update(removed)
