@@ -154,8 +154,7 @@ def record_options(exercises: tuple[str, ...], ready_port: int | None, ready_del
                          keep_argv=keep_argv)
 
 
-@main.command(context_settings={**CONTEXT, "ignore_unknown_options": True,
-                                "allow_interspersed_args": False})
+@main.command(context_settings={**CONTEXT, "allow_interspersed_args": False})
 @click.option("-o", "--output", default="trace.json", show_default=True, metavar="FILE",
               help="Where to write the trace (written atomically).")
 @click.option("--append", is_flag=True,

@@ -19,7 +19,8 @@ INFO_TIMEOUT = 10.0
 LOAD_TIMEOUT = 1800.0
 
 _LOADED_NAME = re.compile(r"^Loaded image: (\S+)\s*$", re.M)
-_SOCKET_DENIED = re.compile(r"permission denied while trying to connect to the Docker daemon socket"
+# Docker's clients up to 28 say "...to the Docker daemon socket at unix://...", 29 "...to the docker API at ...".
+_SOCKET_DENIED = re.compile(r"permission denied while trying to connect to the Docker (?:daemon socket|API)"
                             r"(?: at (?:unix://)?(\S+?)[:;,]?(?:\s|$))?", re.I)
 _LOADED_ID = re.compile(r"^Loaded image ID: (sha256:[0-9a-f]{64})\s*$", re.M)
 
@@ -60,7 +61,8 @@ def engine_problem(env: Mapping[str, str] | None = None, timeout: float = INFO_T
     # Some clients exit 0 and print an error field when the engine is down: insist on a version.
     if proc.returncode == 0 and proc.stdout.strip() not in ("", '""', "null"):
         return None
-    return diagnose(proc.stderr + proc.stdout)
+    # The reason is on stderr; stdout then holds only the empty answer ('""').
+    return diagnose(proc.stderr if proc.stderr.strip() else proc.stdout)
 
 
 def diagnose(output: str) -> str:

@@ -781,7 +781,9 @@ def load_with_owner(path: str) -> tuple[Trace, os.stat_result]:
     try:
         text = raw.decode("utf-8")
         del raw
-        trace = _Stream(text).trace(path)
+        # Only an object can be a trace; anything else is parsed whole, to be told apart from
+        # text that is not JSON at all.
+        trace = _Stream(text).trace(path) if text.lstrip().startswith("{") else None
         if trace is None:
             trace = Trace.from_json(json.loads(text), source=path)
         return trace, st
