@@ -105,10 +105,15 @@ def parse_status(text: str) -> list[dict[str, str]]:
     return out
 
 
+# Configured packages: "triggers-*" only wait for another package's trigger to run. ("unpacked"
+# and "half-configured" have their files too, but dpkg does not count them as installed.)
+_INSTALLED_STATES = ("installed", "triggers-pending", "triggers-awaited")
+
+
 def _installed(fields: dict[str, str]) -> bool:
     # "install ok installed" / "hold ok installed"; "config-files" means the files are gone.
     words = fields.get("Status", "").split()
-    return len(words) == 3 and words[2] == "installed"
+    return len(words) == 3 and words[2] in _INSTALLED_STATES
 
 
 def _source(fields: dict[str, str]) -> tuple[str | None, str | None]:

@@ -74,6 +74,7 @@ def members(found: Iterable[str], root: Root, off: Iterable[str] = ()) -> Iterat
     """(family, path) for every member of every family that `found` (the paths the trace found)
     triggers, except the families in `off`."""
     found = list(found)
+    off = frozenset(off)
     for family in FAMILIES:
         if family.name in off:
             continue

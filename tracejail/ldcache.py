@@ -241,9 +241,11 @@ def _glob_in_root(root: Root, pattern: str) -> list[str]:
 
 
 def _read_conf(root: Root, path: str, dirs: list[str], seen: set[str]) -> None:
-    if path in seen:  # include loops
+    # Include loops, however the file is spelled (./, ../, a symlink): by the file it reaches.
+    reached = root.realpath(path)
+    if reached in seen:
         return
-    seen.add(path)
+    seen.add(reached)
     text = root.read_text(path)
     if text is None:
         return
@@ -251,7 +253,7 @@ def _read_conf(root: Root, path: str, dirs: list[str], seen: set[str]) -> None:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        word, _, rest = line.partition(" ") if " " in line else line.partition("\t")
+        word, _, rest = line.replace("\t", " ").partition(" ")
         if word == "include" and rest.strip():
             for pattern in rest.split():
                 if not pattern.startswith("/"):
