@@ -270,6 +270,32 @@ def _exists(path: str) -> bool:
     return os.path.lexists(path)
 
 
+# -- ptrace calls of the hot path --------------------------------------------------------------
+
+_PTRACE_FAILED = ctypes.c_ulong(-1).value
+
+
+class _Ptrace:
+    """The two requests every stop makes, without the binding's per-call wrapping: PTRACE_GETREGS
+    into one preallocated register set (python-ptrace's ptrace_getregs allocates one per call
+    and converts every error into an exception) and the resume requests, whose failure only
+    means the task died (its exit comes next)."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.call = libc.ptrace
+        self.call.argtypes = (ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+        self.call.restype = ctypes.c_ulong
+        self.regs = pb.ptrace_registers_t()
+        self._regs_at = ctypes.addressof(self.regs)
+
+    def getregs(self, tid: int):   # noqa: ANN201 - the binding's user_regs_struct
+        """The task's registers (valid until the next call), or None when it is gone."""
+        if self.call(pb.PTRACE_GETREGS, tid, 0, self._regs_at) == _PTRACE_FAILED:
+            return None
+        return self.regs
+
+
 # -- the tracer ----------------------------------------------------------------------------
 
 class Tracer:
@@ -287,6 +313,7 @@ class Tracer:
         self.foreground_tty = foreground_tty
         self.spin_polls = spin_polls
         self.mem = _Memory()
+        self.raw = _Ptrace()
         self.tasks: dict[int, int] = {}          # tid -> tgid
         self.in_syscall: dict[int, bool] = {}    # plain-ptrace mode: entry/exit toggle
         self.pending: dict[int, tuple] = {}      # exact mode: tid -> [(path, kind, name, created?)]
@@ -371,7 +398,7 @@ class Tracer:
         tasks = self.tasks
         waitpid = os.waitpid
         cont = self._resume
-        getregs = pb.ptrace_getregs
+        getregs = self.raw.getregs
         seccomp_mode = self.use_seccomp
         spin = self.spin_polls
         stops = 0
@@ -406,21 +433,26 @@ class Tracer:
                         continue
                     self._adopt(tid)
                 if event == EV_SECCOMP:
-                    self._on_syscall_entry(tid, getregs(tid), events)
+                    regs = getregs(tid)
+                    if regs is not None:
+                        self._on_syscall_entry(tid, regs, events)
                     if self.exact and tid in self.pending:
                         self._ptrace(pb.PTRACE_SYSCALL, tid, 0)
                     else:
                         cont(tid, 0)
                 elif sig == SYSCALL_TRAP:
-                    if seccomp_mode:   # exact mode: the exit of a call we saw at entry
-                        self._on_syscall_exit(tid, getregs(tid).rax)
+                    regs = getregs(tid)
+                    if regs is None:
+                        pass   # gone: its exit follows
+                    elif seccomp_mode:   # exact mode: the exit of a call we saw at entry
+                        self._on_syscall_exit(tid, regs.rax)
                     elif self.in_syscall.get(tid):
                         self.in_syscall[tid] = False
                         if tid in self.pending:
-                            self._on_syscall_exit(tid, getregs(tid).rax)
+                            self._on_syscall_exit(tid, regs.rax)
                     else:
                         self.in_syscall[tid] = True
-                        self._on_syscall_entry(tid, getregs(tid), events)
+                        self._on_syscall_entry(tid, regs, events)
                     cont(tid, 0)
                 elif event in (EV_FORK, EV_VFORK, EV_CLONE):
                     self._on_new_task(tid, event)
@@ -467,7 +499,7 @@ class Tracer:
 
     def _resume(self, tid: int, sig: int) -> None:
         req = pb.PTRACE_CONT if self.use_seccomp and tid not in self.pending else pb.PTRACE_SYSCALL
-        self._ptrace(req, tid, sig)
+        self.raw.call(req, tid, 0, sig)   # a failure means the task died: its exit follows
 
     def _adopt(self, tid: int) -> None:
         tgid = tid
