@@ -109,8 +109,10 @@ def legacy_hwcaps(arch: Arch, flags: frozenset[str]) -> tuple[list[str], str]:
         names = ["x86_64"]
         platform = "x86_64"  # AT_PLATFORM from the kernel
         if intel:
-            if "avx512cd" in flags and "avx512er" in flags and "avx512pf" in flags:
-                platform = "xeon_phi"
+            # sysdeps/x86/cpu-features.c: AVX512ER makes a Xeon Phi (with PF) and never avx512_1.
+            if "avx512cd" in flags and "avx512er" in flags:
+                if "avx512pf" in flags:
+                    platform = "xeon_phi"
             elif _AVX512_1 <= flags:
                 names.append("avx512_1")
             if platform == "x86_64" and _HASWELL <= flags:
@@ -118,7 +120,8 @@ def legacy_hwcaps(arch: Arch, flags: frozenset[str]) -> tuple[list[str], str]:
         return names, platform
     if arch.name == "i386":
         return (["sse2"] if "sse2" in flags else []), "i686"
-    return [], os.uname().machine
+    # The kernel of that architecture names it (never this host's machine).
+    return [], arch.name
 
 
 def power_set_subdirs(components: list[str]) -> list[str]:

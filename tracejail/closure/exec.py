@@ -11,8 +11,9 @@ from ..errors import ElfError, TracejailError
 from .files import LoaderFiles
 from .model import Dependency, Results
 
-# Linux's binfmt_script recursion limit.
-MAX_INTERPRETER_DEPTH = 4
+# Linux's limit on interpreters (fs/exec.c: `depth > 5` is ELOOP): the file the exec names and five
+# more, so a chain of five scripts ending in a program runs.
+MAX_INTERPRETER_DEPTH = 5
 # glibc's execvp() search path when PATH is unset.
 DEFAULT_PATH = "/bin:/usr/bin"
 
@@ -88,7 +89,7 @@ class Programs:
                 self.results.missing(command, path, searched)
                 return
             self.results.edge(Dependency(found, path, command, "env-shebang", reason=f"{interp} runs {command} from {where}"))
-            self._program(found, depth + 1)
+            self._program(found, 0)   # env execve()s it: the kernel counts interpreters afresh
 
     def _program(self, path: str, depth: int) -> None:
         """A file the kernel executes on the script's behalf: ELF or another script."""
@@ -139,6 +140,11 @@ def env_command(arg: str) -> str | None:
         if token in ("-u", "--unset", "-C", "--chdir"):
             skip_next = True
             continue
+        # The string of -SSTRING / --split-string=STRING is split into words: its first is a word too.
+        for option in ("--split-string=", "-S"):
+            if token.startswith(option) and len(token) > len(option):
+                token = token[len(option):]
+                break
         if token.startswith("-"):
             continue  # -S, -i, -, --split-string=... (the split words follow)
         if "=" in token:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ..elf import DF_1_NODEFLIB, DF_1_PIE, ELFOSABI_GNU, ELFOSABI_SYSV, ET_DYN, ET_EXEC, _LIBC_ABI_MAX, ElfFacts
+from ..elf import DF_1_NODEFLIB, DF_1_PIE, ELFOSABI_GNU, ELFOSABI_SYSV, ET_DYN, ET_EXEC, _LIBC_ABI_MAX, ElfFacts, read_file
 from ..errors import ElfError
 from .config import LD_SO_CACHE, Arch, GlibcConfig, MuslConfig, arch_for, glibc_config, is_musl_program, musl_config
 from .files import LoaderFiles
@@ -98,14 +98,25 @@ def open_verify(files: LoaderFiles, path: str, arch: Arch, data: int) -> tuple[V
         facts = files.elf.facts(host, path)
     except ElfError as err:
         try:
-            too_short = os.stat(host).st_size < arch.header_size
+            head = read_file(host, arch.header_size)
         except OSError:
-            too_short = False
-        return Verdict.FATAL, None, f"{path}: file too short" if too_short else str(err)
+            head = b""
+        if len(head) < arch.header_size:
+            return Verdict.FATAL, None, f"{path}: file too short"
+        if head[4] != arch.elf_class:
+            # ld.so compares the class byte with its own only: any other value (0, 3...) is
+            # "another class", and the search goes on.
+            return Verdict.OTHER, None, f"{path} is of ELF class {head[4]}"
+        return Verdict.FATAL, None, str(err)
     except OSError:
         return Verdict.MISSING, None, None
     if facts is None:
-        return Verdict.FATAL, None, f"{path}: invalid ELF header"
+        # ld.so reads a whole header before it looks at the magic.
+        try:
+            too_short = os.stat(host).st_size < arch.header_size
+        except OSError:
+            too_short = False
+        return Verdict.FATAL, None, f"{path}: file too short" if too_short else f"{path}: invalid ELF header"
     if facts.size < arch.header_size:
         return Verdict.FATAL, None, f"{path}: file too short"
     if facts.elf_class != arch.elf_class:
@@ -172,19 +183,58 @@ class Search(Protocol):
 _DST_TOKENS = ("ORIGIN", "PLATFORM", "LIB")
 
 
-class _Expanding:
-    """Dynamic string tokens and search-list parsing, common to both loaders."""
+class _SearchLists:
+    """Search lists (DT_RPATH, DT_RUNPATH, LD_LIBRARY_PATH) made into directories; each loader
+    says how a list is split and its tokens expanded."""
 
-    origin_only: bool = False  # musl expands $ORIGIN only, and drops an element with another '$'
-
-    def __init__(self, files: LoaderFiles, results: Results, lib_dst: str, platform: str) -> None:
+    def __init__(self, files: LoaderFiles, results: Results) -> None:
         self.files = files
         self.results = results
-        self.lib_dst = lib_dst
-        self.platform = platform
 
-    def expand(self, text: str, origin: str) -> tuple[str | None, bool]:
-        """Expand $ORIGIN, $LIB, $PLATFORM (and ${...}); None if the element is unusable."""
+    def _dirs(self, elements: list[tuple[str, str, bool]], shown: str) -> tuple[Dir, ...]:
+        """Directories from (as written, expanded, came from $ORIGIN) elements, in order, once each."""
+        dirs: list[Dir] = []
+        for element, expanded, via_origin in elements:
+            if len(expanded) > 1:
+                expanded = expanded.rstrip("/") or "/"
+            if not expanded.startswith("/"):
+                # Relative (or empty = current directory) entries are relative
+                # to the process's working directory.
+                absolute = self.files.absolute(expanded or ".")
+                if absolute is None:
+                    self.results.note(f"relative search directory {element!r} of {shown} skipped: working directory unknown")
+                    continue
+                expanded = os.path.normpath(absolute)
+            entry = Dir(expanded, via_origin, element)
+            if entry not in dirs:
+                dirs.append(entry)
+        return tuple(dirs)
+
+
+def _ends_token(rest: str, length: int) -> bool:
+    """ld.so's is_dst(): a bare token ends where a name character (ASCII letter, digit, _) cannot
+    continue it."""
+    if len(rest) == length:
+        return True
+    follower = rest[length]
+    return not (follower.isascii() and (follower.isalnum() or follower == "_"))
+
+
+class GlibcSearch(_SearchLists):
+    names_by_soname = True
+
+    def __init__(self, files: LoaderFiles, results: Results, config: GlibcConfig) -> None:
+        super().__init__(files, results)
+        self.config = config
+        self.arch = config.arch
+        self.interp = config.interp or config.arch.glibc_interp
+        self.runtime_libdir = config.libdir
+        # Every process searched with the same lists finds the same file: shared by all the
+        # processes this configuration serves.
+        self._memo: dict[tuple[object, ...], Found | NotFound] = {}
+
+    def expand(self, text: str, origin: str) -> tuple[str, bool]:
+        """Expand $ORIGIN, $LIB, $PLATFORM (and ${...}) as ld.so does; another '$' stays as it is."""
         if "$" not in text:
             return text, False
         out: list[str] = []
@@ -202,12 +252,10 @@ class _Expanding:
                 if rest.startswith("{" + token + "}"):
                     matched = (token, len(token) + 2)
                     break
-                if rest.startswith(token) and (len(rest) == len(token) or rest[len(token)] == "/"):
+                if rest.startswith(token) and _ends_token(rest, len(token)):
                     matched = (token, len(token))
                     break
-            if matched is None or (self.origin_only and matched[0] != "ORIGIN"):
-                if self.origin_only:
-                    return None, False
+            if matched is None:
                 out.append("$")
                 i += 1
                 continue
@@ -216,49 +264,19 @@ class _Expanding:
                 out.append(origin)
                 via_origin = True
             elif token == "PLATFORM":
-                out.append(self.platform)
+                out.append(self.config.platform)
             else:
-                out.append(self.lib_dst)
+                out.append(self.config.lib_dst)
             i += 1 + length
         return "".join(out), via_origin
 
     def expand_list(self, text: str, origin: str, separators: str, shown: str) -> tuple[Dir, ...]:
-        dirs: list[Dir] = []
-        for element in re.split(f"[{re.escape(separators)}]", text):
-            expanded, via_origin = self.expand(element, origin)
-            if expanded is None:
-                continue
-            if len(expanded) > 1:
-                expanded = expanded.rstrip("/") or "/"
-            if not expanded.startswith("/"):
-                # Relative (or empty = current directory) entries are relative
-                # to the process's working directory.
-                absolute = self.files.absolute(expanded or ".")
-                if absolute is None:
-                    self.results.note(f"relative search directory {element!r} of {shown} skipped: working directory unknown")
-                    continue
-                expanded = os.path.normpath(absolute)
-            entry = Dir(expanded, via_origin, element)
-            if entry not in dirs:
-                dirs.append(entry)
-        return tuple(dirs)
+        # An empty element is the working directory.
+        elements = [(e, *self.expand(e, origin)) for e in re.split(f"[{re.escape(separators)}]", text)]
+        return self._dirs(elements, shown)
 
     def library_path(self, text: str, origin: str, shown: str) -> tuple[Dir, ...]:
         return self.expand_list(text, origin, ":;", shown)
-
-
-class GlibcSearch(_Expanding):
-    names_by_soname = True
-
-    def __init__(self, files: LoaderFiles, results: Results, config: GlibcConfig) -> None:
-        super().__init__(files, results, config.lib_dst, config.platform)
-        self.config = config
-        self.arch = config.arch
-        self.interp = config.interp or config.arch.glibc_interp
-        self.runtime_libdir = config.libdir
-        # Every process searched with the same lists finds the same file: shared by all the
-        # processes this configuration serves.
-        self._memo: dict[tuple[object, ...], Found | NotFound] = {}
 
     def search_lists(self, facts: ElfFacts, origin: str, shown: str) -> tuple[tuple[Dir, ...], tuple[Dir, ...]]:
         if facts.runpath is not None:
@@ -380,20 +398,40 @@ class GlibcSearch(_Expanding):
         return NotFound(tuple(searched))
 
 
-# musl's libc.so is its dynamic loader: these names never load a file.
-_RESERVED_MUSL = re.compile(r"^lib(c|pthread|rt|m|dl|util|xnet)\.so$")
+# musl's libc.so is its dynamic loader: a name that starts with one of these (libc.so,
+# libc.so.6, libm.so.6, Alpine's libc.musl-x86_64.so.1...) never loads a file.
+_RESERVED_MUSL = re.compile(r"^lib(c|pthread|rt|m|dl|util|xnet)\.")
 
 
-class MuslSearch(_Expanding):
+class MuslSearch(_SearchLists):
     names_by_soname = False
     runtime_libdir = None  # musl's iconv and name lookups are built in: nothing is dlopen()ed
-    origin_only = True
 
     def __init__(self, files: LoaderFiles, results: Results, config: MuslConfig) -> None:
-        super().__init__(files, results, "lib", "")
+        super().__init__(files, results)
         self.config = config
         self.arch = config.arch
         self.interp = config.interp or config.arch.musl_interp
+
+    def expand_list(self, text: str, origin: str, separators: str, shown: str) -> tuple[Dir, ...]:
+        """fixup_rpath(): $ORIGIN (or ${ORIGIN}) is the only token, and one '$' that starts
+        anything else makes musl ignore the whole list; then path_open()'s split, at ':' and
+        newlines, empty entries skipped."""
+        if "$" in text:
+            at = text.find("$")
+            while at >= 0:
+                if not text.startswith(("$ORIGIN", "${ORIGIN}"), at):
+                    self.results.note(f"search path {text!r} of {shown} ignored, as musl does: "
+                                      "$ORIGIN is the only token it expands")
+                    return ()
+                at = text.find("$", at + 1)
+        elements = [(e, e.replace("${ORIGIN}", origin).replace("$ORIGIN", origin), "$" in e)
+                    for e in re.split("[:\n]", text) if e]
+        return self._dirs(elements, shown)
+
+    def library_path(self, text: str, origin: str, shown: str) -> tuple[Dir, ...]:
+        # Taken as written: musl expands no token in LD_LIBRARY_PATH.
+        return self._dirs([(e, e, False) for e in re.split("[:\n]", text) if e], shown)
 
     def search_lists(self, facts: ElfFacts, origin: str, shown: str) -> tuple[tuple[Dir, ...], tuple[Dir, ...]]:
         # DT_RUNPATH if present, else DT_RPATH; either is inherited by what the object loads.
