@@ -53,7 +53,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if signal.getsignal(sig) is signal.SIG_DFL:
                 signal.signal(sig, _raise_interrupted)
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()   # a reader that went away shows here, not in Python's flush at exit
+            return result
         except TracejailError as exc:
             _fail(str(exc), exc.exit_code)
         except Interrupted as exc:
@@ -61,7 +63,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except BrokenPipeError:
-            sys.stderr.close()
+            # Nothing more reaches the reader: what is still buffered goes nowhere, quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
         except OSError as exc:
             where = f": {exc.filename}" if exc.filename else ""
