@@ -75,7 +75,7 @@ EV_STOP = 128
 SYSCALL_TRAP = signal.SIGTRAP | 0x80
 WALL = 0x40000000
 WALL_NOHANG = WALL | os.WNOHANG
-SPIN_POLLS = 300   # ~0.5 ms of WNOHANG polls before a blocking wait (measured: 1.3-1.8x faster)
+SPIN_POLLS = 300   # WNOHANG polls (each yielding the CPU) before a blocking wait; bench/record.md
 GROUP_STOP_SIGNALS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
 
 AT_FDCWD = -100
@@ -401,6 +401,7 @@ class Tracer:
         getregs = self.raw.getregs
         seccomp_mode = self.use_seccomp
         spin = self.spin_polls
+        yield_cpu = os.sched_yield
         stops = 0
         while tasks or self.stashed:
             if not tasks:
@@ -411,12 +412,16 @@ class Tracer:
             try:
                 # Poll briefly before sleeping: a tracee that stops again within a few hundred
                 # microseconds (most file-heavy code) then finds the tracer awake, and the
-                # cross-CPU wake-up that dominates a stop on VMs is skipped. Bounded, so a
-                # long-running tracee costs at most SPIN_POLLS polls per stop.
+                # cross-CPU wake-up that dominates a stop on VMs is skipped. Each poll yields
+                # the CPU: when the tracee (or anything else) waits for this CPU, polling must
+                # not take it (with a busy neighbour process, polling without yielding made the
+                # fork-heavy workload twice as slow). Bounded, so a long-running tracee costs at
+                # most SPIN_POLLS polls per stop.
                 for _ in range(spin):
                     tid, status = waitpid(-1, WALL_NOHANG)
                     if tid:
                         break
+                    yield_cpu()
                 else:
                     tid, status = waitpid(-1, WALL)
             except ChildProcessError:
