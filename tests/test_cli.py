@@ -248,6 +248,14 @@ def test_deps_json_parses_and_names_libc() -> None:
     assert all(d["path"].startswith("/") for d in closure["deps"])
 
 
+def test_deps_says_which_files_load_nothing(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a program\n")
+    result = invoke("deps", str(text), "/bin/true")
+    assert result.exit_code == 0 and "libc.so.6" in result.stdout
+    assert one_line(result.stderr) == f"tracejail: {text}: neither an ELF file nor a #! script: it has no closure"
+
+
 def test_deps_tree_and_missing_file() -> None:
     result = invoke("deps", "/bin/true")
     assert result.exit_code == 0 and "libc.so.6" in result.stdout

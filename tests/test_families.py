@@ -109,6 +109,13 @@ def test_a_zone_file_keeps_its_whole_zoneinfo_tree(tree: Path) -> None:
     assert kept([f"{ZONEINFO}/Europe"], Root(str(tree))) == {"zoneinfo": ZONEINFO_MEMBERS}
 
 
+@pytest.mark.parametrize("copy", ["posix", "right"])
+def test_a_zone_read_from_the_posix_or_right_copy_keeps_the_tree_too(tree: Path, copy: str) -> None:
+    # TZ=posix/Europe/Paris names a zone just as TZ=Europe/Paris does.
+    assert kept([f"{ZONEINFO}/{copy}/Europe/Paris"], Root(str(tree))) == {"zoneinfo": ZONEINFO_MEMBERS}
+    assert kept([f"{ZONEINFO}/{copy}/zone.tab"], Root(str(tree))) == {}
+
+
 def test_several_triggers_keep_each_member_once(tree: Path) -> None:
     found = [f"{ENC}/cp1252.py", f"{ENC}/__pycache__/utf_8.{TAG}.pyc", f"{ZONEINFO}/UTC", f"{ZONEINFO}/Etc/UTC"]
     assert kept(found, Root(str(tree))) == {"python-encodings": ENCODINGS_MEMBERS, "zoneinfo": ZONEINFO_MEMBERS}

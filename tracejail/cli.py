@@ -634,6 +634,10 @@ def deps(files: tuple[str, ...], as_json: bool, ld_library_path: str | None) -> 
             raise TracejailError(f"no such file: {f}", 1)
     env = closure.LoaderEnv(ld_library_path=ld_library_path, path=os.environ.get("PATH"))
     result = closure.resolve([os.path.abspath(f) for f in files], env)
+    for f in files:
+        if os.path.abspath(f) not in result.roots:
+            click.echo(f"tracejail: {f}: neither an ELF file nor a #! script: it has no closure",
+                       err=True)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:

@@ -23,7 +23,8 @@ from tracejail.root import NodeKind, Root
 
 _ENCODINGS = re.compile(r"^(?P<pkg>/.+/python3\.\d+/encodings)/(?:__pycache__/)?(?!__init__|aliases)[A-Za-z0-9_]+"
                         r"(?:\.[A-Za-z0-9_-]+)?\.pyc?$")
-_ZONEINFO = re.compile(r"^(?P<top>/.*/zoneinfo)/[A-Z][^/]*(?:/[^/]+)*$")
+# A zone is named from a capital ("Europe/Paris", "UTC"), also in the posix/ and right/ copies.
+_ZONEINFO = re.compile(r"^(?P<top>/.*/zoneinfo)/(?:posix/|right/)?[A-Z][^/]*(?:/[^/]+)*$")
 
 
 @dataclass(frozen=True)
