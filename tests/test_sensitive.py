@@ -158,3 +158,37 @@ def test_output_keeps_its_text_and_loses_its_tokens() -> None:
     text, found = redact_text(f"login ok\ntoken={GH}\nurl=https://me:pw@example.com/x\n")
     assert text == f"login ok\ntoken={REDACTED}\nurl=https://me:{REDACTED}@example.com/x\n"
     assert found == ["a password in a URL", "a GitHub token"]
+
+
+# --- labels and annotations ----------------------------------------------------------------------
+
+from tracejail.build import annotation_alerts, image_labels  # noqa: E402
+from tracejail.sensitive import secret_in_label  # noqa: E402
+
+
+@pytest.mark.parametrize("name,value", [
+    ("db.password", "hunter2"), ("com.example.api-key", "k"), ("vault_token", "s.abc"),
+    ("io.app.auth", "basic"), ("org.example.private.key", "x"),
+    ("org.opencontainers.image.description", f"built with {GH}"),      # a value shaped like a secret
+    ("notes", "postgres://app:hunter2@db/app"),
+])
+def test_labels_that_hold_a_secret(name: str, value: str) -> None:
+    assert secret_in_label(name, value)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("org.opencontainers.image.authors", "Jane <jane@example.com>"),   # AUTH in AUTHORS is no secret
+    ("org.opencontainers.image.source", "https://github.com/example/app"),
+    ("com.example.keyboard-layout", "fr"), ("maintainer", "ops"), ("io.app.token", ""),
+])
+def test_ordinary_labels_are_kept(name: str, value: str) -> None:
+    assert secret_in_label(name, value) is None
+
+
+def test_an_images_secret_labels_are_left_out_and_given_ones_are_alerted() -> None:
+    source = {"org.opencontainers.image.authors": "Jane", "db.password": "hunter2", "vault.token": REDACTED}
+    labels, alerts = image_labels(source, {"team": "core"}, "app:1")
+    assert labels == {"org.opencontainers.image.authors": "Jane", "team": "core"}
+    assert alerts == ["app:1's labels hold secrets, left out of the image: db.password, vault.token"]
+    said = annotation_alerts({"api.token": "t0k"}, {"org.opencontainers.image.description": GH})
+    assert [a.split(" holds")[0] for a in said] == ["--label api.token", "--annotation org.opencontainers.image.description"]

@@ -136,3 +136,15 @@ def test_cli_gives_one_line_and_65_for_every_command(tmp_path: Path) -> None:
         assert proc.returncode == 65, (args, proc.stderr)
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
         assert "field runs[0].environment must be an object" in proc.stderr
+
+
+def test_a_source_images_secrets_are_scrubbed_before_the_trace_stores_them() -> None:
+    config = tr.SourceConfig(entrypoint=["/app", "--token=t0k"], cmd=["--port", "80"],
+                             env=["PATH=/usr/bin", "DB_PASSWORD=hunter2"],
+                             labels={"org.opencontainers.image.authors": "Jane", "db.password": "hunter2"})
+    said = tr.scrub_source(config)
+    assert sorted(config.env) == [f"DB_PASSWORD={tr.REDACTED}", "PATH=/usr/bin"]
+    assert config.entrypoint == ["/app", f"--token={tr.REDACTED}"] and config.cmd == ["--port", "80"]
+    # Labels are judged by the words of their name: "authors" is not "auth".
+    assert config.labels == {"org.opencontainers.image.authors": "Jane", "db.password": tr.REDACTED}
+    assert said and "label db.password" in said[0] and "authors" not in said[0]

@@ -257,6 +257,26 @@ def _holds_secret(name: str, value: str) -> bool:
     return tr.REDACTED in value or sensitive.secret_in_variable(name, value)
 
 
+def image_labels(source: Mapping[str, str], given: Mapping[str, str], image_name: str = "the source image",
+                 ) -> tuple[dict[str, str], list[str]]:
+    """The labels the image carries before tracejail's own: the source image's, less those that hold
+    a secret (or the placeholder where the trace redacted one), then --label as given; and an alert
+    for each secret left out or given."""
+    secret = sorted(k for k, v in source.items() if tr.REDACTED in v or sensitive.secret_in_label(k, v))
+    labels = {k: v for k, v in source.items() if k not in secret}
+    alerts = [f"{image_name}'s labels hold secrets, left out of the image: {', '.join(secret)}"] if secret else []
+    labels.update(given)
+    return labels, alerts
+
+
+def annotation_alerts(labels: Mapping[str, str], annotations: Mapping[str, str]) -> list[str]:
+    """--label and --annotation values that hold a secret: they are kept as given, and anyone who
+    can pull the image reads them."""
+    return [f"{option} {name} holds a secret ({why}); anyone who can pull the image can read it"
+            for option, items in (("--label", labels), ("--annotation", annotations))
+            for name, value in items.items() if (why := sensitive.secret_in_label(name, value))]
+
+
 def secret_alerts(command: list[str], extra_env: list[str]) -> list[str]:
     """What in the image's config (`command`: Entrypoint then Cmd) holds a secret, or stands where
     the recorded one held one."""
@@ -615,8 +635,10 @@ def _build(trace: tr.Trace, trace_path: str, options: BuildOptions, root: Root, 
     ports = list(dict.fromkeys([*(src.exposed_ports if src else []), *ports]))
     # The source image's labels, then --label; tracejail's own labels are what verify reads back,
     # so nothing replaces them.
-    labels = {**(src.labels if src else {}), **options.labels, LABEL_VERSION: __version__,
-              LABEL_TRACE_DIGEST: trace_digest(trace_path)}
+    labels, said = image_labels(src.labels if src else {}, options.labels,
+                                trace.source.image if trace.source else "the source image")
+    alerts += said + annotation_alerts(options.labels, options.annotations)
+    labels.update({LABEL_VERSION: __version__, LABEL_TRACE_DIGEST: trace_digest(trace_path)})
     labels.update(content_labels(options, init_path))
     volumes = list(dict.fromkeys([*(src.volumes if src else []), *(os.path.normpath(v) for v in options.volumes),
                                   *(own.written_dirs if options.writable_volumes else [])]))

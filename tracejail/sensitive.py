@@ -238,6 +238,16 @@ def secret_in_variable(name: str, value: str) -> str | None:
     return find_secret(value)
 
 
+def secret_in_label(name: str, value: str) -> str | None:
+    """Why a label or annotation (readable by anyone who can pull the image) must not carry its
+    value, or None: a name whose words say it holds a secret (`db.password`, `api-key`; not
+    `org.opencontainers.image.authors`), or a value shaped like one."""
+    words = [w for w in re.split(r"[-_./]+", name.lower()) if w]
+    if value and (any(w in _SECRET_WORDS for w in words) or any(p in _SECRET_PAIRS for p in zip(words, words[1:]))):
+        return f"its name ({name}) says it holds a secret"
+    return find_secret(value)
+
+
 def redact_environment(env: dict[str, str], keep: Iterable[str] = ()) -> tuple[dict[str, str], list[str]]:
     """Environment values that may be kept: secrets (by name or by value) become <redacted>,
     unless their name is in `keep`. Returns the environment and the names redacted."""

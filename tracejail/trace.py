@@ -174,7 +174,7 @@ def scrub_source(config: SourceConfig, keep_env: Iterable[str] = ()) -> list[str
     config.env = [f"{k}={v}" for k, v in env.items()]
     config.entrypoint = sensitive.redact_argv(["", *config.entrypoint])[0][1:]
     config.cmd = sensitive.redact_argv(["", *config.cmd])[0][1:]
-    labels = {k: REDACTED if sensitive.secret_in_variable(k, v) else v for k, v in config.labels.items()}
+    labels = {k: REDACTED if sensitive.secret_in_label(k, v) else v for k, v in config.labels.items()}
     names += [f"label {k}" for k, v in labels.items() if v == REDACTED and config.labels[k] != REDACTED]
     config.labels = labels
     if names:
