@@ -955,6 +955,7 @@ def test_read_layout_archive_and_dir_then_push(plain_registry: RunningRegistry, 
     assert img.manifest.digest == written.manifest_digest and img.image_id == written.image_id
     (layer,) = img.layers
     assert layer.diff_id == written.diff_id and layer.blob.path == str(archive) and layer.blob.offset > 0
+    assert layer.uncompressed_size is None   # not known without reading the layer; never a made-up 0
     with tarfile.open(archive) as t:
         member = t.getmember("blobs/sha256/" + written.layer_digest[7:])
         assert blob_bytes(layer.blob) == t.extractfile(member).read()  # type: ignore[union-attr]

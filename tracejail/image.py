@@ -260,7 +260,7 @@ class LayerInfo:
     digest: str  # sha256 of the blob as stored (compressed)
     diff_id: str  # sha256 of the uncompressed tar
     size: int  # blob size
-    uncompressed_size: int
+    uncompressed_size: int | None  # None: not known (a layer read back from an archive, not built)
     media_type: str
 
 
@@ -270,7 +270,7 @@ class Layer:
 
     blob: Blob
     diff_id: str
-    uncompressed_size: int
+    uncompressed_size: int | None   # the tar's bytes; None for a layer read back, not built
     name: str = "rootfs"
     files: int = 0
     content_bytes: int = 0
@@ -309,7 +309,7 @@ class ImageResult:
     layer_digest: str  # the last (or only) layer
     diff_id: str
     compressed_size: int  # all layers
-    uncompressed_size: int
+    uncompressed_size: int | None   # None when a layer's is not known (read back, not built)
     reference: str | None = None  # full name written into the annotations, if any
     layers: list[LayerInfo] = field(default_factory=list)
 
@@ -652,6 +652,7 @@ def _layout_files(img: Image, refs: list[Reference]) -> list[tuple[str, bytes]]:
 
 def image_result(where: str, img: Image, refs: list[Reference]) -> ImageResult:
     last = img.layers[-1]
+    sizes = [layer.uncompressed_size for layer in img.layers]
     return ImageResult(
         archive=where,
         image_id=img.image_id,
@@ -659,7 +660,7 @@ def image_result(where: str, img: Image, refs: list[Reference]) -> ImageResult:
         layer_digest=last.blob.digest,
         diff_id=last.diff_id,
         compressed_size=sum(layer.blob.size for layer in img.layers),
-        uncompressed_size=sum(layer.uncompressed_size for layer in img.layers),
+        uncompressed_size=None if None in sizes else sum(sizes),   # type: ignore[arg-type]
         reference=refs[0].full if refs else None,
         layers=[layer.info for layer in img.layers],
     )

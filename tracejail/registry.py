@@ -1353,7 +1353,7 @@ def _read_layout(files: _LayoutFiles) -> tuple[image.Image, list[str]]:
         blob = image.Blob(str(desc.get("mediaType") or image.LAYER_MEDIA_TYPE_GZIP), str(desc["digest"]), size,
                           path=where, offset=offset)
         # The uncompressed size is not known without reading the layer; pushing does not need it.
-        layers.append(image.Layer(blob, str(diff_id), 0, name=f"layer {number}"))
+        layers.append(image.Layer(blob, str(diff_id), None, name=f"layer {number}"))
     config_blob = image.Blob(str(config_desc.get("mediaType") or image.CONFIG_MEDIA_TYPE), str(config_desc["digest"]),
                              len(config_bytes), data=config_bytes)
     manifest_blob = image.Blob(manifest_type, chosen, len(manifest_bytes), data=manifest_bytes)
