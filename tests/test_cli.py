@@ -24,7 +24,8 @@ from tracejail import __version__
 from tracejail.cli import main
 
 TJ = [sys.executable, "-m", "tracejail"]
-COMMANDS = ["build", "deps", "explain", "inspect", "minify", "push", "record", "verify"]
+COMMANDS = ["build", "cache", "deps", "explain", "inspect", "minify", "push", "record", "verify"]
+SUBCOMMANDS = ["cache df", "cache prune"]
 FORMAT = "tracejail-trace/1"
 
 
@@ -86,9 +87,9 @@ def test_the_group_lists_every_command_lazy_ones_included() -> None:
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-@pytest.mark.parametrize("command", ["", *COMMANDS])
+@pytest.mark.parametrize("command", ["", *COMMANDS, *SUBCOMMANDS])
 def test_every_command_answers_help(command: str, flag: str) -> None:
-    result = invoke(*([command] if command else []), flag)
+    result = invoke(*command.split(), flag)
     assert result.exit_code == 0 and result.stderr == ""
     first = result.stdout.splitlines()[0]
     assert first.startswith(f"Usage: tracejail {command}".rstrip() + " "), first

@@ -652,6 +652,7 @@ LAZY_COMMANDS = {
     "verify": ("tracejail.cli_verify", "verify"),
     "inspect": ("tracejail.cli_inspect", "INSPECT"),
     "explain": ("tracejail.cli_inspect", "EXPLAIN"),
+    "cache": ("tracejail.cli_cache", "CACHE"),
 }
 
 

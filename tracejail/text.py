@@ -26,6 +26,17 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _SUFFIXES[m.group(2).upper()]
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `30m`, `24h`, `7d`, `2w` (seconds), as `docker ... prune --filter until=` takes them."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration (e.g. 30m, 24h, 7d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
 # C0 controls (ESC starts terminal escape sequences: colours, OSC titles and hyperlinks, cursor
 # moves), DEL, C1 controls (0x9b is a one-byte CSI), bidi overrides that reorder what is shown,
 # and lone surrogates (undecodable bytes of a path), which a UTF-8 terminal cannot even take.
