@@ -49,8 +49,11 @@ def test_the_unpack_is_cached_and_only_tracejails_own_counts(archive: tuple[Path
         assert not (Path(first.rootfs) / "etc/marker").exists()      # the upper layer's whiteout
         assert first.content_size > 0
     os.utime(Path(first.rootfs) / "app/main.py", (1, 1))              # a marker of mine: reused as it is
+    os.utime(Path(first.rootfs).parent / source.MARKER, (1, 1))
     with source.open_image(str(path)) as opened, source.unpacked(opened) as again:
         assert again.rootfs == first.rootfs and os.stat(Path(again.rootfs) / "app/main.py").st_mtime == 1
+    # Taking it from the cache marks it used (what `cache prune --older-than` goes by).
+    assert os.stat(Path(first.rootfs).parent / source.MARKER).st_mtime > 1
     # A marker that names another tree is no marker: the image is unpacked again, in its place.
     marker = Path(first.rootfs).parent / source.MARKER
     meta = json.loads(marker.read_text())

@@ -241,6 +241,10 @@ def _cached(images: str, image_id: str) -> UnpackedImage | None:
         return None
     if source.image_id != image_id or source.rootfs != os.path.join(top, "rootfs"):
         return None
+    try:
+        os.utime(os.path.join(top, MARKER))   # used now: `tracejail cache prune --older-than` keeps it
+    except OSError:
+        pass
     return UnpackedImage(name=source.image, image_id=image_id, rootfs=source.rootfs, config=source.config,
                          compressed_size=source.compressed_size, content_size=source.content_size, cached=True)
 
