@@ -779,6 +779,146 @@ def test_unresolvable_and_refused(tmp_path: Path, env: dict[str, str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# Through an HTTP proxy (HTTPS_PROXY, HTTP_PROXY, NO_PROXY)
+
+
+class ForwardProxy:
+    """A small HTTP proxy on loopback that sends every connection to one registry, whatever host
+    the request names (so names that do not resolve can be used): CONNECT opens a tunnel, and a
+    request in absolute form is passed on as it is. It records each first request line, and with
+    `password` set it wants `Proxy-Authorization: Basic user:password`."""
+
+    def __init__(self, backend: tuple[str, int], password: str | None = None) -> None:
+        self.backend, self.password = backend, password
+        self.lines: list[str] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, auth: str = "") -> str:
+        return f"http://{auth}127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            first = head.split(b"\r\n", 1)[0].decode()
+            self.lines.append(first)
+            if self.password is not None:
+                wanted = "Proxy-Authorization: Basic " + base64.b64encode(f"u:{self.password}".encode()).decode()
+                if wanted.encode() not in head:
+                    client.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+                    return
+            with socket.create_connection(self.backend) as upstream:
+                if first.startswith("CONNECT "):
+                    client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                else:
+                    upstream.sendall(head)
+                pipe = threading.Thread(target=self._pipe, args=(upstream, client), daemon=True)
+                pipe.start()
+                self._pipe(client, upstream)
+                pipe.join(timeout=30)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_proxy_settings_are_read_as_docker_and_go_read_them() -> None:
+    env = {"HTTPS_PROXY": "http://u:p%40ss@proxy:3128", "http_proxy": "proxy2", "NO_PROXY": "internal.example,.corp,10.0.0.0/8,reg:5000"}
+    https = registry.proxy_for("https", "registry.example", 443, env)
+    assert https == registry.Proxy("proxy", 3128, "Basic " + base64.b64encode(b"u:p@ss").decode())
+    assert registry.proxy_for("http", "registry.example", 80, env) == registry.Proxy("proxy2", 80)
+    for host, port in (("internal.example", 443), ("a.internal.example", 443), ("x.corp", 443), ("10.1.2.3", 443),
+                       ("reg", 5000), ("localhost", 5000), ("127.0.0.1", 5000), ("::1", 5000)):
+        assert registry.proxy_for("https", host, port, env) is None, host
+    for host, port in (("corp", 443), ("reg", 5001), ("notinternal.example", 443), ("11.0.0.1", 443)):
+        assert registry.proxy_for("https", host, port, env) is not None, host
+    assert registry.proxy_for("https", "anything", 443, {**env, "NO_PROXY": "*"}) is None
+    assert registry.proxy_for("https", "anything", 443, {}) is None
+    for bad, says in (("https://proxy:3128", "only http:// proxies"), ("http://:3128", "is not a proxy URL")):
+        with pytest.raises(RegistryError, match=says):
+            registry.proxy_for("https", "registry.example", 443, {"HTTPS_PROXY": bad})
+
+
+def test_push_over_plain_http_through_a_proxy(plain_registry: RunningRegistry, tmp_path: Path,
+                                             env: dict[str, str]) -> None:
+    """An insecure registry named by a host only the proxy can reach: the TLS attempt goes through a
+    CONNECT tunnel (and finds plain HTTP), then every request through the proxy in absolute form."""
+    proxy = ForwardProxy((plain_registry.address, plain_registry.port))
+    try:
+        built = make_image(tmp_path, noise=1000)
+        name = f"registry.invalid:{plain_registry.port}"
+        options = PushOptions(environ={**env, "HTTPS_PROXY": proxy.url(), "HTTP_PROXY": proxy.url()},
+                              insecure_registries=(name,))
+        (result,) = registry.push(built.img, image.parse_reference(f"{name}/tj/proxied:1"), options)
+        assert result.uploaded == all_digests(built.img)
+        assert_served(plain_registry, "tj/proxied", "1", built.img)
+        assert f"CONNECT {name} HTTP/1.0" in proxy.lines
+        assert f"GET http://{name}/v2/ HTTP/1.1" in proxy.lines
+        # NO_PROXY names it: no proxy, and the name resolves nowhere.
+        with pytest.raises(RegistryError) as info:
+            registry.push(built.img, image.parse_reference(f"{name}/tj/proxied:2"),
+                          PushOptions(environ={**options.environ, "NO_PROXY": ".invalid"},   # type: ignore[dict-item]
+                                      insecure_registries=(name,), timeout=10))
+        assert "cannot resolve the registry host registry.invalid" in one_line(info.value)
+        # Loopback is never proxied: a dead proxy changes nothing there.
+        dead = f"http://127.0.0.1:{free_port()}"
+        (direct,) = registry.push(built.img, plain_registry.ref("tj/proxied", "3"),
+                                  PushOptions(environ={**env, "HTTPS_PROXY": dead, "HTTP_PROXY": dead}))
+        assert direct.skipped == all_digests(built.img)
+    finally:
+        proxy.close()
+
+
+def test_push_over_tls_through_an_authenticating_proxy(tls_registry: tuple[RunningRegistry, Path], as_remote: str,
+                                                      tmp_path: Path, env: dict[str, str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """TLS inside a CONNECT tunnel, verified against the registry's own name; the proxy's password
+    from HTTPS_PROXY; a refusal by the proxy is one line naming it."""
+    reg, cert = tls_registry
+    certs_d = tmp_path / "certs.d"
+    (certs_d / reg.host).mkdir(parents=True)
+    shutil.copy(cert, certs_d / reg.host / "ca.crt")
+    monkeypatch.setattr(registry, "CERTS_D", str(certs_d))
+    proxy = ForwardProxy((reg.address, reg.port), password="s3cret")
+    try:
+        built = make_image(tmp_path, noise=1000)
+        with pytest.raises(RegistryError) as info:
+            registry.push(built.img, reg.ref("tj/tunnel"), PushOptions(environ={**env, "HTTPS_PROXY": proxy.url()}))
+        message = one_line(info.value)
+        assert f"the proxy 127.0.0.1:{proxy.port} refused to connect to {reg.host}" in message
+        assert "407 Proxy Authentication Required" in message and "NO_PROXY" in message
+        (result,) = registry.push(built.img, reg.ref("tj/tunnel"),
+                                  PushOptions(environ={**env, "HTTPS_PROXY": proxy.url("u:s3cret@")}))
+        assert result.uploaded == all_digests(built.img)
+        assert_served(reg, "tj/tunnel", "1", built.img)
+        assert proxy.lines and all(line == f"CONNECT {reg.host} HTTP/1.0" for line in proxy.lines)
+    finally:
+        proxy.close()
+
+
+# ------------------------------------------------------------------------------------------
 # A fake registry for answers a real one does not give on demand
 
 

@@ -457,6 +457,84 @@ def _split_url(url: str) -> tuple[_Origin, str]:
     return _Origin(scheme, parts.hostname, port), target
 
 
+@dataclass(frozen=True)
+class Proxy:
+    """An HTTP proxy (HTTPS_PROXY / HTTP_PROXY) that requests to a registry go through."""
+
+    host: str
+    port: int
+    authorization: str | None = None   # "Basic ..." from the URL's user:password
+
+    @property
+    def netloc(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_proxy(url: str, variable: str) -> Proxy:
+    """`http://[user:password@]host[:port]` (the scheme may be left out, as curl and Go allow)."""
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme.lower() != "http":
+        raise RegistryError(f"{variable}={_one_line(url, 80)}: only http:// proxies are supported "
+                            "(the registry's own TLS goes through them in a CONNECT tunnel)")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = 0
+    if not parts.hostname or not port:
+        raise RegistryError(f"{variable}={_one_line(url, 80)} is not a proxy URL (http://host:port)")
+    authorization = None
+    if parts.username is not None:
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(pair.encode()).decode()
+    return Proxy(parts.hostname, port, authorization)
+
+
+def _no_proxy_matches(host: str, port: int, no_proxy: str) -> bool:
+    """NO_PROXY as Go reads it: `*`; host names (`example.com` also matches its subdomains,
+    `.example.com` only them); IP addresses and CIDRs; any of them with a `:port`."""
+    host = host.lower().rstrip(".")
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, entry_port = _split_host(entry)
+        if entry_port is not None and entry_port != port:
+            continue
+        try:
+            if "/" in name:
+                if ipaddress.ip_address(host) in ipaddress.ip_network(name, strict=False):
+                    return True
+                continue
+            if ipaddress.ip_address(host) == ipaddress.ip_address(name):
+                return True
+            continue
+        except ValueError:
+            pass
+        if name.startswith("."):
+            if host.endswith(name):
+                return True
+        elif host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str]) -> Proxy | None:
+    """The proxy a request to `scheme://host:port` goes through: HTTPS_PROXY for https, HTTP_PROXY
+    for http (upper case first, then lower case), unless NO_PROXY names the host; loopback
+    registries are never proxied (as docker and Go do)."""
+    if _is_loopback(host):
+        return None
+    no_proxy = environ.get("NO_PROXY") or environ.get("no_proxy") or ""
+    if _no_proxy_matches(host, port, no_proxy):
+        return None
+    for variable in (("HTTPS_PROXY", "https_proxy") if scheme == "https" else ("HTTP_PROXY", "http_proxy")):
+        if environ.get(variable):
+            return parse_proxy(environ[variable], variable)
+    return None
+
+
 def _with_query(url: str, **params: str) -> str:
     joiner = "&" if "?" in url else "?"
     return url + joiner + urllib.parse.urlencode(params)
@@ -492,11 +570,16 @@ class _HttpClient:
     so a connection can carry the next request. Bodies are factories, so a request can be sent
     again on a fresh connection when a kept-alive one turns out closed."""
 
-    def __init__(self, timeout: float, insecure_registries: tuple[str, ...]) -> None:
+    def __init__(self, timeout: float, insecure_registries: tuple[str, ...],
+                 environ: Mapping[str, str] | None = None) -> None:
         self.timeout = timeout
         self.insecure_registries = insecure_registries
+        self.environ: Mapping[str, str] = environ or {}
         self.connections: dict[_Origin, http.client.HTTPConnection] = {}
         self.contexts: dict[tuple[str, bool], ssl.SSLContext] = {}
+
+    def proxy(self, origin: _Origin) -> Proxy | None:
+        return proxy_for(origin.scheme, origin.host, origin.port, self.environ)
 
     def verify(self, origin: _Origin) -> bool:
         return not is_insecure(origin.netloc, self.insecure_registries)
@@ -505,6 +588,7 @@ class _HttpClient:
         conn = self.connections.get(origin)
         if conn is not None:
             return conn, False
+        proxy = self.proxy(origin)
         if origin.scheme == "https":
             verify = self.verify(origin)
             # docker's certs.d directory is named host:port, or host alone for 443
@@ -512,10 +596,18 @@ class _HttpClient:
             key = (certs_name, verify)
             if key not in self.contexts:
                 self.contexts[key] = _tls_context(certs_name, verify)
-            conn = http.client.HTTPSConnection(origin.host, origin.port, timeout=timeout or self.timeout,
-                                               context=self.contexts[key])
+            if proxy is None:
+                conn = http.client.HTTPSConnection(origin.host, origin.port, timeout=timeout or self.timeout,
+                                                   context=self.contexts[key])
+            else:
+                # A CONNECT tunnel through the proxy; TLS (and its name check) is the registry's.
+                conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout or self.timeout,
+                                                   context=self.contexts[key])
+                conn.set_tunnel(origin.host, origin.port,
+                                {"Proxy-Authorization": proxy.authorization} if proxy.authorization else None)
         else:
-            conn = http.client.HTTPConnection(origin.host, origin.port, timeout=timeout or self.timeout)
+            where = proxy or origin
+            conn = http.client.HTTPConnection(where.host, where.port, timeout=timeout or self.timeout)
         self.connections[origin] = conn
         return conn, True
 
@@ -532,6 +624,11 @@ class _HttpClient:
              body: Body | bytes | None = None, on_sent: Callable[[int], None] | None = None,
              timeout: float | None = None) -> _Response:
         """One request; OSError, ssl.SSLError and http.client.HTTPException go to the caller."""
+        proxy = self.proxy(origin) if origin.scheme == "http" else None
+        if proxy is not None:
+            # Plain HTTP through a proxy: the request names the whole URL.
+            target = f"http://{origin.netloc}{target}"
+            headers = {**headers, **({"Proxy-Authorization": proxy.authorization} if proxy.authorization else {})}
         for attempt in (1, 2):
             conn, fresh = self._connection(origin, timeout)
             try:
@@ -580,7 +677,7 @@ class _Registry:
         self.options = options
         self.environ = _environ(options)
         self.insecure = is_insecure(self.hostport, options.insecure_registries)
-        self.http = _HttpClient(options.timeout, options.insecure_registries)
+        self.http = _HttpClient(options.timeout, options.insecure_registries, self.environ)
         self.origin: _Origin | None = None
         self.challenge: Challenge | None = None
         self.credentials: dict[str, Credentials | None] = {}    # per repository (podman keys may differ)
@@ -592,6 +689,17 @@ class _Registry:
         where = self.domain if origin is None or origin.host == self.hostname else origin.netloc
         host = origin.host if origin is not None else self.hostname
         port = origin.port if origin is not None else (self.port or 443)
+        proxy = self.http.proxy(origin or _Origin("https" if not self.insecure else "http", host, port))
+        if proxy is not None:
+            variable = "HTTPS_PROXY" if (origin is None or origin.scheme == "https") else "HTTP_PROXY"
+            if isinstance(err, OSError) and str(err).startswith("Tunnel connection failed"):
+                return RegistryError(f"the proxy {proxy.netloc} refused to connect to {where} "
+                                     f"({_one_line(str(err).split(':', 1)[1].strip(), 80)}) while {doing}; check "
+                                     f"{variable} and its user:password, or list {host} in NO_PROXY")
+            if isinstance(err, (socket.gaierror, ConnectionRefusedError)):
+                why = "cannot resolve its name" if isinstance(err, socket.gaierror) else "connection refused"
+                return RegistryError(f"cannot reach the proxy {proxy.netloc} ({why}) while {doing} with {where}; "
+                                     f"check {variable}, or list {host} in NO_PROXY")
         if isinstance(err, socket.gaierror):
             return RegistryError(f"cannot resolve the registry host {host} ({err.strerror or err}) while {doing}; "
                                  "check the name in the image reference and your DNS")
