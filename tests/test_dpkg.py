@@ -308,3 +308,65 @@ def test_this_machines_database_agrees_with_dpkg_query() -> None:
     assert db is not None and want
     assert {key: (p.version, p.source or p.name, p.source_version or p.version)
             for key, p in db.packages.items()} == want
+
+
+# --- the parsed database, cached by the version of its files ---------------------------------------
+
+import marshal  # noqa: E402
+
+from tracejail import dpkg  # noqa: E402
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TRACEJAIL_CACHE_DIR", str(cache))
+    return cache
+
+
+def cached_files(cache: Path) -> list[Path]:
+    return sorted(cache.glob("dpkg-*.marshal"))
+
+
+def test_a_database_is_parsed_once_per_version_of_its_files(tmp_path: Path, private_cache: Path) -> None:
+    tree = Root(str(dpkg_tree(tmp_path / "root")))
+    first = read_database(tree)
+    (stored,) = cached_files(private_cache)
+    # What the cache holds is what the next read returns: made visible by editing it.
+    packages, owner, shared = marshal.loads(stored.read_bytes())
+    stored.write_bytes(marshal.dumps((packages, {**owner, "/opt/marker": "zlib1g:amd64"}, shared)))
+    again = read_database(tree)
+    assert again is not None and first is not None and again.packages == first.packages
+    assert again.owners_of("/opt/marker") == ["zlib1g:amd64"]
+    # A file list that changes is a new version: parsed again.
+    with open(tmp_path / "root/var/lib/dpkg/info/zlib1g:amd64.list", "a") as f:
+        f.write("/usr/lib/x86_64-linux-gnu/libz.so.9\n")
+    changed = read_database(tree)
+    assert changed is not None and changed.owners_of("/opt/marker") == []
+    assert changed.owners_of("/usr/lib/x86_64-linux-gnu/libz.so.9") == ["zlib1g:amd64"]
+    # So is a new list, and a status file rewritten.
+    (tmp_path / "root/var/lib/dpkg/info/tzdata.list").write_text("/usr/share/zoneinfo/UTC\n")
+    assert read_database(tree).owners_of("/usr/share/zoneinfo/UTC") == ["tzdata:all"]   # type: ignore[union-attr]
+    (tmp_path / "root/var/lib/dpkg/status").write_text(TZDATA)
+    assert sorted(read_database(tree).packages) == ["tzdata:all"]   # type: ignore[union-attr]
+
+
+def test_a_corrupt_cached_database_is_parsed_again(tmp_path: Path, private_cache: Path) -> None:
+    tree = Root(str(dpkg_tree(tmp_path / "root")))
+    first = read_database(tree)
+    (stored,) = cached_files(private_cache)
+    stored.write_bytes(b"\x00not marshal")
+    again = read_database(tree)
+    assert again is not None and first is not None and again.owner == first.owner
+
+
+def test_no_cache_when_caching_is_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACEJAIL_CACHE_DIR", "")
+    assert read_database(Root(str(dpkg_tree(tmp_path / "root")))) is not None
+    assert list(tmp_path.rglob("dpkg-*.marshal")) == []
+
+
+def test_a_few_databases_are_kept(tmp_path: Path, private_cache: Path) -> None:
+    for n in range(dpkg._CACHE_KEEP + 3):
+        assert read_database(Root(str(dpkg_tree(tmp_path / f"root{n}")))) is not None
+    assert len(cached_files(private_cache)) == dpkg._CACHE_KEEP

@@ -6,6 +6,7 @@ The cache (cachedir.cache_root) holds four kinds of things, each only ever savin
   per image ID; the largest by far;
 * `layers`: compressed layer blobs by what went into them (`build`); build also trims it itself;
 * `imports`: what each Python module imports (the static import closure's parse results);
+* `dpkg`: parsed package databases (the host's, and images'), by the version of their files;
 * `registry`: which registry repositories hold which blobs (`push` mounts instead of uploading).
 
 Pruning removes whole entries, never following a symlink, and only inside a cache directory of
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tracejail import cachedir
+from tracejail.dpkg import DPKG_CACHE_PREFIX
 from tracejail.registry import BLOB_RECORD_FILE
 from tracejail.source import IMAGES_DIR, MARKER
 
@@ -38,6 +40,7 @@ class Kind(enum.Enum):
     IMAGES = "images"
     LAYERS = "layers"
     IMPORTS = "imports"
+    DPKG = "dpkg"
     REGISTRY = "registry"
 
 
@@ -114,7 +117,8 @@ def _layers(root: str) -> Iterator[Entry]:
 
 def _files(root: str) -> Iterator[Entry]:
     for name in sorted(os.listdir(root)):
-        kind = Kind.IMPORTS if name.startswith(IMPORTS_PREFIX) else Kind.REGISTRY if name == BLOB_RECORD_FILE else None
+        kind = (Kind.IMPORTS if name.startswith(IMPORTS_PREFIX) else Kind.REGISTRY if name == BLOB_RECORD_FILE
+                else Kind.DPKG if name.startswith(DPKG_CACHE_PREFIX) else None)
         path = os.path.join(root, name)
         try:
             st = os.lstat(path)

@@ -10,14 +10,14 @@ from tracejail.cli import CONTEXT, handle_errors, say
 from tracejail.errors import UsageError
 from tracejail.text import human, parse_duration
 
-KIND_NAMES = ("images", "layers", "imports", "registry")
+KIND_NAMES = ("images", "layers", "imports", "dpkg", "registry")
 
 
 @click.group(context_settings=CONTEXT)
 def cache() -> None:
     """What tracejail keeps between runs ($TRACEJAIL_CACHE_DIR, else ~/.cache/tracejail): unpacked
-    images, compressed layers, Python import parse results, registry blob locations. Everything
-    there only saves time; removing it is always safe."""
+    images, compressed layers, Python import parse results, parsed dpkg databases, registry blob
+    locations. Everything there only saves time; removing it is always safe."""
 
 
 @cache.command(context_settings=CONTEXT)

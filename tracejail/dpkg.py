@@ -12,11 +12,15 @@ symlinks into ``/usr``, but packages still list many files under their old names
 """
 from __future__ import annotations
 
+import hashlib
+import marshal
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Iterable
 
-from tracejail.root import Root
+from tracejail import __version__, cachedir
+from tracejail.root import NodeKind, Root
 
 DPKG_DIR = "var/lib/dpkg"
 STATUS_D = "/var/lib/dpkg/status.d"
@@ -128,8 +132,106 @@ def _source(fields: dict[str, str]) -> tuple[str | None, str | None]:
 
 
 def read_database(root: Root | str = "/", native_arch: str | None = None) -> DpkgDatabase | None:
-    """The installed packages and their file lists in `root`; None on a tree without dpkg."""
+    """The installed packages and their file lists in `root`; None on a tree without dpkg.
+
+    Parsed once per version of the database: a build reads it every time, and parsing a
+    Debian system's hundreds of file lists took a fifth of a rebuild. The cached copy is keyed by
+    the identity (device, inode, size, times) of the status file and of every file list."""
     tree = root if isinstance(root, Root) else Root(root)
+    key = _database_key(tree, native_arch)
+    cached = _cached_database(key) if key else None
+    if cached is not None:
+        return cached
+    db = _parse_database(tree, native_arch)
+    if db is not None and key:
+        _store_database(key, db)
+    return db
+
+
+_CACHE_MAX_BYTES = 256 << 20
+_CACHE_KEEP = 8
+DPKG_CACHE_PREFIX = "dpkg-"
+
+
+def _database_key(tree: Root, native_arch: str | None) -> str | None:
+    """What the parsed database depends on, hashed; None when it cannot be told (no dpkg)."""
+    base = "/" + DPKG_DIR
+    h = hashlib.sha256(f"dpkg {__version__} {tree.path} {native_arch}\n".encode())
+
+    def identity(path: str) -> os.stat_result | None:
+        """The file a path reaches in the tree (every symlink hop resolved inside it)."""
+        res = tree.resolve(path)
+        if not res.ok or res.kind is not NodeKind.FILE:
+            return None
+        try:
+            return os.stat(tree.host(res.path), follow_symlinks=False)
+        except OSError:
+            return None
+
+    status = identity(base + "/status")
+    if status is None:
+        return None
+    rows = [("status", status)]
+    info = tree.resolve(base + "/info")
+    if info.ok and info.kind is NodeKind.DIR:
+        # The directory itself was reached inside the tree; its entries are looked at without
+        # following them (a link among them is resolved like any path).
+        with os.scandir(tree.host(info.path)) as listing:
+            for entry in listing:
+                if not entry.name.endswith(".list"):
+                    continue
+                st = entry.stat(follow_symlinks=False) if not entry.is_symlink() \
+                    else identity(f"{base}/info/{entry.name}")
+                if st is not None:
+                    rows.append((entry.name, st))
+    for name, st in sorted(rows, key=lambda row: row[0]):
+        h.update(f"{name} {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _cache_file(key: str) -> str | None:
+    root = cachedir.cache_root()
+    return os.path.join(root, f"{DPKG_CACHE_PREFIX}{key[:32]}.marshal") if root and cachedir.safe_dir(root, create=False) else None
+
+
+def _cached_database(key: str) -> DpkgDatabase | None:
+    path = _cache_file(key)
+    data = cachedir.read_private(path, _CACHE_MAX_BYTES) if path else None
+    if data is None:
+        return None
+    try:
+        packages, owner, shared = marshal.loads(data)
+        return DpkgDatabase({p[0] + ":" + p[1]: DpkgPackage(*p) for p in packages}, owner, shared)
+    except (ValueError, TypeError, EOFError):
+        return None   # not what this version writes: parsed again, and replaced
+
+
+def _store_database(key: str, db: DpkgDatabase) -> None:
+    root = cachedir.cache_root()
+    if not root or not cachedir.safe_dir(root, create=True):
+        return
+    data = marshal.dumps(([astuple(p) for p in db.packages.values()], db.owner, db.shared))
+    if len(data) > _CACHE_MAX_BYTES or \
+            not cachedir.write_private(os.path.join(root, f"{DPKG_CACHE_PREFIX}{key[:32]}.marshal"), data):
+        return
+    # A few databases (the host's, some images'), the most recently written kept.
+    kept = sorted((n for n in os.listdir(root) if n.startswith(DPKG_CACHE_PREFIX) and n.endswith(".marshal")),
+                  key=lambda n: _mtime(os.path.join(root, n)), reverse=True)
+    for name in kept[_CACHE_KEEP:]:
+        try:
+            os.unlink(os.path.join(root, name))
+        except OSError:
+            pass
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _parse_database(tree: Root, native_arch: str | None) -> DpkgDatabase | None:
     base = "/" + DPKG_DIR
     text = tree.read_text(base + "/status", limit=1 << 30, errors="replace")
     if text is None:

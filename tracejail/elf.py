@@ -19,6 +19,9 @@ from .errors import ElfError
 
 ELFMAG = b"\x7fELF"
 ELFCLASS32, ELFCLASS64 = 1, 2
+# e_machine values of the architectures the loader model has tables for (pyelftools' enums name
+# them too, but importing them costs every command 40 ms).
+EM_386, EM_X86_64, EM_AARCH64 = 3, 62, 183
 ELFDATA2LSB, ELFDATA2MSB = 1, 2
 ET_EXEC = 2
 ET_DYN = 3

@@ -9,10 +9,8 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from elftools.elf.enums import ENUM_E_MACHINE
-
 from .. import ldcache
-from ..elf import ELFCLASS32, ELFCLASS64, ElfFacts, read_text
+from ..elf import ELFCLASS32, ELFCLASS64, EM_386, EM_AARCH64, EM_X86_64, ElfFacts, read_text
 from .files import LoaderFiles
 
 LD_SO_CACHE = "/etc/ld.so.cache"
@@ -40,16 +38,16 @@ class Arch:
 
 
 _ARCHES: dict[tuple[int, int], Arch] = {
-    (ELFCLASS64, ENUM_E_MACHINE["EM_X86_64"]): Arch(
-        "x86_64", ELFCLASS64, ENUM_E_MACHINE["EM_X86_64"], "x86_64-linux-gnu",
+    (ELFCLASS64, EM_X86_64): Arch(
+        "x86_64", ELFCLASS64, EM_X86_64, "x86_64-linux-gnu",
         "/lib64/ld-linux-x86-64.so.2", frozenset({0x0303}), 0x0303, ("/lib64", "/usr/lib64"),
     ),
-    (ELFCLASS32, ENUM_E_MACHINE["EM_386"]): Arch(
-        "i386", ELFCLASS32, ENUM_E_MACHINE["EM_386"], "i386-linux-gnu",
+    (ELFCLASS32, EM_386): Arch(
+        "i386", ELFCLASS32, EM_386, "i386-linux-gnu",
         "/lib/ld-linux.so.2", frozenset({0x0001, 0x0003}), 0x0003, ("/lib", "/usr/lib"),
     ),
-    (ELFCLASS64, ENUM_E_MACHINE["EM_AARCH64"]): Arch(
-        "aarch64", ELFCLASS64, ENUM_E_MACHINE["EM_AARCH64"], "aarch64-linux-gnu",
+    (ELFCLASS64, EM_AARCH64): Arch(
+        "aarch64", ELFCLASS64, EM_AARCH64, "aarch64-linux-gnu",
         "/lib/ld-linux-aarch64.so.1", frozenset({0x0A03}), 0x0A03, ("/lib64", "/usr/lib64"),
     ),
 }
