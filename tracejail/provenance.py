@@ -353,7 +353,17 @@ def _is_shared_object(path: str, root: Root) -> bool:
     return facts is not None and facts.e_type == elf.ET_DYN and not facts.flags_1 & elf.DF_1_PIE
 
 
-def _derived(path: str, reasons: list[Reason], wanted: Mapping[str, object], root: Root) -> list[Reason]:
+def pycs_by_directory(wanted: Iterable[str]) -> dict[str, list[str]]:
+    """The kept .pyc files, sorted, by their __pycache__ directory (looked up per .py, where a
+    scan of every kept path made explaining a Python app quadratic)."""
+    out: dict[str, list[str]] = {}
+    for p in sorted(wanted):
+        if p.endswith(".pyc"):
+            out.setdefault(os.path.dirname(p), []).append(p)
+    return out
+
+
+def _derived(path: str, reasons: list[Reason], pycs: Mapping[str, list[str]], root: Root) -> list[Reason]:
     """Reasons fileset does not state but the evidence shows: dlopen, a stat-only .py."""
     kinds = {r.kind for r in reasons}
     out: list[Reason] = []
@@ -364,16 +374,18 @@ def _derived(path: str, reasons: list[Reason], wanted: Mapping[str, object], roo
                           "ELF names it in DT_NEEDED (ldd would not show it)"))
     if path.endswith(".py") and PYTHON not in kinds:
         directory, name = os.path.split(path)
-        prefix = os.path.join(directory, "__pycache__", name[:-3] + ".")
-        pycs = sorted(p for p in wanted if p.startswith(prefix) and p.endswith(".pyc"))
-        if pycs:
-            out.append(Reason(PYTHON, f"the source of the kept {pycs[0]}: Python stats the .py to check "
-                              "whether its cached .pyc is stale", {"pyc": pycs[0]}))
+        cache_dir = os.path.join(directory, "__pycache__")
+        prefix = os.path.join(cache_dir, name[:-3] + ".")
+        cached = [p for p in pycs.get(cache_dir, ()) if p.startswith(prefix)]
+        if cached:
+            out.append(Reason(PYTHON, f"the source of the kept {cached[0]}: Python stats the .py to check "
+                              "whether its cached .pyc is stale", {"pyc": cached[0]}))
     return out
 
 
 def wanted_reasons(path: str, why: list[fsel.Reason], index: TraceIndex,
-                   wanted: Mapping[str, object]) -> list[Reason]:
+                   pycs: Mapping[str, list[str]]) -> list[Reason]:
+    """The reasons a wanted path is in the image; `pycs`: pycs_by_directory of every wanted path."""
     reasons: list[Reason] = []
     for w in why:
         r = render(w)
@@ -381,7 +393,7 @@ def wanted_reasons(path: str, why: list[fsel.Reason], index: TraceIndex,
             r = traced_reason(index.records[path], index)
         reasons.append(r)
     reasons = merge_needed(reasons)
-    return reasons + _derived(path, reasons, wanted, index.root)
+    return reasons + _derived(path, reasons, pycs, index.root)
 
 
 def _final(res: Resolution) -> str | None:
@@ -393,7 +405,8 @@ def compute(trace: tr.Trace, files: fsel.FileSet, plan: rootfs.Plan, root: Root 
     """Provenance of every plan entry (entries added after planning come from `generated`)."""
     root = root or Root("/")
     index = TraceIndex.of(trace, root)
-    wanted = {p: wanted_reasons(p, why, index, files.wanted) for p, why in files.wanted.items()}
+    pycs = pycs_by_directory(files.wanted)
+    wanted = {p: wanted_reasons(p, why, index, pycs) for p, why in files.wanted.items()}
     resolved: dict[str, Resolution] = {}
     via_link: dict[str, list[str]] = {}     # symlink -> wanted paths that resolve through it
     reached: dict[str, list[str]] = {}      # final node -> wanted paths (other spellings)
