@@ -37,6 +37,14 @@ def safe_dir(directory: str, create: bool) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
+def mtime(path: str) -> float:
+    """When `path` (not followed) was last modified; 0 when it is gone."""
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
 def read_private(path: str, max_bytes: int) -> bytes | None:
     """The content of a regular file of the user's own (not a symlink, at most `max_bytes`)."""
     try:

@@ -72,13 +72,6 @@ def _tree_size(path: str) -> int:
     return total
 
 
-def _mtime(path: str) -> float:
-    try:
-        return os.lstat(path).st_mtime
-    except OSError:
-        return 0.0
-
-
 def _images(root: str) -> Iterator[Entry]:
     images = os.path.join(root, IMAGES_DIR)
     if not cachedir.safe_dir(images, create=False):
@@ -92,10 +85,10 @@ def _images(root: str) -> Iterator[Entry]:
             source = json.loads(data) if data is not None else None
             label = f"{source['image']} ({source['image_id'][:19]})"
         except (ValueError, TypeError, KeyError):
-            if now - _mtime(path) < _IN_PROGRESS:
+            if now - cachedir.mtime(path) < _IN_PROGRESS:
                 continue   # another command's unpack, still being written
             label = "an unfinished unpack"
-        yield Entry(Kind.IMAGES, path, _tree_size(path), _mtime(marker) or _mtime(path), label)
+        yield Entry(Kind.IMAGES, path, _tree_size(path), cachedir.mtime(marker) or cachedir.mtime(path), label)
 
 
 def _layers(root: str) -> Iterator[Entry]:

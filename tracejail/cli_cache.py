@@ -38,7 +38,8 @@ def df(as_json: bool) -> None:
         lines.append(f"{kind.value:<10} {len(mine):>7} {human(sum(e.size for e in mine)):>9}")
         if kind is caches.Kind.IMAGES:
             lines += [f"  {human(e.size):>9}  {e.name}" for e in mine]
-    lines.append(f"total {human(sum(e.size for e in found))} in {cachedir.cache_root() or 'no cache (TRACEJAIL_CACHE_DIR is empty)'}")
+    where = cachedir.cache_root() or "no cache (TRACEJAIL_CACHE_DIR is empty)"
+    lines.append(f"total {human(sum(e.size for e in found))} in {where}")
     say("\n".join(lines))
 
 

@@ -191,7 +191,9 @@ def _database_key(tree: Root, native_arch: str | None) -> str | None:
 
 def _cache_file(key: str) -> str | None:
     root = cachedir.cache_root()
-    return os.path.join(root, f"{DPKG_CACHE_PREFIX}{key[:32]}.marshal") if root and cachedir.safe_dir(root, create=False) else None
+    if not root or not cachedir.safe_dir(root, create=False):
+        return None
+    return os.path.join(root, f"{DPKG_CACHE_PREFIX}{key[:32]}.marshal")
 
 
 def _cached_database(key: str) -> DpkgDatabase | None:
@@ -216,19 +218,12 @@ def _store_database(key: str, db: DpkgDatabase) -> None:
         return
     # A few databases (the host's, some images'), the most recently written kept.
     kept = sorted((n for n in os.listdir(root) if n.startswith(DPKG_CACHE_PREFIX) and n.endswith(".marshal")),
-                  key=lambda n: _mtime(os.path.join(root, n)), reverse=True)
+                  key=lambda n: cachedir.mtime(os.path.join(root, n)), reverse=True)
     for name in kept[_CACHE_KEEP:]:
         try:
             os.unlink(os.path.join(root, name))
         except OSError:
             pass
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.lstat(path).st_mtime
-    except OSError:
-        return 0.0
 
 
 def _parse_database(tree: Root, native_arch: str | None) -> DpkgDatabase | None:
