@@ -37,6 +37,20 @@ def safe_dir(directory: str, create: bool) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
+def tree_size(path: str) -> int:
+    """Bytes of the regular files below `path` (os.walk never follows a symlink to a directory)."""
+    total = 0
+    for top, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(top, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
 def mtime(path: str) -> float:
     """When `path` (not followed) was last modified; 0 when it is gone."""
     try:

@@ -59,19 +59,6 @@ class Entry:
                 "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_used))}
 
 
-def _tree_size(path: str) -> int:
-    total = 0
-    for top, dirs, files in os.walk(path):   # os.walk never follows a symlink to a directory
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(top, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total
-
-
 def _images(root: str) -> Iterator[Entry]:
     images = os.path.join(root, IMAGES_DIR)
     if not cachedir.safe_dir(images, create=False):
@@ -88,7 +75,7 @@ def _images(root: str) -> Iterator[Entry]:
             if now - cachedir.mtime(path) < _IN_PROGRESS:
                 continue   # another command's unpack, still being written
             label = "an unfinished unpack"
-        yield Entry(Kind.IMAGES, path, _tree_size(path), cachedir.mtime(marker) or cachedir.mtime(path), label)
+        yield Entry(Kind.IMAGES, path, cachedir.tree_size(path), cachedir.mtime(marker) or cachedir.mtime(path), label)
 
 
 def _layers(root: str) -> Iterator[Entry]:

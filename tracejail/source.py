@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
@@ -202,16 +201,7 @@ def _unpack_layers(opened: OpenedImage, dest: str) -> int:
                 raise ImageError(f"layer {number} of {opened.name} does not match its digest "
                                  f"{layer.blob.digest[:19]}; the image is corrupt", 65)
         tree.finish()
-    total = 0
-    for top, _dirs, files in os.walk(dest):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(top, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total
+    return cachedir.tree_size(dest)
 
 
 def _images_dir() -> str | None:
