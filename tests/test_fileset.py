@@ -7,6 +7,7 @@ must appear in no output, and its mode must not be opened up.
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 
@@ -96,6 +97,27 @@ def test_only_an_include_of_the_real_path_keeps_a_credential(tree: Path, tmp_pat
     # kept as asked, but never opened up to the image user
     assert result.plan.entries["/etc/shadow"].mode == 0o600
     assert not any(m[0] == "/etc/shadow" for m in result.plan.mode_changes)
+
+
+def test_a_key_written_into_a_file_kept_before_is_found_again(tree: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key scan is remembered between builds by the file's identity: a file that held no key
+    and now holds one (same size, same mtime: ctime still moves) is scanned again."""
+    monkeypatch.setenv("TRACEJAIL_CACHE_DIR", str(tmp_path / "cache"))
+    notes = tree / "srv/app/notes.txt"
+    key = (b"-----BEGIN OPENSSH PRIVATE KEY-----\n" + base64.encodebytes(os.urandom(400))
+           + b"-----END OPENSSH PRIVATE KEY-----\n")
+    notes.write_bytes(b"x" * len(key))
+    before = os.stat(notes)
+    trace = crafted("/srv/app/notes.txt", "/srv/app/main.py")
+    assert "/srv/app/notes.txt" in build_in(tree, trace, tmp_path / "out").plan.entries
+    cached = json.loads(next((tmp_path / "cache").glob("pyimports-*.json")).read_text())
+    assert any("private-key" in k and v == [] for k, v in cached.items())
+    notes.write_bytes(key)
+    os.utime(notes, ns=(before.st_atime_ns, before.st_mtime_ns))
+    result = build_in(tree, trace, tmp_path / "out2")
+    assert dict(result.files.excluded)["/srv/app/notes.txt"].startswith("holds a PEM OPENSSH PRIVATE KEY")
+    assert "/srv/app/notes.txt" not in result.plan.entries
 
 
 def test_var_run_is_the_runtimes_whatever_the_spelling(tree: Path, tmp_path: Path) -> None:
