@@ -5,7 +5,8 @@ The cache (cachedir.cache_root) holds four kinds of things, each only ever savin
 * `images`: unpacked images (`record --image`, `minify`, builds of their traces), one directory
   per image ID; the largest by far;
 * `layers`: compressed layer blobs by what went into them (`build`); build also trims it itself;
-* `imports`: what each Python module imports (the static import closure's parse results);
+* `imports`: facts about each file by its identity (what a Python module imports, what a RECORD
+  installs, whether it holds a private key);
 * `dpkg`: parsed package databases (the host's, and images'), by the version of their files;
 * `registry`: which registry repositories hold which blobs (`push` mounts instead of uploading).
 

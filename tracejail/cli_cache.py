@@ -16,8 +16,9 @@ KIND_NAMES = ("images", "layers", "imports", "dpkg", "registry")
 @click.group(context_settings=CONTEXT)
 def cache() -> None:
     """What tracejail keeps between runs ($TRACEJAIL_CACHE_DIR, else ~/.cache/tracejail): unpacked
-    images, compressed layers, Python import parse results, parsed dpkg databases, registry blob
-    locations. Everything there only saves time; removing it is always safe."""
+    images, compressed layers, per-file facts (Python imports, private-key scans), parsed dpkg
+    databases, registry blob locations. Everything there only saves time; removing it is always
+    safe."""
 
 
 @cache.command(context_settings=CONTEXT)
