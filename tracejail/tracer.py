@@ -276,10 +276,10 @@ _PTRACE_FAILED = ctypes.c_ulong(-1).value
 
 
 class _Ptrace:
-    """The two requests every stop makes, without the binding's per-call wrapping: PTRACE_GETREGS
-    into one preallocated register set (python-ptrace's ptrace_getregs allocates one per call
-    and converts every error into an exception) and the resume requests, whose failure only
-    means the task died (its exit comes next)."""
+    """The loop's requests, without the binding's per-call wrapping: PTRACE_GETREGS into one
+    preallocated register set (python-ptrace's ptrace_getregs allocates one per call and
+    converts every error into an exception), and `call` for the resume and listen requests,
+    whose failure only means the task died (its exit comes next)."""
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -441,10 +441,7 @@ class Tracer:
                     regs = getregs(tid)
                     if regs is not None:
                         self._on_syscall_entry(tid, regs, events)
-                    if self.exact and tid in self.pending:
-                        self._ptrace(pb.PTRACE_SYSCALL, tid, 0)
-                    else:
-                        cont(tid, 0)
+                    cont(tid, 0)   # to the exit stop when exact mode waits for the result
                 elif sig == SYSCALL_TRAP:
                     regs = getregs(tid)
                     if regs is None:
@@ -467,7 +464,7 @@ class Tracer:
                     cont(tid, 0)
                 elif event == EV_STOP:
                     if sig in GROUP_STOP_SIGNALS:
-                        self._ptrace(PTRACE_LISTEN, tid, 0)
+                        self.raw.call(PTRACE_LISTEN, tid, 0, 0)
                     else:
                         cont(tid, 0)
                 elif event:
@@ -496,15 +493,10 @@ class Tracer:
         finally:
             signal.signal(signal.SIGTTOU, old)
 
-    def _ptrace(self, request: int, tid: int, data: int) -> None:
-        try:
-            pb.ptrace(request, tid, 0, data)
-        except pb.PtraceError:
-            pass   # the task died under us (SIGKILL, exec of a sibling thread): its exit follows
-
     def _resume(self, tid: int, sig: int) -> None:
         req = pb.PTRACE_CONT if self.use_seccomp and tid not in self.pending else pb.PTRACE_SYSCALL
-        self.raw.call(req, tid, 0, sig)   # a failure means the task died: its exit follows
+        # A failure means the task died under us (SIGKILL, exec of a sibling thread): its exit follows.
+        self.raw.call(req, tid, 0, sig)
 
     def _adopt(self, tid: int) -> None:
         tgid = tid
