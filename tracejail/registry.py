@@ -577,9 +577,13 @@ class _HttpClient:
         self.environ: Mapping[str, str] = environ or {}
         self.connections: dict[_Origin, http.client.HTTPConnection] = {}
         self.contexts: dict[tuple[str, bool], ssl.SSLContext] = {}
+        self.proxies: dict[_Origin, Proxy | None] = {}
 
     def proxy(self, origin: _Origin) -> Proxy | None:
-        return proxy_for(origin.scheme, origin.host, origin.port, self.environ)
+        """The proxy requests to `origin` go through (the environment is read once per origin)."""
+        if origin not in self.proxies:
+            self.proxies[origin] = proxy_for(origin.scheme, origin.host, origin.port, self.environ)
+        return self.proxies[origin]
 
     def verify(self, origin: _Origin) -> bool:
         return not is_insecure(origin.netloc, self.insecure_registries)
