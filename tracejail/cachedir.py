@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import stat
-from typing import Mapping
+import sys
+from typing import Callable, Mapping
 
 
 def cache_root(environ: Mapping[str, str] | None = None) -> str | None:
@@ -35,6 +37,24 @@ def safe_dir(directory: str, create: bool) -> bool:
     except OSError:
         return False
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def remove_tree(path: str) -> None:
+    """Remove a file or a whole tree, never following a symlink (shutil.rmtree works on directory
+    fds); directories an image made read-only for its owner are made writable first. OSError
+    when something stays."""
+    def retry(func: Callable[[str], object], failed: str) -> None:
+        os.chmod(os.path.dirname(failed), 0o700)
+        func(failed)
+
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        os.unlink(path)
+        return
+    os.chmod(path, 0o700)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=lambda func, failed, _exc: retry(func, failed))
+    else:
+        shutil.rmtree(path, onerror=lambda func, failed, _info: retry(func, failed))
 
 
 def tree_size(path: str) -> int:

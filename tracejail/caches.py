@@ -19,11 +19,9 @@ from __future__ import annotations
 import enum
 import json
 import os
-import shutil
 import stat
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tracejail import cachedir
@@ -67,6 +65,11 @@ def _images(root: str) -> Iterator[Entry]:
     now = time.time()
     for name in sorted(os.listdir(images)):
         path = os.path.join(images, name)
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue   # not an unpack of ours (a symlink is never followed, nor removed)
+        except OSError:
+            continue
         marker = os.path.join(path, MARKER)
         data = cachedir.read_private(marker, 1 << 20)
         try:
@@ -109,29 +112,16 @@ def _files(root: str) -> Iterator[Entry]:
             yield Entry(kind, path, st.st_size, st.st_mtime, name)
 
 
-def entries(root: str | None = None) -> list[Entry]:
-    """Everything in the cache, by kind; [] when there is no cache (or it is not the user's own)."""
+def entries(root: str | None = None, kinds: set[Kind] | None = None) -> list[Entry]:
+    """Everything in the cache (of `kinds`), by kind; [] when there is no cache (or it is not the
+    user's own). Images are only looked at, and their trees added up, when asked for."""
     root = root if root is not None else cachedir.cache_root()
     if root is None or not cachedir.safe_dir(root, create=False):
         return []
-    return [*_images(root), *_layers(root), *_files(root)]
-
-
-def _remove(path: str) -> None:
-    """Remove a file or a whole tree, never following a symlink (shutil.rmtree works on directory
-    fds); directories an image made read-only for its owner are made writable first."""
-    def retry(func: Callable[[str], object], failed: str) -> None:
-        os.chmod(os.path.dirname(failed), 0o700)
-        func(failed)
-
-    if not stat.S_ISDIR(os.lstat(path).st_mode):
-        os.unlink(path)
-        return
-    os.chmod(path, 0o700)
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=lambda func, failed, _exc: retry(func, failed))
-    else:
-        shutil.rmtree(path, onerror=lambda func, failed, _info: retry(func, failed))
+    wanted = set(Kind) if kinds is None else kinds
+    found = [*(_images(root) if Kind.IMAGES in wanted else ()), *(_layers(root) if Kind.LAYERS in wanted else ()),
+             *_files(root)]
+    return [e for e in found if e.kind in wanted]
 
 
 def prune(kinds: set[Kind], older_than: float | None = None, root: str | None = None) -> list[Entry]:
@@ -139,11 +129,11 @@ def prune(kinds: set[Kind], older_than: float | None = None, root: str | None = 
     removed."""
     now = time.time()
     removed = []
-    for entry in entries(root):
-        if entry.kind not in kinds or (older_than is not None and now - entry.last_used < older_than):
+    for entry in entries(root, kinds):
+        if older_than is not None and now - entry.last_used < older_than:
             continue
         try:
-            _remove(entry.path)
+            cachedir.remove_tree(entry.path)
         except FileNotFoundError:
             continue
         removed.append(entry)

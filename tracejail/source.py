@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
@@ -255,7 +254,8 @@ def _install(work: str, final: str) -> bool:
                 os.rename(final, stale)
             except OSError:
                 return False
-            shutil.rmtree(stale, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                cachedir.remove_tree(stale)
     return False
 
 
@@ -299,7 +299,8 @@ def unpacked(opened: OpenedImage, say: Any = None) -> Iterator[UnpackedImage]:
         yield got
     finally:
         if work:
-            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                cachedir.remove_tree(work)
 
 
 @contextlib.contextmanager
