@@ -616,14 +616,6 @@ def format_explanation(ex: Explanation) -> str:
     return "\n".join(lines)
 
 
-def iter_kept_files(plan: rootfs.Plan) -> Iterable[rootfs.Entry]:
-    """File-like plan entries (content or a link to content), in image order."""
-    for path in sorted(plan.entries, key=rootfs.sort_key):
-        e = plan.entries[path]
-        if e.kind in ("file", "hardlink"):
-            yield e
-
-
 # --------------------------------------------------------------------------------------------
 # Build integration: provenance and package metadata written into the image
 

@@ -895,6 +895,3 @@ def parse_os_release(text: str) -> dict[str, str]:
             out[m.group(1)] = m.group(2).strip().strip('"').strip("'")
     return out
 
-
-def errno_name(code: int) -> str:
-    return errno_mod.errorcode.get(code, f"E{code}")
