@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from toolchain import GCC, IS_X86_64, LDCONFIG, LDD, MUSL_GCC, RTLD, run
+from toolchain import compile_c as cc
 from tracejail import ldcache
 from tracejail.root import Root
 from tracejail.closure import (
@@ -33,30 +35,12 @@ from tracejail.closure import (
 )
 from tracejail.errors import ElfError
 
-GCC = shutil.which("gcc")
-LDD = shutil.which("ldd")
-LDCONFIG = shutil.which("ldconfig") or ("/sbin/ldconfig" if os.path.exists("/sbin/ldconfig") else None)
-IS_X86_64 = os.uname().machine == "x86_64"
-RTLD = "/lib64/ld-linux-x86-64.so.2"
 
 needs_gcc = pytest.mark.skipif(GCC is None or not IS_X86_64, reason="needs gcc on x86_64")
 needs_ldd = pytest.mark.skipif(LDD is None, reason="needs ldd to compare with the real loader")
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
-def cc(out: Path, source: str, *args: str) -> Path:
-    """Compile C `source` to `out` (shared object if "-shared" is among args)."""
-    src = out.with_name(out.name + ".c")
-    src.write_text(source)
-    extra = ["-fPIC"] if "-shared" in args else []
-    run(GCC, *extra, "-o", str(out), str(src), *args)  # type: ignore[arg-type]
-    return out
 
 
 def lib_source(name: str, calls: tuple[str, ...] = ()) -> str:
@@ -668,7 +652,6 @@ def test_staged_root_without_cache_falls_back_to_ld_so_conf(staged: Path) -> Non
 
 # --- musl ------------------------------------------------------------------------------
 
-MUSL_GCC = shutil.which("musl-gcc")
 
 
 @pytest.mark.skipif(MUSL_GCC is None or not os.path.exists("/lib/ld-musl-x86_64.so.1"), reason="needs musl-gcc and musl's loader")

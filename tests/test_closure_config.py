@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from toolchain import GCC, IS_X86_64, LDCONFIG, MUSL_GCC, RTLD, RTLD32, run
 from tracejail import ldcache
 from tracejail.closure.config import (
     GlibcConfig,
@@ -33,22 +34,12 @@ from tracejail.closure.files import LoaderFiles
 from tracejail.elf import ELFCLASS32, ELFCLASS64, ElfCache, ElfFacts, read_elf_facts
 from tracejail.root import Root
 
-GCC = shutil.which("gcc")
-MUSL_GCC = shutil.which("musl-gcc")
-LDCONFIG = shutil.which("ldconfig") or ("/sbin/ldconfig" if os.path.exists("/sbin/ldconfig") else None)
-IS_X86_64 = os.uname().machine == "x86_64"
-RTLD = "/lib64/ld-linux-x86-64.so.2"
-RTLD32 = "/lib/ld-linux.so.2"
 
 needs_x86_64_rtld = pytest.mark.skipif(not IS_X86_64 or not os.path.exists(RTLD), reason="needs x86_64 glibc's ld.so")
 needs_rtld32 = pytest.mark.skipif(not IS_X86_64 or not os.path.exists(RTLD32), reason="needs the i386 ld.so (libc6-i386)")
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
 def ld_so_help(rtld: str) -> str:

@@ -16,20 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from toolchain import GCC, run
 from tracejail.closure import Closure, Dependency, LoaderEnv, resolve
 from tracejail.closure.exec import env_command
 from tracejail.errors import TracejailError
 
-GCC = shutil.which("gcc")
 ENV = "/usr/bin/env"
 TOO_DEEP = ": too many levels of #! interpreters"
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
 def script(path: Path, first_line: str, mode: int = 0o755) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from toolchain import GCC, IS_X86_64, LDD, MUSL_GCC, compile_c
 from tracejail.closure import Closure, Dependency, LoaderEnv, resolve
 from tracejail.closure.files import LoaderFiles
 from tracejail.closure.linkmap import LinkMap
@@ -34,10 +35,6 @@ from tracejail.elf import ELFDATA2LSB, ElfCache, ElfFacts, read_elf_facts
 from tracejail.errors import ElfError
 from tracejail.root import Root
 
-GCC = shutil.which("gcc")
-MUSL_GCC = shutil.which("musl-gcc")
-LDD = shutil.which("ldd")
-IS_X86_64 = os.uname().machine == "x86_64"
 MUSL_LDSO = "/lib/ld-musl-x86_64.so.1"
 HAVE_MUSL = MUSL_GCC is not None and os.path.exists(MUSL_LDSO)
 
@@ -48,17 +45,8 @@ needs_ldd = pytest.mark.skipif(LDD is None, reason="needs ldd to compare with ld
 # --- helpers -----------------------------------------------------------------
 
 
-def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
-
-
 def cc(compiler: str, out: Path, source: str, *args: str) -> Path:
-    """Compile C `source` to `out` with `compiler` (a shared object if "-shared" is among args)."""
-    src = out.with_name(out.name + ".c")
-    src.write_text(source)
-    extra = ["-fPIC"] if "-shared" in args else []
-    run(compiler, *extra, "-o", str(out), str(src), *args)
-    return out
+    return compile_c(out, source, *args, compiler=compiler)
 
 
 def lib_source(name: str, calls: tuple[str, ...] = ()) -> str:
