@@ -7,7 +7,8 @@ PTRACE_CONT, traces it). Then every workload under every tracer, interleaved (ro
 that machine noise hits all of them alike; medians and ratios, once on an idle machine and once
 with a CPU-bound neighbour process on another CPU. Goal (issue 15): the geometric mean of
 tracejail / `strace -f --seccomp-bpf` at most 1.0 idle and 1.2 busy, the fork-heavy workload at
-most 1.2.
+most 1.2. A last row, outside the mean, times a run of /bin/true: the fixed cost of start-up
+and of writing the trace.
 
     python3 bench/record.py [--reps 7] [--no-busy]
 """
@@ -43,6 +44,10 @@ WORKLOADS = {
                                                    "i=$((i+1)); done"],
 }
 FORK_HEAVY = "shell loop, 200 processes"
+# Not in the mean: what a tracer costs before the first traced call (interpreter, imports, the
+# tracer process) and after the last one (writing the trace).
+STARTUP = "start-up and finish (/bin/true)"
+MEASURED = {**WORKLOADS, STARTUP: ["/bin/true"]}
 STRACE = "strace -f --seccomp-bpf"
 
 
@@ -141,7 +146,7 @@ def measure(reps: int, busy: bool) -> tuple[dict[tuple[str, str], float], dict[s
     stops: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp, neighbour(busy):
         tools = tracers(tmp)
-        for w, cmd in WORKLOADS.items():
+        for w, cmd in MEASURED.items():
             for prefix in tools.values():     # warm-up
                 time_once(prefix + cmd)
             with open(os.path.join(tmp, "t.json")) as f:
@@ -171,6 +176,9 @@ def report(title: str, med: dict[tuple[str, str], float], stops: dict[str, int],
             pinned.append(med[(w, "tracejail --pin-cpu")] / med[(w, STRACE)])
             line += f" {ratios[-1]:.2f} |"
         out.append(line)
+    w = STARTUP
+    out.append(f"| {w}, not in the mean | " + " | ".join(f"{med[(w, n)]:.3f}" for n in names) + " | — |"
+               + (f" {med[(w, 'tracejail')] / med[(w, STRACE)]:.1f} |" if STRACE in names else ""))
     if ratios:
         w = "20k os.path.exists (missing)"
         per_call = {n: 1e6 * (med[(w, n)] - med[(w, "native")]) / stops[w] for n in ("tracejail", STRACE)}

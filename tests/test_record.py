@@ -538,7 +538,7 @@ def test_pin_cpu_runs_tracer_and_program_on_one_cpu(tmp_path: Path) -> None:
     rec = record(["sh", "-c", "grep Cpus_allowed_list /proc/self/status"],
                  RecordOptions(pin_cpu=True, passthrough=False))
     allowed = rec.run.stdout.split(":")[1].strip()
-    assert allowed == str(min(os.sched_getaffinity(0)))
+    assert allowed.isdigit() and int(allowed) in os.sched_getaffinity(0)
     assert "/proc/self/status" in ok_paths(rec.trace)
 
 

@@ -1,3 +1,3 @@
-from tracejail.cli import main
+from tracejail.launch import run
 
-main()
+run()

@@ -126,8 +126,8 @@ _RUN_OPTIONS = (
                  help="Also stop at syscall exit and keep the kernel's result of every call (slower)."),
     click.option("--no-seccomp", is_flag=True, help="Trace every syscall (debugging; much slower)."),
     click.option("--pin-cpu", is_flag=True,
-                 help="Run the tracer and the program on one CPU: stops get cheaper, but a parallel "
-                         "program is serialized."),
+                 help="Run the tracer and the program on one CPU (the one the tracer starts on): stops "
+                      "get cheaper, but a parallel program is serialized."),
     click.option("--keep-env", multiple=True, metavar="NAME",
                  help="Keep this secret-looking environment value unredacted (repeatable)."),
     click.option("--keep-argv", is_flag=True,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from tracejail import trace as tr
+from tracejail import tracer_process
 from tracejail.errors import CommandNotFound, TracejailError, UsageError
 
 EXERCISE_OUTPUT_LIMIT = 256 * 1024
@@ -262,49 +263,6 @@ class _PortWatcher(threading.Thread):
         return ports
 
 
-def _tracer_process(argv: list[str], executable: str, env: dict[str, str], opts: RecordOptions,
-                    stdout_w: int | None, stderr_w: int | None, status_w: int, result_fd: int,
-                    foreground_tty: int | None) -> None:
-    """Body of the forked tracer process. Never returns."""
-    code = 0
-    try:
-        from tracejail.tracer import PtraceNotPermitted, Tracer, become_tracer_process, result_to_plain
-
-        become_tracer_process()
-        if opts.pin_cpu:
-            # Each stop wakes the tracer; across CPUs that costs most of a stop here. The program
-            # inherits the mask, so it runs on this one CPU too.
-            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        # Pinned, polling would only take the CPU from the program the tracer waits for.
-        tracer = Tracer(argv, executable, env, use_seccomp=opts.use_seccomp, exact=opts.exact,
-                        stdout_fd=stdout_w, stderr_fd=stderr_w, foreground_tty=foreground_tty,
-                        **({"spin_polls": 0} if opts.pin_cpu else {}))
-        try:
-            pid = tracer.start()
-        except PtraceNotPermitted as exc:
-            os.write(status_w, f"eperm {exc}\n".encode())
-            os._exit(3)
-        for fd in (stdout_w, stderr_w):
-            if fd is not None:
-                os.close(fd)
-        signal.signal(signal.SIGUSR1, lambda *_: tracer.request_stop(signal.SIGTERM))
-        signal.signal(signal.SIGUSR2, lambda *_: tracer.request_stop(signal.SIGKILL))
-        signal.signal(signal.SIGTERM, lambda *_: tracer.request_stop(signal.SIGKILL))
-        os.write(status_w, f"ok {pid} {tracer.result.mode}\n".encode())
-        os.close(status_w)
-        result = tracer.run()
-        with os.fdopen(result_fd, "wb") as f:
-            marshal.dump(result_to_plain(result), f)
-    except BaseException as exc:   # report, never fall back into the recorder's code
-        try:
-            os.write(status_w, f"error {type(exc).__name__}: {exc}\n".encode())
-        except OSError:
-            pass
-        code = 4
-    finally:
-        os._exit(code)
-
-
 def record(argv: Sequence[str], options: RecordOptions | None = None, *,
            progress: Callable[[str], None] | None = None) -> Recording:
     """Run `argv` under the tracer and return the recorded trace (one run)."""
@@ -317,10 +275,6 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
     warnings: list[str] = []
     say = progress or (lambda _msg: None)
 
-    capture_out = [os.pipe(), os.pipe()]
-    status_r, status_w = os.pipe()
-    # The tracer process hands its result back in an anonymous memory file: nothing on disk.
-    result_fd = os.memfd_create("tracejail-result", 0)
     foreground_tty = None
     try:
         if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
@@ -330,38 +284,27 @@ def record(argv: Sequence[str], options: RecordOptions | None = None, *,
 
     started = time.monotonic()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    old_cwd = os.getcwd()
-    if opts.cwd:
-        os.chdir(cwd)
-    try:
-        tracer_pid = os.fork()
-        if tracer_pid == 0:
-            os.close(status_r)
-            for r, _w in capture_out:
-                os.close(r)
-            _tracer_process(list(argv), executable, env, opts, capture_out[0][1], capture_out[1][1],
-                            status_w, result_fd, foreground_tty)
-    finally:
-        if opts.cwd:
-            os.chdir(old_cwd)
-    os.close(status_w)
-    for _r, w in capture_out:
-        os.close(w)
-    tees = [OutputTee(capture_out[0][0], 1 if opts.passthrough else None, tr.OUTPUT_LIMIT),
-            OutputTee(capture_out[1][0], 2 if opts.passthrough else None, tr.OUTPUT_LIMIT)]
+    tracer = tracer_process.start(tracer_process.Job(
+        list(argv), executable, env, cwd, use_seccomp=opts.use_seccomp, exact=opts.exact,
+        pin_cpu=opts.pin_cpu, foreground_tty=foreground_tty))
+    tracer_pid, channels = tracer.pid, tracer.channels
+    result_fd = channels.result_fd
+    tees = [OutputTee(channels.out_r, 1 if opts.passthrough else None, tr.OUTPUT_LIMIT),
+            OutputTee(channels.err_r, 2 if opts.passthrough else None, tr.OUTPUT_LIMIT)]
     for t in tees:
         t.start()
 
     state = _RunState(tracer_pid)
     with _signals_forwarded(state):
-        status_line = _read_line(status_r)
-        os.close(status_r)
+        status_line = _read_line(channels.status_r)
+        os.close(channels.status_r)
         if not status_line.startswith("ok "):
             _reap(tracer_pid)
             os.close(result_fd)
             if status_line.startswith("eperm"):
                 raise TracejailError(ptrace_refused(), 3)
-            raise TracejailError(f"the tracer failed to start: {status_line.strip() or 'no answer'}", 4)
+            why = status_line.strip().removeprefix("error ")
+            raise TracejailError(f"the tracer failed to start: {why or 'no answer'}", 4)
         _, pid_s, mode = status_line.split()
         state.root_pid = int(pid_s)
         if mode != "seccomp":
