@@ -46,7 +46,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     write(root / "layers/blobs" / ("12" * 32), b"l" * 300, mtime=time.time())
     write(root / "layers/blobs" / ("34" * 32), b"m" * 200, mtime=OLD)
     write(root / "layers/keys" / ("56" * 32 + ".json"), "{}")
-    write(root / "pyimports-0.1.0.json", "{}")
+    write(root / "pyimports-0.1.0.json", "{}")                          # the one file of earlier versions
+    write(root / "pyimports-0.1.0" / ("ab" * 12 + ".json"), "{}")       # a file of facts per directory
+    write(root / "pyimports-0.1.0" / ("cd" * 12 + ".json"), '{"a":1}')
     write(root / ("dpkg-" + "78" * 16 + ".marshal"), b"d" * 7)
     write(root / "registry-blobs.json", "{}")
     monkeypatch.setenv("TRACEJAIL_CACHE_DIR", str(root))
@@ -61,6 +63,7 @@ def test_entries_by_kind_with_their_sizes(cache: Path) -> None:
         (Kind.LAYERS, "layer sha256:121212121212"): 300,
         (Kind.LAYERS, "layer sha256:343434343434"): 200,
         (Kind.IMPORTS, "pyimports-0.1.0.json"): 2,
+        (Kind.IMPORTS, "pyimports-0.1.0"): 2 + 7,
         (Kind.DPKG, "dpkg-" + "78" * 16 + ".marshal"): 7,
         (Kind.REGISTRY, "registry-blobs.json"): 2,
     }
@@ -74,6 +77,7 @@ def test_prune_by_kind_and_age_leaves_the_rest(cache: Path, tmp_path: Path) -> N
     assert (cache / "images/.efefefefefef.unpack-now/rootfs/f").exists()
     assert (cache / "layers/blobs" / ("12" * 32)).exists() and (cache / "layers/keys").exists()
     assert (cache / "pyimports-0.1.0.json").exists() and (cache / "registry-blobs.json").exists()
+    assert len(os.listdir(cache / "pyimports-0.1.0")) == 2
     assert list(cache.glob("dpkg-*.marshal"))
     assert (tmp_path / "outside/precious").read_bytes() == b"keep me" and (cache / "images/evil").is_symlink()
 
@@ -81,9 +85,9 @@ def test_prune_by_kind_and_age_leaves_the_rest(cache: Path, tmp_path: Path) -> N
 def test_prune_everything_through_the_cli(cache: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     before = json.loads(runner.invoke(main, ["cache", "df", "--json"]).output)
-    assert before["cache"] == str(cache) and len(before["entries"]) == 7
+    assert before["cache"] == str(cache) and len(before["entries"]) == 8
     result = runner.invoke(main, ["cache", "prune", "-f"])
-    assert result.exit_code == 0 and result.output.startswith("removed 7 entries, ")
+    assert result.exit_code == 0 and result.output.startswith("removed 8 entries, ")
     after = json.loads(runner.invoke(main, ["cache", "df", "--json"]).output)
     assert after["entries"] == [] and os.listdir(cache / "layers/keys") == []
     assert (tmp_path / "outside/precious").exists()

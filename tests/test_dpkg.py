@@ -17,6 +17,7 @@ import pytest
 
 from tracejail.dpkg import (STATUS_D, DpkgDatabase, DpkgPackage, merged_usr_spellings, owners, parse_status,
                             read_database, status_d_files, status_d_name)
+from tracejail.errors import TracejailError
 from tracejail.root import Root
 
 LIBC6_AMD64 = """\
@@ -333,8 +334,9 @@ def test_a_database_is_parsed_once_per_version_of_its_files(tmp_path: Path, priv
     first = read_database(tree)
     (stored,) = cached_files(private_cache)
     # What the cache holds is what the next read returns: made visible by editing it.
-    packages, owner, shared = marshal.loads(stored.read_bytes())
-    stored.write_bytes(marshal.dumps((packages, {**owner, "/opt/marker": "zlib1g:amd64"}, shared)))
+    packages, shards, shared = marshal.loads(stored.read_bytes())
+    stored.write_bytes(marshal.dumps((packages, {**shards, "/opt": marshal.dumps({"marker": "zlib1g:amd64"})},
+                                      shared)))
     again = read_database(tree)
     assert again is not None and first is not None and again.packages == first.packages
     assert again.owners_of("/opt/marker") == ["zlib1g:amd64"]
@@ -370,3 +372,27 @@ def test_a_few_databases_are_kept(tmp_path: Path, private_cache: Path) -> None:
     for n in range(dpkg._CACHE_KEEP + 3):
         assert read_database(Root(str(dpkg_tree(tmp_path / f"root{n}")))) is not None
     assert len(cached_files(private_cache)) == dpkg._CACHE_KEEP
+
+
+def test_a_cached_database_answers_as_the_parsed_one(tmp_path: Path, private_cache: Path) -> None:
+    tree = Root(str(dpkg_tree(tmp_path / "root")))
+    parsed = read_database(tree)
+    cached = read_database(tree)
+    assert parsed is not None and cached is not None
+    assert isinstance(parsed.owner, dict) and isinstance(cached.owner, dpkg.ShardedOwners)
+    assert dict(cached.owner) == parsed.owner and len(cached.owner) == len(parsed.owner)
+    for path in [*parsed.owner, *parsed.shared, "/usr/bin/none", "/nowhere/x", "/", ""]:
+        assert cached.owners_of(path) == parsed.owners_of(path), path
+        assert (path in cached.owner) == (path in parsed.owner)
+
+
+def test_a_damaged_directory_of_a_cached_database_is_one_line(tmp_path: Path, private_cache: Path) -> None:
+    tree = Root(str(dpkg_tree(tmp_path / "root")))
+    read_database(tree)
+    (stored,) = cached_files(private_cache)
+    packages, shards, shared = marshal.loads(stored.read_bytes())
+    stored.write_bytes(marshal.dumps((packages, {**shards, "/usr/bin": b"\x00junk"}, shared)))
+    db = read_database(tree)
+    assert db is not None and db.owners_of("/usr/share/zoneinfo/Etc/UTC") == ["tzdata:all"]
+    with pytest.raises(TracejailError, match=r"cached dpkg database .*dpkg-.*\.marshal is damaged; remove it"):
+        db.owners_of("/usr/bin/ls")

@@ -7,10 +7,12 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import tarfile
 import uuid
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -453,3 +455,29 @@ def test_containerd_imports_by_annotation_name(tmp_path: Path, plan: rootfs.Plan
     listed = subprocess.run(["ctr", "--address", containerd_address, "-n", "tjtest", "images", "ls"],
                             capture_output=True, text=True).stdout
     assert "docker.io/tjtest/ctr:7" in listed and res.manifest_digest in listed
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_parallel_gzip_cuts_the_same_blocks_however_the_data_arrives(workers: int) -> None:
+    block, window = image._GZIP_BLOCK, image._GZIP_WINDOW
+    rnd = random.Random(7)
+    # Compressible but not trivial, a little over three blocks.
+    data = bytes(rnd.choices(b"abcdefgh \n", k=3 * block + 12_345))
+    # What the blocks must be: fixed-size cuts of the whole stream, each primed with the 32 KiB
+    # before it, the last one final.
+    cuts = range(0, len(data), block)
+    expected = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"".join(
+        image._deflate_block(data[i:i + block], data[max(0, i - window):i], 6, i + block >= len(data))
+        for i in cuts) + zlib.crc32(data).to_bytes(4, "little") + len(data).to_bytes(4, "little")
+    sizes = [1, 511, 512, 4096, block - 1, block, block + 3, 70_000]
+    for how in ("whole", "odd chunks"):
+        out = bytearray()
+        gz = image._GzipWriter(out.extend, 6, workers)
+        pos = 0
+        while pos < len(data):
+            n = len(data) if how == "whole" else rnd.choice(sizes)
+            gz.write(data[pos:pos + n])
+            pos += n
+        gz.close()
+        assert bytes(out) == expected, how
+        assert gzip.decompress(bytes(out)) == data

@@ -369,28 +369,63 @@ def test_a_server_answers_a_request_nobody_recorded(public_dir: str, docker_engi
 
 def test_parse_cache_skips_unchanged_files_and_parses_changed_ones(tree: Path, tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
     first = pyimports.ParseCache(str(cache_dir))
     kept = ["/app/main.py", f"{STD}/os.py", f"{STD}/lazy.py", f"{SITE}/touched/__init__.py"]
     trace = kept_trace(kept, ["/venv/bin/python3", "main.py"], "/app")
     before = {a.name for a in pyimports.closure(trace, kept, Root(str(tree)), cache=first).added}
-    assert oct(cache_dir.stat().st_mode & 0o777) == "0o700" and first.entries
+    shards = cache_dir / f"pyimports-{pyimports.__version__}"
+    assert oct(shards.stat().st_mode & 0o777) == "0o700"
+    # One file of facts per directory parsed (/app, the standard library, site-packages...).
+    assert len(list(shards.glob("*.json"))) >= 3
     # A second build reads what each file imports from the cache: a made-up entry proves it.
     second = pyimports.ParseCache(str(cache_dir))
     st = (tree / "app/helpers.py").stat()
-    key = pyimports.ParseCache.key(f"{tree}\0{'/app/helpers.py'}", st, "", False)
+    key = pyimports.ParseCache.key(str(tree), "/app/helpers.py", st, "imports  0")
     assert second.get(key) is not None
-    second.entries[key] = [["only_in_the_cache", 1, False]]
+    second.put(key, [pyimports.ImportRef("only_in_the_cache", 1, False)])
     write(tree, f"{STD}/only_in_the_cache.py")
     got = {a.name for a in pyimports.closure(trace, kept, Root(str(tree)), cache=second).added}
     assert got == (before - {"thirdparty"}) | {"only_in_the_cache"}   # helpers now "imports" only that
-    # A file that changed is parsed again.
+    # A file that changed is parsed again, and its fact replaced rather than added beside it.
     write(tree, "/app/helpers.py", "def x():\n    import json\n    import notfollowed\n")
     third = pyimports.ParseCache(str(cache_dir))
     got = {a.name for a in pyimports.closure(trace, kept, Root(str(tree)), cache=third).added}
     assert "notfollowed" in got and "only_in_the_cache" not in got
+    shard = json.loads((shards / f"{key.shard}.json").read_text())
+    assert [slot for slot in shard if slot.startswith("helpers.py\0")] == [key.slot]
     # A cache directory others may write in is not used.
     cache_dir.chmod(0o777)
-    assert pyimports.ParseCache(str(cache_dir)).entries == {}
+    assert pyimports.ParseCache(str(cache_dir)).get(key) is None
+
+
+def test_parse_cache_reads_only_the_directories_a_build_asks_about(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name in ("a/x.py", "b/y.py"):
+        (tmp_path / name).write_text("import os\n")
+    keys = {name: pyimports.ParseCache.key("/", f"{tmp_path}/{name}", (tmp_path / name).stat(), "imports  0")
+            for name in ("a/x.py", "b/y.py")}
+    writer = pyimports.ParseCache(str(cache_dir))
+    for key in keys.values():
+        writer.put(key, [pyimports.ImportRef("os", 1)])
+    writer.save()
+    shards = cache_dir / f"pyimports-{pyimports.__version__}"
+    (shards / f"{keys['b/y.py'].shard}.json").write_text("not json")   # damaged: that directory only
+    reader = pyimports.ParseCache(str(cache_dir))
+    assert reader.get(keys["a/x.py"]) == [pyimports.ImportRef("os", 1)]
+    assert reader.get(keys["b/y.py"]) is None
+    assert list(reader._shards) == [keys["a/x.py"].shard, keys["b/y.py"].shard]
+    reader.save()   # nothing changed: nothing written
+    assert (shards / f"{keys['b/y.py'].shard}.json").read_text() == "not json"
+    # The single file earlier versions kept goes at the next save.
+    legacy = cache_dir / f"pyimports-{pyimports.__version__}.json"
+    legacy.write_text("{}")
+    reader.put(keys["a/x.py"], [])
+    reader.save()
+    assert not legacy.exists() and reader.get(keys["a/x.py"]) == []
 
 
 BYTECODE_SOURCE = """\
@@ -449,8 +484,9 @@ def test_a_package_whose_init_is_an_extension_module_is_added_not_parsed(tree: P
 def test_parse_cache_leaves_no_temporary_file_when_interrupted(tmp_path: Path, monkeypatch) -> None:
     from tracejail.errors import Interrupted
 
+    (tmp_path / "cache").mkdir(mode=0o700)
     cache = pyimports.ParseCache(str(tmp_path / "cache"))
-    cache.put("k", [pyimports.ImportRef("os", 1)])
+    cache.put(pyimports.ParseCache.key("/", "/app/m.py", os.stat("/"), "imports  0"), [pyimports.ImportRef("os", 1)])
 
     def interrupted(*_a, **_k):
         raise Interrupted(15)
@@ -458,4 +494,4 @@ def test_parse_cache_leaves_no_temporary_file_when_interrupted(tmp_path: Path, m
     monkeypatch.setattr(pyimports.cachedir.os, "replace", interrupted)   # SIGTERM between write and rename
     with pytest.raises(Interrupted):
         cache.save()
-    assert os.listdir(tmp_path / "cache") == []
+    assert [files for _top, _dirs, files in os.walk(tmp_path / "cache")] == [[], []]

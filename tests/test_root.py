@@ -212,6 +212,22 @@ def test_walk_tree_lists_links_without_following_them(tree: Path) -> None:
     assert not any(p.startswith("/links/") for p in got)
 
 
+def test_walk_files_is_every_node_of_the_walk_that_reaches_a_regular_file(tree: Path) -> None:
+    (tree / "srv/app/data/f").write_text("x")
+    os.mkfifo(tree / "srv/app/data/fifo")
+    os.symlink("f", tree / "srv/app/data/to_f")
+    r = Root(str(tree))
+    for top in ("/", "/srv", "/srv/app", "/usr", "/lib", "/etc/passwd", "/nowhere"):
+        prefix = top.rstrip("/")
+        want = [prefix + rel for rel in r.walk_tree(top) if rel and r.resolve(prefix + rel).kind is NodeKind.FILE]
+        assert list(r.walk_files(top)) == want, top
+    got = set(r.walk_files("/srv/app"))
+    # regular files and links that reach one inside the root (`up` climbs past the root to
+    # /etc/passwd); never a fifo, a directory, or what a link to a directory holds
+    assert {"/srv/app/data/f", "/srv/app/data/to_f", "/srv/app/up"} <= got
+    assert not got & {"/srv/app/data/fifo", "/srv/app/data", "/srv/app/links", "/srv/app/links/passwd"}
+
+
 def test_reading_never_blocks_on_a_fifo_or_follows_a_link(tree: Path) -> None:
     os.mkfifo(tree / "srv/key.pem")
     r = Root(str(tree))

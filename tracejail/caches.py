@@ -110,6 +110,10 @@ def _files(root: str) -> Iterator[Entry]:
             continue
         if kind is not None and stat.S_ISREG(st.st_mode):
             yield Entry(kind, path, st.st_size, st.st_mtime, name)
+        elif kind is Kind.IMPORTS and stat.S_ISDIR(st.st_mode):
+            # One file per directory of facts: the newest says when the entry was last used.
+            newest = max((cachedir.mtime(os.path.join(path, n)) for n in os.listdir(path)), default=st.st_mtime)
+            yield Entry(kind, path, cachedir.tree_size(path), newest, name)
 
 
 def entries(root: str | None = None, kinds: set[Kind] | None = None) -> list[Entry]:

@@ -16,10 +16,12 @@ import hashlib
 import marshal
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import astuple, dataclass, field
 from typing import Iterable
 
 from tracejail import __version__, cachedir
+from tracejail.errors import TracejailError
 from tracejail.root import NodeKind, Root
 
 DPKG_DIR = "var/lib/dpkg"
@@ -52,11 +54,13 @@ class DpkgDatabase:
     # Listed path -> the key of the one package that lists it; paths listed by several (shared
     # directories, mostly) are in `shared` with every key. Two maps rather than one of lists:
     # building them is set and dict work in C, a third of the time on a 100k-path system.
-    owner: dict[str, str] = field(default_factory=dict)
+    # (Read back from the cache, `owner` is a ShardedOwners: decoded one directory at a time.)
+    owner: dict[str, str] | ShardedOwners = field(default_factory=dict)
     shared: dict[str, list[str]] = field(default_factory=dict)
 
     def add_list(self, key: str, paths: list[str]) -> None:
-        """Record that package `key` lists `paths`."""
+        """Record that package `key` lists `paths` (while parsing: `owner` is a dict)."""
+        assert isinstance(self.owner, dict)
         for path in self.owner.keys() & set(paths):   # iterates over the smaller side
             keys = self.shared.setdefault(path, [self.owner[path]])
             if key not in keys:
@@ -75,6 +79,58 @@ class DpkgDatabase:
                 if key not in found:
                     found.append(key)
         return found
+
+
+class ShardedOwners(Mapping[str, str]):
+    """The path -> package map as the cache stores it: one marshal blob per directory, decoded
+    the first time a path in that directory is looked up. A build asks about a few hundred of a
+    system's thousands of directories; decoding all of them took a tenth of a rebuild."""
+
+    def __init__(self, shards: dict[str, bytes], source: str) -> None:
+        self._shards = shards
+        self._decoded: dict[str, dict[str, str]] = {}
+        self._source = source
+
+    @staticmethod
+    def shards_of(owner: Mapping[str, str]) -> dict[str, bytes]:
+        by_dir: dict[str, dict[str, str]] = {}
+        for path, key in owner.items():
+            parent, _, name = path.rpartition("/")
+            by_dir.setdefault(parent, {})[name] = key
+        return {parent: marshal.dumps(names) for parent, names in by_dir.items()}
+
+    def _names(self, parent: str) -> dict[str, str]:
+        names = self._decoded.get(parent)
+        if names is None:
+            blob = self._shards.get(parent)
+            try:
+                names = marshal.loads(blob) if blob is not None else {}
+                if not isinstance(names, dict):
+                    raise TypeError(type(names).__name__)
+            except (ValueError, TypeError, EOFError):
+                raise TracejailError(f"the cached dpkg database {self._source} is damaged; remove it "
+                                     "(tracejail cache prune --kind dpkg)") from None
+            self._decoded[parent] = names
+        return names
+
+    def __getitem__(self, path: str) -> str:
+        parent, _, name = path.rpartition("/")
+        return self._names(parent)[name]
+
+    def get(self, path: str, default: str | None = None) -> str | None:   # type: ignore[override]
+        parent, _, name = path.rpartition("/")
+        return self._names(parent).get(name, default)
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and self.get(path) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        for parent in self._shards:
+            for name in self._names(parent):
+                yield f"{parent}/{name}"
+
+    def __len__(self) -> int:
+        return sum(len(self._names(parent)) for parent in self._shards)
 
 
 def merged_usr_spellings(path: str) -> list[str]:
@@ -149,6 +205,7 @@ def read_database(root: Root | str = "/", native_arch: str | None = None) -> Dpk
 
 
 _CACHE_MAX_BYTES = 256 << 20
+_CACHE_FORMAT = 2   # 2: the owner map in per-directory shards
 _CACHE_KEEP = 8
 DPKG_CACHE_PREFIX = "dpkg-"
 
@@ -156,7 +213,7 @@ DPKG_CACHE_PREFIX = "dpkg-"
 def _database_key(tree: Root, native_arch: str | None) -> str | None:
     """What the parsed database depends on, hashed; None when it cannot be told (no dpkg)."""
     base = "/" + DPKG_DIR
-    h = hashlib.sha256(f"dpkg {__version__} {tree.path} {native_arch}\n".encode())
+    h = hashlib.sha256(f"dpkg {__version__} {_CACHE_FORMAT} {tree.path} {native_arch}\n".encode())
 
     def identity(path: str) -> os.stat_result | None:
         """The file a path reaches in the tree (every symlink hop resolved inside it)."""
@@ -202,8 +259,11 @@ def _cached_database(key: str) -> DpkgDatabase | None:
     if data is None:
         return None
     try:
-        packages, owner, shared = marshal.loads(data)
-        return DpkgDatabase({p[0] + ":" + p[1]: DpkgPackage(*p) for p in packages}, owner, shared)
+        packages, shards, shared = marshal.loads(data)
+        if not isinstance(shards, dict):
+            return None
+        return DpkgDatabase({p[0] + ":" + p[1]: DpkgPackage(*p) for p in packages},
+                            ShardedOwners(shards, path), shared)
     except (ValueError, TypeError, EOFError):
         return None   # not what this version writes: parsed again, and replaced
 
@@ -212,7 +272,8 @@ def _store_database(key: str, db: DpkgDatabase) -> None:
     root = cachedir.cache_root()
     if not root or not cachedir.safe_dir(root, create=True):
         return
-    data = marshal.dumps(([astuple(p) for p in db.packages.values()], db.owner, db.shared))
+    data = marshal.dumps(([astuple(p) for p in db.packages.values()], ShardedOwners.shards_of(db.owner),
+                          db.shared))
     if len(data) > _CACHE_MAX_BYTES or \
             not cachedir.write_private(os.path.join(root, f"{DPKG_CACHE_PREFIX}{key[:32]}.marshal"), data):
         return

@@ -54,7 +54,7 @@ def _encodings(paths: Iterable[str], root: Root) -> list[str]:
 def _zoneinfo(paths: Iterable[str], root: Root) -> list[str]:
     out: list[str] = []
     for top in sorted({m.group("top") for p in paths if (m := _ZONEINFO.match(p))}):
-        out += [top + rel for rel in root.walk_tree(top) if rel and root.resolve(top + rel).kind is NodeKind.FILE]
+        out += root.walk_files(top)
     return out
 
 

@@ -145,7 +145,7 @@ class Judge:
         if res.path in self._keys:
             return self._keys[res.path]
         assert res.node is not None
-        key = pyimports.ParseCache.key(f"{self.root.path}\0{res.path}", res.node.st, "private-key", False)
+        key = pyimports.ParseCache.key(self.root.path, res.path, res.node.st, "private-key")
         known = self.cache.get_names(key) if self.cache is not None else None
         if known is not None:
             found = known[0] if known else None
@@ -382,7 +382,7 @@ def _distribution_tops(root: Root, dist_info: str, cache: pyimports.ParseCache) 
     res = root.resolve(dist_info + "/RECORD")
     if not res.ok or res.kind is not NodeKind.FILE or res.node is None:
         return set()
-    key = pyimports.ParseCache.key(res.path, res.node.st, "record-tops", False)
+    key = pyimports.ParseCache.key(root.path, res.path, res.node.st, "record-tops")
     names = cache.get_names(key)
     if names is None:
         tops: set[str] = set()

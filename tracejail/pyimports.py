@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import hashlib
 import json
 import os
 import re
@@ -399,72 +400,127 @@ def default_cache_dir() -> str | None:
     return cachedir.cache_root()
 
 
-class ParseCache:
-    """What each module file imports, between builds: parsing is most of the closure's time
-    (a numpy app's 700 modules take seconds). Keyed by the file's identity (path, device, inode,
-    size, mtime, ctime) and how it is read; a changed file is parsed again. The file lives in a
-    directory of the user's own (0700; one that is a symlink, not the user's or writable by
-    others is not used) and is replaced atomically; anything wrong with it means no cache."""
+@dataclass(frozen=True)
+class FactKey:
+    """One fact about one version of a file: the tree it is in, its path there, its identity
+    (device, inode, size, mtime, ctime: any write changes ctime) and which fact ("imports ...",
+    "record-tops", "private-key")."""
 
-    LIMIT = 200_000          # entries kept at most (the oldest are dropped)
-    MAX_BYTES = 64 << 20
+    root: str
+    path: str
+    identity: str
+    fact: str
+
+    @property
+    def shard(self) -> str:
+        """The file of facts it is kept in: one per directory of one tree."""
+        return hashlib.sha256(f"{self.root}\0{os.path.dirname(self.path)}".encode()).hexdigest()[:24]
+
+    @property
+    def slot(self) -> str:
+        """Its place in that file: one per file name and fact, so a newer version replaces it."""
+        return f"{os.path.basename(self.path)}\0{self.fact}"
+
+
+class ParseCache:
+    """Facts about files, between builds: what a module imports (parsing is most of the import
+    closure's time: a numpy app's 700 modules take seconds), what a RECORD installs, whether a
+    file holds a private key. A fact counts only for the version of the file it was learned
+    from (FactKey.identity); a changed file is read again and its fact replaced.
+
+    Facts are kept in one file per directory (`pyimports-VERSION/SHARD.json`), read the first
+    time a build asks about that directory and written back only when they changed: a build
+    pays for what it asks, not for every project built before (one file for everything took a
+    rebuild 70 ms more once six apps had been built). The files live in a directory of the
+    user's own (0700; one that is a symlink, not the user's or writable by others is not used)
+    and are replaced atomically; anything wrong with one means no cache for that directory."""
+
+    MAX_SHARD_BYTES = 16 << 20
 
     def __init__(self, directory: str | None) -> None:
-        self.directory = directory
-        self.path = os.path.join(directory, f"pyimports-{__version__}.json") if directory else None
-        self.entries: dict[str, list[list[object]]] = {}
-        self.dirty = False
-        if self.path and self._safe_dir(create=False):
-            self.entries = self._load()
+        self.cache_root = directory
+        self.directory = os.path.join(directory, f"pyimports-{__version__}") if directory else None
+        self._readable: bool | None = None   # whether the directories are safe: asked once
+        self._shards: dict[str, dict[str, list[object]]] = {}
+        self._dirty: set[str] = set()
 
-    def _safe_dir(self, create: bool) -> bool:
+    def _safe(self, create: bool) -> bool:
+        if not (self.cache_root and self.directory):
+            return False
+        if not create and self._readable is not None:
+            return self._readable
+        ok = cachedir.safe_dir(self.cache_root, create) and cachedir.safe_dir(self.directory, create)
+        self._readable = ok
+        return ok
+
+    @staticmethod
+    def key(root: str, path: str, st: os.stat_result, fact: str) -> FactKey:
+        identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+        return FactKey(root, path, identity, fact)
+
+    def _shard(self, name: str) -> dict[str, list[object]]:
+        shard = self._shards.get(name)
+        if shard is None:
+            shard = self._shards[name] = self._load(name)
+        return shard
+
+    def _load(self, name: str) -> dict[str, list[object]]:
+        if not self._safe(create=False):
+            return {}
         assert self.directory is not None
-        return cachedir.safe_dir(self.directory, create)
-
-    def _load(self) -> dict[str, list[list[object]]]:
-        assert self.path is not None
-        raw = cachedir.read_private(self.path, self.MAX_BYTES)
+        raw = cachedir.read_private(os.path.join(self.directory, name + ".json"), self.MAX_SHARD_BYTES)
         try:
             data = json.loads(raw) if raw is not None else {}
         except ValueError:
             return {}
         return data if isinstance(data, dict) else {}
 
-    @staticmethod
-    def key(path: str, st: os.stat_result, package: str, is_script: bool) -> str:
-        return "\0".join(map(str, (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                                   package, int(is_script))))
+    def _value(self, key: FactKey) -> object:
+        entry = self._shard(key.shard).get(key.slot)
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == key.identity:
+            return entry[1]
+        return None
 
-    def get(self, key: str) -> list[ImportRef] | None:
-        raw = self.entries.get(key)
+    def _set(self, key: FactKey, value: object) -> None:
+        self._shard(key.shard)[key.slot] = [key.identity, value]
+        self._dirty.add(key.shard)
+
+    def get(self, key: FactKey) -> list[ImportRef] | None:
+        raw = self._value(key)
         if not isinstance(raw, list):
             return None
         try:
-            return [ImportRef(str(n), int(ln), bool(f)) for n, ln, f in raw]   # type: ignore[call-overload]
+            return [ImportRef(str(n), int(ln), bool(f)) for n, ln, f in raw]
         except (TypeError, ValueError):
             return None
 
-    def put(self, key: str, refs: list[ImportRef]) -> None:
-        self.entries[key] = [[r.name, r.line, r.in_function] for r in refs]
-        self.dirty = True
+    def put(self, key: FactKey, refs: list[ImportRef]) -> None:
+        self._set(key, [[r.name, r.line, r.in_function] for r in refs])
 
-    def get_names(self, key: str) -> list[str] | None:
+    def get_names(self, key: FactKey) -> list[str] | None:
         """A list of names kept under `key` (another fact about a file, e.g. a RECORD's top names)."""
-        raw = self.entries.get(key)
+        raw = self._value(key)
         if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
             return None
-        return list(raw)   # type: ignore[arg-type]
+        return list(raw)
 
-    def put_names(self, key: str, names: list[str]) -> None:
-        self.entries[key] = list(names)   # type: ignore[assignment]
-        self.dirty = True
+    def put_names(self, key: FactKey, names: list[str]) -> None:
+        self._set(key, list(names))
 
     def save(self) -> None:
-        if not (self.dirty and self.path and self._safe_dir(create=True)):
+        """Write back the directories whose facts changed."""
+        if not (self._dirty and self._safe(create=True)):
             return
-        entries = dict(list(self.entries.items())[-self.LIMIT:])
-        if cachedir.write_private(self.path, json.dumps(entries, separators=(",", ":")).encode()):
-            self.dirty = False
+        assert self.directory is not None
+        for name in sorted(self._dirty):
+            data = json.dumps(self._shards[name], separators=(",", ":")).encode()
+            if len(data) <= self.MAX_SHARD_BYTES:
+                cachedir.write_private(os.path.join(self.directory, name + ".json"), data)
+        self._dirty.clear()
+        try:
+            os.unlink(self.directory + ".json")   # the one file earlier versions kept: never read now
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,7 +865,7 @@ def _closure(trace: tr.Trace, kept: set[str], root: Root, exclude_modules: tuple
             result.not_parsed.append((source, f"over {MAX_SOURCE >> 20} MiB"))
             continue
         is_script = source in scripts
-        key = ParseCache.key(f"{root.path}\0{res.path}", res.node.st, package, is_script)
+        key = ParseCache.key(root.path, res.path, res.node.st, f"imports {package} {int(is_script)}")
         refs = cache.get(key)
         if refs is None:
             try:

@@ -484,10 +484,26 @@ class Root:
         """Every node below the directory `path` reaches, as paths relative to it ("" for the
         directory itself, then "/name", "/name/sub", ...), parents first; symlinks are listed, not
         followed; runtime-provided directories are not entered."""
+        for rel, _st in self._tree_nodes(path):
+            yield rel
+
+    def walk_files(self, path: str) -> Iterator[str]:
+        """The paths below the directory `path` reaches (spelled under `path`) that reach a regular
+        file: walk_tree's nodes, a symlink among them judged by where it leads inside the root."""
+        prefix = path.rstrip("/")
+        for rel, st in self._tree_nodes(path):
+            if not rel:
+                continue
+            if stat.S_ISREG(st.st_mode) or (stat.S_ISLNK(st.st_mode)
+                                            and self.resolve(prefix + rel).kind is NodeKind.FILE):
+                yield prefix + rel
+
+    def _tree_nodes(self, path: str) -> Iterator[tuple[str, os.stat_result]]:
         top = self.resolve(path)
-        if not top.ok:
+        st = top.node.st if top.node is not None else self.lstat(top.path)   # no node: the root
+        if not top.ok or isinstance(st, OSError):
             return
-        yield ""
+        yield "", st
         if top.kind is not NodeKind.DIR:
             return
         stack = [""]
@@ -500,7 +516,7 @@ class Root:
                 st = self.lstat(child)
                 if isinstance(st, OSError) or is_runtime_path(child):
                     continue
-                yield rel + "/" + name
+                yield rel + "/" + name, st
                 if stat.S_ISDIR(st.st_mode):
                     children.append(rel + "/" + name)
             stack.extend(reversed(children))

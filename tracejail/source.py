@@ -25,7 +25,6 @@ from typing import Any, Iterator, Mapping
 
 from tracejail import cachedir, image as img_mod, trace as tr
 from tracejail.errors import TraceFormatError, TracejailError, UsageError
-from tracejail.registry import LayoutError, read_image
 from tracejail.root import Root
 from tracejail.unpack import LayerTree
 
@@ -105,6 +104,10 @@ def source_config(config: Mapping[str, Any]) -> tr.SourceConfig:
 # --- opening ------------------------------------------------------------------------------------
 
 def _open_stored(path: str, name: str) -> OpenedImage:
+    # Here, not at the top: registry brings http, ssl and email, which a build from a host
+    # trace never needs.
+    from tracejail.registry import LayoutError, read_image
+
     try:
         image, _names = read_image(path)
     except LayoutError as err:
