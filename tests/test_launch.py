@@ -61,7 +61,7 @@ def test_record_through_the_entry_point_records(tmp_path: Path) -> None:
 
 def _exit_now(body: str) -> subprocess.CompletedProcess:
     code = "from tracejail.launch import exit_now\n" + textwrap.dedent(body)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
 
 
 def test_quick_exit_joins_threads_runs_atexit_and_flushes() -> None:
@@ -78,6 +78,18 @@ def test_quick_exit_joins_threads_runs_atexit_and_flushes() -> None:
     """)
     assert proc.returncode == 3
     assert proc.stdout == "bufferedthread done\natexit ran\n" and proc.stderr == "to stderr"
+
+
+def test_quick_exit_stops_an_executor_nobody_shut_down() -> None:
+    # Its idle workers wait for work until threading's exit hook tells them to stop: joined
+    # without it, the exit would wait forever.
+    proc = _exit_now("""
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(2)
+        print(pool.submit(lambda: 41 + 1).result())
+        exit_now(0)
+    """)
+    assert (proc.returncode, proc.stdout) == (0, "42\n")
 
 
 @pytest.mark.parametrize("code, status, stderr", [(None, 0, ""), (0, 0, ""), (2, 2, ""), (256 + 7, 7, ""),

@@ -1,9 +1,9 @@
 """The `tracejail` command's entry point: what happens before and after the click CLI.
 
 Before: `tracejail record` starts its tracer process (tracer_process.prestart), so that the
-tracer's imports run beside the CLI's. After: the process exits as the interpreter would (other
-threads joined, atexit handlers run, standard streams flushed) without first tearing down every
-module it imported, which took 15-20 ms of a short `record`. Commands close what they write
+tracer's imports run beside the CLI's. After: the process exits as the interpreter would
+(threading's exit hooks, other threads joined, atexit handlers, standard streams flushed)
+without first tearing down every module it imported, which took 15-20 ms of a short `record`. Commands close what they write
 (`with` blocks), so nothing waits on that teardown.
 """
 from __future__ import annotations
@@ -37,9 +37,10 @@ def exit_now(code: object) -> NoReturn:
     import atexit
     import threading
 
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter's own shutdown does first, in its order: threading's exit hooks (an
+    # executor never shut down tells its idle workers to stop there; joining them without it
+    # waits forever), then joining the other threads, then the atexit handlers.
+    threading._shutdown()   # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     if code is None:
         status = 0

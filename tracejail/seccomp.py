@@ -47,8 +47,9 @@ _EMPTY_PATH_FLAG_ARG: dict[str, int] = {
 
 
 def build_filter(names: list[str] | None = None) -> bytes:
-    """Return the BPF program (array of struct sock_filter) tracing `names` (default: all)."""
-    traced = [SYSCALLS[n] for n in (names or list(SYSCALLS))]
+    """Return the BPF program (array of struct sock_filter) tracing `names` (None: all of them;
+    an empty list: none)."""
+    traced = [SYSCALLS[n] for n in (list(SYSCALLS) if names is None else names)]
     # Each insn: (code, jt, jf, k) where jt/jf are label names (or None for "next").
     prog: list[tuple[int, str | None, str | None, int]] = [
         (_LD_W_ABS, None, None, _ARCH),
