@@ -18,7 +18,7 @@ import pytest
 
 from toolchain import GCC, run
 from tracejail.closure import Closure, Dependency, LoaderEnv, resolve
-from tracejail.closure.exec import env_command
+from tracejail.closure.exec import DEFAULT_PATH, INHERIT, EnvRun, env_run, env_words
 from tracejail.errors import TracejailError
 
 ENV = "/usr/bin/env"
@@ -180,8 +180,7 @@ def test_relative_interpreter_without_working_directory_is_missing(tmp_path: Pat
 @pytest.mark.parametrize("line, command", [
     (f"#!{ENV} mytool", "mytool"),
     (f"#!{ENV} -S python3 -u", "python3"),
-    (f"#!{ENV} -S -i NAME=1 python3 -u", "python3"),
-    (f"#!{ENV} -u X NAME=1 mytool", "mytool"),
+    (f"#!{ENV} -S -u X NAME=1 mytool", "mytool"),
 ])
 def test_env_shebang_finds_the_command(tmp_path: Path, elf: Path, line: str, command: str) -> None:
     tools = tmp_path / "tools"
@@ -321,32 +320,93 @@ def test_same_root_twice_is_one_root(tmp_path: Path, elf: Path) -> None:
     assert shebang_edges(closure) == [(str(elf), str(path), str(elf))]
 
 
-# --- env_command ---------------------------------------------------------------------------------
+# --- what env runs, against the kernel and GNU env ------------------------------------------------
 
 
-@pytest.mark.parametrize("arg, command", [
-    ("python3", "python3"),
-    ("-S python3 -u", "python3"),
-    ("-S python3", "python3"),
-    ("-u X NAME=1 prog", "prog"),
-    ("--unset X prog", "prog"),
-    ("--unset=X prog", "prog"),
-    ("-C /tmp prog", "prog"),
-    ("--chdir /tmp prog", "prog"),
-    ("--chdir=/tmp prog", "prog"),
-    ("-i A=1 B=2 prog arg=3", "prog"),
-    ("- prog", "prog"),
-    ("-- prog -x", "prog"),
-    ("-vS prog", "prog"),
-    ("NAME=1", None),
-    ("-i", None),
-    ("-u X", None),
-    ("", None),
+ITSELF = "the script itself"
+
+
+@pytest.mark.parametrize("arg, runs", [
+    ("mytool", "mytool"),
+    ("mytool -u", "mytool -u"),            # one word: env looks for a command with a space in its name
+    ("missing -u", None),
+    ("-S mytool -u", "mytool"),
+    ("-Smytool -u", "mytool"),
+    ("--split-string=mytool -u", "mytool"),
+    ("--s=mytool", "mytool"),             # getopt_long takes a unique prefix
+    ("-vS mytool", "mytool"),
+    ("-iS mytool", None),                 # the environment cleared: PATH too, so /bin:/usr/bin
+    ("-S PATH={other} othertool", "othertool"),
+    ("-S -u PATH mytool", None),
+    ("-S -i PATH={tools} mytool", "mytool"),
+    ("-i NAME=1 mytool", None),           # one word: an invalid cluster of options
+    # The next word env gets is the script's own path: with no command in ARG, env runs the
+    # script again, forever. The closure needs nothing more for it.
+    ("NAME=1 mytool", ITSELF),            # one word: a variable set
+    ("-u X mytool", ITSELF),              # one word: the name of a variable to unset
+    ("-", ITSELF),
+    ("", ITSELF),
+    ("mytool\r", None),                   # a CRLF script: the \r is part of the name
 ])
-def test_env_command(arg: str, command: str | None) -> None:
-    assert env_command(arg) == command
+def test_env_shebang_runs_what_the_kernel_and_env_run(tmp_path: Path, arg: str, runs: str | None) -> None:
+    if not Path(ENV).exists():
+        pytest.skip("needs /usr/bin/env")
+    tools, other = tmp_path / "tools", tmp_path / "other"
+    ran = tmp_path / "ran"
+    for directory, name in ((tools, "mytool"), (tools, "mytool -u"), (other, "othertool")):
+        directory.mkdir(exist_ok=True)
+        tool = directory / name
+        tool.write_text(f"#!/bin/sh\nprintf %s {name!r} > {ran}\n")
+        tool.chmod(0o755)
+    arg = arg.format(tools=tools, other=other)
+    path = tmp_path / "s"
+    path.write_bytes(f"#!{ENV} {arg}\nexit 0\n".encode())
+    path.chmod(0o755)
+    search = f"{tools}:/usr/bin:/bin"
+    try:
+        subprocess.run([str(path)], capture_output=True, env={"PATH": search}, timeout=1)
+        kernel = ran.read_text() if ran.exists() else None
+    except subprocess.TimeoutExpired:   # the exec loop (killed by run())
+        kernel = ITSELF
+    closure = resolve([str(path)], LoaderEnv(path=search), strict=False)
+    model = [d.name for d in env_edges(closure)]
+    assert kernel == runs and model == ([runs] if runs and runs != ITSELF else []), (kernel, model)
 
 
-@pytest.mark.parametrize("arg", ["--split-string=python3 -u", "-Spython3 -u", "-Spython3 x"])
-def test_env_command_split_string_attached(arg: str) -> None:
-    assert env_command(arg) == "python3"
+@pytest.mark.parametrize("arg, run", [
+    ("python3", EnvRun("python3")),
+    ("python3 -u", EnvRun("python3 -u")),
+    ("-S python3 -u", EnvRun("python3")),
+    ("-S-i", EnvRun(None)),
+    ("-iS python3", EnvRun("python3", None)),
+    ("-S PATH=/opt/bin python3", EnvRun("python3", "/opt/bin")),
+    ("--split-string", EnvRun(None)),
+    ("--null", EnvRun(None)),
+    ("-0", EnvRun(None)),
+    ("-x python3", EnvRun(None)),
+])
+def test_env_run(arg: str, run: EnvRun) -> None:
+    assert env_run(arg) == run
+
+
+@pytest.mark.parametrize("words, run", [
+    (["python3"], EnvRun("python3")),
+    (["-u", "X", "NAME=1", "prog"], EnvRun("prog")),
+    (["--unset", "X", "prog"], EnvRun("prog")),
+    (["--unset=X", "prog"], EnvRun("prog")),
+    (["-u", "PATH", "prog"], EnvRun("prog", None)),
+    (["-uPATH", "prog"], EnvRun("prog", None)),
+    (["-C", "/tmp", "prog"], EnvRun("prog")),
+    (["--chdir=/tmp", "prog"], EnvRun("prog")),
+    (["-i", "A=1", "B=2", "prog", "arg=3"], EnvRun("prog", None)),
+    (["-i", "PATH=/x", "prog"], EnvRun("prog", "/x")),
+    (["-", "prog"], EnvRun("prog", None)),
+    (["--", "prog", "-x"], EnvRun("prog")),
+    (["-Spython3", "-u"], EnvRun("python3")),
+    (["NAME=1"], EnvRun(None)),
+    (["-i"], EnvRun(None)),
+    ([], EnvRun(None)),
+])
+def test_env_words(words: list[str], run: EnvRun) -> None:
+    assert env_words(words) == run
+    assert INHERIT is EnvRun("x").path and DEFAULT_PATH == "/bin:/usr/bin"

@@ -475,6 +475,7 @@ def interpreter_of(path: str) -> str | None:
 
 
 def shebang_of(path: str) -> str | None:
+    """The interpreter a `#!` file names, as the kernel reads it (shebang_words); None for others."""
     try:
         with open(path, "rb") as f:
             head = f.read(256)
@@ -482,7 +483,15 @@ def shebang_of(path: str) -> str | None:
         return None
     if not head.startswith(b"#!"):
         return None
-    line = head[2:].split(b"\n")[0].strip()
-    if not line:
-        return None
-    return line.split()[0].decode("utf-8", "surrogateescape")
+    return shebang_words(head)[0] or None
+
+
+def shebang_words(head: bytes) -> tuple[str, str | None]:
+    """(interpreter, argument) of a `#!` line as Linux splits it (fs/binfmt_script.c): spaces and
+    tabs around them are dropped, nothing else (a `\\r` stays part of the name), the name ends at
+    a space, tab or NUL, and the rest of the line is one argument (None: none)."""
+    line = head[2:].split(b"\n", 1)[0].split(b"\0", 1)[0].rstrip(b" \t")
+    line = line.lstrip(b" \t")
+    cut = min((i for i in (line.find(b" "), line.find(b"\t")) if i >= 0), default=len(line))
+    interp, rest = line[:cut], line[cut:].lstrip(b" \t")
+    return os.fsdecode(interp), (os.fsdecode(rest) if rest else None)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from ..elf import ELFMAG, ElfFacts
+from ..elf import ELFMAG, ElfFacts, shebang_words
 from ..errors import ElfError, TracejailError
 from .files import LoaderFiles
 from .model import Dependency, Results
@@ -16,6 +17,22 @@ from .model import Dependency, Results
 MAX_INTERPRETER_DEPTH = 5
 # glibc's execvp() search path when PATH is unset.
 DEFAULT_PATH = "/bin:/usr/bin"
+
+
+class Inherit:
+    """The PATH a command inherits (as opposed to one env sets, or unsets)."""
+
+
+INHERIT = Inherit()
+
+
+@dataclass(frozen=True)
+class EnvRun:
+    """What `#!/usr/bin/env ARG` runs: the command (None: env runs nothing: it prints the
+    environment, or rejects its arguments) and the PATH it is looked up with."""
+
+    command: str | None
+    path: str | None | Inherit = INHERIT
 
 
 class Programs:
@@ -68,23 +85,21 @@ class Programs:
 
     def _script(self, path: str, head: bytes, depth: int) -> None:
         self._done.add(path)
-        line = head[2:].split(b"\n", 1)[0].strip(b" \t\r")
-        if not line:
+        interp, arg = shebang_words(head)
+        if not interp:
             return
-        parts = line.split(None, 1)
-        interp = os.fsdecode(parts[0])
-        arg = os.fsdecode(parts[1]).strip() if len(parts) > 1 else ""
         interp_path = interp if interp.startswith("/") else self.files.absolute(interp)
         if interp_path is None or not self.files.exists(interp_path):
             self.results.missing(interp, path, (interp_path or interp,))
             return
         self.results.edge(Dependency(interp_path, path, interp, "shebang"))
         self._program(interp_path, depth + 1)
-        if os.path.basename(interp_path) == "env" and arg:
-            command = env_command(arg)
-            if command is None:
+        if os.path.basename(interp_path) == "env" and arg is not None:
+            run = env_run(arg)
+            if run.command is None:
                 return
-            found, searched, where = self.which(command)
+            command = run.command
+            found, searched, where = self.which(command, run.path)
             if found is None:
                 self.results.missing(command, path, searched)
                 return
@@ -107,13 +122,15 @@ class Programs:
         elif head.startswith(b"#!"):
             self._script(path, head, depth)
 
-    def which(self, command: str) -> tuple[str | None, list[str], str]:
+    def which(self, command: str, path_env: str | None | Inherit = INHERIT) -> tuple[str | None, list[str], str]:
         """execvp()'s PATH search, inside the root: (the path found, the directories searched, and
-        where it was found, in words)."""
+        where it was found, in words). `path_env`: the PATH env sets for the command (None:
+        unset), instead of the one it inherits."""
         if "/" in command:
             path = self.files.absolute(command)
             return (path if path and self.files.is_executable(path) else None), [path or command], "its path"
-        search = self.path_env if self.path_env is not None else DEFAULT_PATH
+        current = self.path_env if isinstance(path_env, Inherit) else path_env
+        search = current if current is not None else DEFAULT_PATH
         searched: list[str] = []
         for directory in search.split(":"):
             directory = directory or "."
@@ -129,16 +146,55 @@ class Programs:
         return None, searched, ""
 
 
-def env_command(arg: str) -> str | None:
-    """The command `/usr/bin/env ARG` runs: skips options, -S, and NAME=VALUE."""
-    tokens = arg.split()
-    skip_next = False
+def env_run(arg: str) -> EnvRun:
+    """What GNU env does with the one argument the kernel hands it (the script's path follows it).
+    Only `-S` (`--split-string=`) splits it into words: `#!/usr/bin/env python3 -u` looks for a
+    command named `python3 -u`, `-i NAME=1 prog` is an invalid cluster of options. Where the
+    argument names no command (`NAME=1 prog` only sets a variable), the next word, the script
+    itself, is the command, and env runs it again forever: nothing new for the closure either way.
+    Checked against the kernel and coreutils' env in tests/test_closure_exec.py."""
+    if arg.startswith("--"):
+        name, eq, value = arg[2:].partition("=")
+        if name and eq and "split-string".startswith(name):   # getopt_long: any unique prefix
+            return env_words(value.split())
+        return EnvRun(None)
+    if arg.startswith("-") and arg != "-":
+        cleared = False
+        for i, c in enumerate(arg[1:], 1):
+            if c == "i":
+                cleared = True
+            elif c in "v0":
+                continue
+            elif c == "S":
+                run = env_words(arg[i + 1:].split())
+                return EnvRun(run.command, None) if cleared and isinstance(run.path, Inherit) else run
+            else:
+                return EnvRun(None)   # -u and -C take the rest of the word (then no command); others are invalid
+        return EnvRun(None)
+    if arg == "-" or "=" in arg:
+        return EnvRun(None)           # `-` is -i; NAME=VALUE: no command either way
+    return EnvRun(arg)
+
+
+def env_words(tokens: list[str]) -> EnvRun:
+    """What env does with separate words (split by -S): skips options, -S, and NAME=VALUE (a
+    PATH=... among them, -i and -u PATH change where the command is looked up)."""
+    path: str | None | Inherit = INHERIT
+    skip: str | None = None
     for token in tokens:
-        if skip_next:
-            skip_next = False
+        if skip is not None:
+            if skip == "unset" and token == "PATH":
+                path = None
+            skip = None
             continue
         if token in ("-u", "--unset", "-C", "--chdir"):
-            skip_next = True
+            skip = "unset" if token in ("-u", "--unset") else "chdir"
+            continue
+        if token in ("-u" + "PATH", "--unset=PATH"):
+            path = None
+            continue
+        if token in ("-i", "-", "--ignore-environment"):
+            path = None
             continue
         # The string of -SSTRING / --split-string=STRING is split into words: its first is a word too.
         for option in ("--split-string=", "-S"):
@@ -146,8 +202,11 @@ def env_command(arg: str) -> str | None:
                 token = token[len(option):]
                 break
         if token.startswith("-"):
-            continue  # -S, -i, -, --split-string=... (the split words follow)
+            continue  # -S, -v, -0, --split-string=... (the split words follow)
         if "=" in token:
+            name, _, value = token.partition("=")
+            if name == "PATH":
+                path = value
             continue
-        return token
-    return None
+        return EnvRun(token, path)
+    return EnvRun(None)
