@@ -103,6 +103,21 @@ def test_one_codec_keeps_the_whole_encodings_package(tree: Path, trigger: str) -
     assert kept([trigger], Root(str(tree))) == {"python-encodings": ENCODINGS_MEMBERS}
 
 
+def test_a_run_under_python_o_keeps_the_optimised_pyc(tree: Path) -> None:
+    """`python -O` reads NAME.TAG.opt-1.pyc: what the run loaded says which flavour to keep, and
+    an optimised pyc alone triggers the family."""
+    enc = tree / ENC.lstrip("/")
+    touch(enc / f"__pycache__/cp1252.{TAG}.opt-1.pyc")
+    opt = [m.replace(f".{TAG}.pyc", f".{TAG}.opt-1.pyc") for m in ENCODINGS_MEMBERS
+           if not m.endswith(f"__init__.{TAG}.pyc")]   # __init__ has no opt-1 pyc here
+    for trigger in ([f"{ENC}/__pycache__/utf_8.{TAG}.opt-1.pyc"],
+                    [f"{ENC}/cp1252.py", f"{ENC}/__pycache__/cp1252.{TAG}.opt-1.pyc"]):
+        assert kept(trigger, Root(str(tree))) == {"python-encodings": opt}, trigger
+    # Both flavours read (two interpreters, or -O for one command): both kept.
+    both = kept([f"{ENC}/__pycache__/utf_8.{TAG}.opt-1.pyc", f"{ENC}/__pycache__/utf_8.{TAG}.pyc"], Root(str(tree)))
+    assert set(both["python-encodings"]) == set(ENCODINGS_MEMBERS) | set(opt)
+
+
 def test_a_zone_file_keeps_its_whole_zoneinfo_tree(tree: Path) -> None:
     """Files and links to files; not directories, not a dangling link, not links out of the root."""
     assert kept([f"{ZONEINFO}/Europe/Paris"], Root(str(tree))) == {"zoneinfo": ZONEINFO_MEMBERS}

@@ -6,7 +6,8 @@ needs another. Like the NSS and gconv rules of the ELF closure (runtime_loads.py
 here has a trigger in the trace and, once triggered, keeps every member:
 
 * `python-encodings`: a Python run that imported any codec from a stdlib `encodings` package
-  keeps the whole package (its .py files and the cached .pyc of the same interpreter), and the
+  keeps the whole package (its .py files and the cached .pyc the run's interpreter reads: the
+  plain ones, or `.opt-1` under `python -O`), and the
   CJK codec extension modules those import (`_codecs_*`, `_multibytecodec`);
 * `zoneinfo`: a run that read one time zone file keeps the whole zoneinfo tree it came from
   (/usr/share/zoneinfo, or a `tzdata` Python package's).
@@ -22,7 +23,9 @@ from typing import Callable, Iterable, Iterator
 from tracejail.root import NodeKind, Root
 
 _ENCODINGS = re.compile(r"^(?P<pkg>/.+/python3\.\d+/encodings)/(?:__pycache__/)?(?!__init__|aliases)[A-Za-z0-9_]+"
-                        r"(?:\.[A-Za-z0-9_-]+)?\.pyc?$")
+                        r"(?:\.[A-Za-z0-9_-]+)?(?:\.opt-[12])?\.pyc?$")
+# A cached module of the package: NAME.TAG.pyc, or NAME.TAG.opt-1.pyc under `python -O` (opt-2: -OO).
+_CACHED = re.compile(r"^(?P<pkg>/.+)/__pycache__/[A-Za-z0-9_]+\.(?P<flavour>[A-Za-z0-9_-]+(?:\.opt-[12])?)\.pyc$")
 # A zone is named from a capital ("Europe/Paris", "UTC"), also in the posix/ and right/ copies.
 _ZONEINFO = re.compile(r"^(?P<top>/.*/zoneinfo)/(?:posix/|right/)?[A-Z][^/]*(?:/[^/]+)*$")
 
@@ -37,14 +40,19 @@ class Family:
 
 def _encodings(paths: Iterable[str], root: Root) -> list[str]:
     out: list[str] = []
+    paths = list(paths)
     for pkg in sorted({m.group("pkg") for p in paths if (m := _ENCODINGS.match(p))}):
         names = root.listdir(pkg)
-        tags = {n.split(".")[1] for n in root.listdir(pkg + "/__pycache__") if n.count(".") >= 2}
+        # The cached modules the run itself loaded say which flavour its interpreter reads (plain,
+        # or .opt-1 under `python -O`); without any, the plain ones the package has.
+        flavours = {m.group("flavour") for p in paths if (m := _CACHED.match(p)) and m.group("pkg") == pkg}
+        if not flavours:
+            flavours = {n.split(".")[1] for n in root.listdir(pkg + "/__pycache__") if n.count(".") == 2}
         for name in names:
             if name.endswith(".py"):
                 out.append(f"{pkg}/{name}")
-                for tag in sorted(tags):
-                    out.append(f"{pkg}/__pycache__/{name[:-3]}.{tag}.pyc")
+                for flavour in sorted(flavours):
+                    out.append(f"{pkg}/__pycache__/{name[:-3]}.{flavour}.pyc")
         dynload = pkg.rsplit("/", 1)[0] + "/lib-dynload"
         out += [f"{dynload}/{n}" for n in root.listdir(dynload)
                 if n.startswith(("_codecs_", "_multibytecodec")) and n.endswith(".so")]
