@@ -117,8 +117,8 @@ def start(job: Job) -> TracerProcess:
     if waiting is not None:
         data = job.dumps()
         try:
-            # Whole or not at all: a job larger than the pipe holds is read by the process as it
-            # is written.
+            # Its length, then the job; one larger than the pipe's buffer is written as the
+            # process reads it (once its imports are done).
             view = memoryview(len(data).to_bytes(8, "little") + data)
             while view:
                 view = view[os.write(waiting.job_w, view):]
@@ -159,13 +159,14 @@ def _wait_for_job(job_r: int, channels: Channels) -> NoReturn:
 
 
 def _read_exactly(fd: int, n: int) -> bytes:
-    data = b""
+    """`n` bytes from `fd`, or fewer when it ends first."""
+    data = bytearray()
     while len(data) < n:
         chunk = os.read(fd, n - len(data))
         if not chunk:
             break
         data += chunk
-    return data
+    return bytes(data)
 
 
 def _serve(job: Job, channels: Channels) -> NoReturn:
