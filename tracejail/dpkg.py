@@ -246,15 +246,16 @@ def _database_key(tree: Root, native_arch: str | None) -> str | None:
     return h.hexdigest()
 
 
-def _cache_file(key: str) -> str | None:
+def _cache_file(key: str, create: bool) -> str | None:
+    """Where the database keyed `key` is cached; None with no cache (or one not the user's own)."""
     root = cachedir.cache_root()
-    if not root or not cachedir.safe_dir(root, create=False):
+    if not root or not cachedir.safe_dir(root, create):
         return None
     return os.path.join(root, f"{DPKG_CACHE_PREFIX}{key[:32]}.marshal")
 
 
 def _cached_database(key: str) -> DpkgDatabase | None:
-    path = _cache_file(key)
+    path = _cache_file(key, create=False)
     data = cachedir.read_private(path, _CACHE_MAX_BYTES) if path else None
     if data is None:
         return None
@@ -269,14 +270,14 @@ def _cached_database(key: str) -> DpkgDatabase | None:
 
 
 def _store_database(key: str, db: DpkgDatabase) -> None:
-    root = cachedir.cache_root()
-    if not root or not cachedir.safe_dir(root, create=True):
+    path = _cache_file(key, create=True)
+    if path is None:
         return
     data = marshal.dumps(([astuple(p) for p in db.packages.values()], ShardedOwners.shards_of(db.owner),
                           db.shared))
-    if len(data) > _CACHE_MAX_BYTES or \
-            not cachedir.write_private(os.path.join(root, f"{DPKG_CACHE_PREFIX}{key[:32]}.marshal"), data):
+    if len(data) > _CACHE_MAX_BYTES or not cachedir.write_private(path, data):
         return
+    root = os.path.dirname(path)
     # A few databases (the host's, some images'), the most recently written kept.
     kept = sorted((n for n in os.listdir(root) if n.startswith(DPKG_CACHE_PREFIX) and n.endswith(".marshal")),
                   key=lambda n: cachedir.mtime(os.path.join(root, n)), reverse=True)

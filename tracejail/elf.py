@@ -490,8 +490,7 @@ def shebang_words(head: bytes) -> tuple[str, str | None]:
     """(interpreter, argument) of a `#!` line as Linux splits it (fs/binfmt_script.c): spaces and
     tabs around them are dropped, nothing else (a `\\r` stays part of the name), the name ends at
     a space, tab or NUL, and the rest of the line is one argument (None: none)."""
-    line = head[2:].split(b"\n", 1)[0].split(b"\0", 1)[0].rstrip(b" \t")
-    line = line.lstrip(b" \t")
+    line = head[2:].split(b"\n", 1)[0].split(b"\0", 1)[0].strip(b" \t")
     cut = min((i for i in (line.find(b" "), line.find(b"\t")) if i >= 0), default=len(line))
     interp, rest = line[:cut], line[cut:].lstrip(b" \t")
     return os.fsdecode(interp), (os.fsdecode(rest) if rest else None)

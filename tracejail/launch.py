@@ -12,12 +12,12 @@ import os
 import sys
 from typing import NoReturn
 
+from tracejail import tracer_process   # light: os, signal and marshal only
+
 
 def run() -> NoReturn:
     """The console script (and `python -m tracejail`)."""
     if sys.argv[1:2] == ["record"]:
-        from tracejail import tracer_process
-
         tracer_process.prestart()
     try:
         from tracejail.cli import main
@@ -27,8 +27,7 @@ def run() -> NoReturn:
     except SystemExit as exc:
         code = exc.code
     finally:
-        if "tracejail.tracer_process" in sys.modules:
-            sys.modules["tracejail.tracer_process"].discard_prestarted()
+        tracer_process.discard_prestarted()
     exit_now(code)
 
 

@@ -469,6 +469,11 @@ class Proxy:
     def netloc(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every request to the proxy carries (its credentials, when the URL has them)."""
+        return {"Proxy-Authorization": self.authorization} if self.authorization else {}
+
 
 def parse_proxy(url: str, variable: str) -> Proxy:
     """`http://[user:password@]host[:port]` (the scheme may be left out, as curl and Go allow)."""
@@ -600,15 +605,12 @@ class _HttpClient:
             key = (certs_name, verify)
             if key not in self.contexts:
                 self.contexts[key] = _tls_context(certs_name, verify)
-            if proxy is None:
-                conn = http.client.HTTPSConnection(origin.host, origin.port, timeout=timeout or self.timeout,
-                                                   context=self.contexts[key])
-            else:
+            where = proxy or origin
+            conn = http.client.HTTPSConnection(where.host, where.port, timeout=timeout or self.timeout,
+                                               context=self.contexts[key])
+            if proxy is not None:
                 # A CONNECT tunnel through the proxy; TLS (and its name check) is the registry's.
-                conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout or self.timeout,
-                                                   context=self.contexts[key])
-                conn.set_tunnel(origin.host, origin.port,
-                                {"Proxy-Authorization": proxy.authorization} if proxy.authorization else None)
+                conn.set_tunnel(origin.host, origin.port, proxy.headers)
         else:
             where = proxy or origin
             conn = http.client.HTTPConnection(where.host, where.port, timeout=timeout or self.timeout)
@@ -632,7 +634,7 @@ class _HttpClient:
         if proxy is not None:
             # Plain HTTP through a proxy: the request names the whole URL.
             target = f"http://{origin.netloc}{target}"
-            headers = {**headers, **({"Proxy-Authorization": proxy.authorization} if proxy.authorization else {})}
+            headers = {**headers, **proxy.headers}
         for attempt in (1, 2):
             conn, fresh = self._connection(origin, timeout)
             try:

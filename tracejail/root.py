@@ -500,8 +500,10 @@ class Root:
 
     def _tree_nodes(self, path: str) -> Iterator[tuple[str, os.stat_result]]:
         top = self.resolve(path)
+        if not top.ok:
+            return
         st = top.node.st if top.node is not None else self.lstat(top.path)   # no node: the root
-        if not top.ok or isinstance(st, OSError):
+        if isinstance(st, OSError):
             return
         yield "", st
         if top.kind is not NodeKind.DIR:

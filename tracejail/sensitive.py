@@ -190,11 +190,16 @@ _SECRET_WORDS = frozenset({"password", "passwd", "pwd", "pass", "passphrase", "s
 _SECRET_PAIRS = frozenset({("api", "key"), ("private", "key"), ("access", "key"), ("secret", "key")})
 
 
+def _name_says_secret(name: str, separators: str) -> bool:
+    """Whether the words of `name` (split at `separators`) say it holds a secret."""
+    words = [w for w in re.split(separators, name.lower()) if w]
+    return any(w in _SECRET_WORDS for w in words) or any(p in _SECRET_PAIRS for p in zip(words, words[1:]))
+
+
 def _secret_option(name: str) -> bool:
     if not name.startswith("-") or len(name) < 3:
         return False
-    words = [w for w in re.split(r"[-_.]+", name.lstrip("-").lower()) if w]
-    return any(w in _SECRET_WORDS for w in words) or any(p in _SECRET_PAIRS for p in zip(words, words[1:]))
+    return _name_says_secret(name.lstrip("-"), r"[-_.]+")
 # Free-form option strings (JAVA_OPTS, *CONFIG*, *DSN*) that set a password.
 _SECRET_SETTING = re.compile(r"(?:passw(?:or)?d|pass|pwd|secret)\s*[=:]", re.I)
 
@@ -242,8 +247,7 @@ def secret_in_label(name: str, value: str) -> str | None:
     """Why a label or annotation (readable by anyone who can pull the image) must not carry its
     value, or None: a name whose words say it holds a secret (`db.password`, `api-key`; not
     `org.opencontainers.image.authors`), or a value shaped like one."""
-    words = [w for w in re.split(r"[-_./]+", name.lower()) if w]
-    if value and (any(w in _SECRET_WORDS for w in words) or any(p in _SECRET_PAIRS for p in zip(words, words[1:]))):
+    if value and _name_says_secret(name, r"[-_./]+"):
         return f"its name ({name}) says it holds a secret"
     return find_secret(value)
 

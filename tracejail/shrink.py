@@ -23,7 +23,6 @@ from collections.abc import Iterable, Mapping
 from typing import BinaryIO
 from dataclasses import dataclass, field
 
-
 from tracejail import pyimports, rootfs
 from tracejail import trace as tr
 from tracejail.errors import TracejailError, UsageError

@@ -180,17 +180,17 @@ def env_words(tokens: list[str]) -> EnvRun:
     """What env does with separate words (split by -S): skips options, -S, and NAME=VALUE (a
     PATH=... among them, -i and -u PATH change where the command is looked up)."""
     path: str | None | Inherit = INHERIT
-    skip: str | None = None
+    argument_of: str | None = None   # the option whose argument the next word is
     for token in tokens:
-        if skip is not None:
-            if skip == "unset" and token == "PATH":
+        if argument_of is not None:
+            if argument_of in ("-u", "--unset") and token == "PATH":
                 path = None
-            skip = None
+            argument_of = None
             continue
         if token in ("-u", "--unset", "-C", "--chdir"):
-            skip = "unset" if token in ("-u", "--unset") else "chdir"
+            argument_of = token
             continue
-        if token in ("-u" + "PATH", "--unset=PATH"):
+        if token in ("-uPATH", "--unset=PATH"):
             path = None
             continue
         if token in ("-i", "-", "--ignore-environment"):
